@@ -1,0 +1,236 @@
+//! Running the daemon: turn validated settings into sources and a cache,
+//! bind the socket, serve gRPC (TokenBroker, health, reflection) until told
+//! to stop, then drain and remove the socket.
+
+pub mod grpc;
+pub mod socket;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::{
+    cache::TokenCache,
+    clock::Clock,
+    config::{ConfigError, IdentitySettings, Problem, Settings},
+    proto::token_broker_server::TokenBrokerServer,
+    source::{build_source, IdTokenSource},
+};
+
+/// Request messages larger than this are refused before decoding.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How long in-flight calls may take to finish after a stop signal.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The wire contract's descriptor set, for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tokenbroker_descriptor.bin"));
+
+/// Settings checked and turned into live parts, ready to serve.
+pub struct Prepared {
+    pub settings: Settings,
+    pub identities: Vec<(IdentitySettings, Arc<dyn IdTokenSource>)>,
+    pub socket_path: PathBuf,
+    pub socket_mode: u32,
+    pub clock: Clock,
+}
+
+impl Prepared {
+    /// Validates `settings` and builds every identity's source (reading key
+    /// files), reporting all problems at once.
+    pub fn new(
+        settings: Settings,
+        env: &HashMap<String, String>,
+        clock: Clock,
+    ) -> Result<Self, ConfigError> {
+        settings.validate()?;
+        let mut problems: Vec<Problem> = Vec::new();
+        let mut identities = Vec::new();
+        for (index, identity) in settings.effective_identities(env).into_iter().enumerate() {
+            match build_source(index, &identity, env, &clock) {
+                Ok(source) => identities.push((identity, source)),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(Self {
+            socket_path: settings.socket_path(env),
+            socket_mode: settings.socket_mode(),
+            settings,
+            identities,
+            clock,
+        })
+    }
+
+    /// A human summary of what `serve` would run, for `check-config`.
+    pub fn describe(&self) -> String {
+        let r = &self.settings.refresh;
+        let mut out = format!(
+            "socket: {} (mode {:04o})\nrefresh: window {}, jitter {}, retry {}..{}, idle eviction {}, max {} entries, {} upstream calls per identity\nlog: {:?}, filter {:?}\nidentities:\n",
+            self.socket_path.display(),
+            self.socket_mode,
+            humantime::format_duration(r.refresh_before_expiry),
+            humantime::format_duration(r.jitter),
+            humantime::format_duration(r.retry_initial),
+            humantime::format_duration(r.retry_max),
+            humantime::format_duration(r.idle_evict_after),
+            r.max_entries,
+            r.upstream_concurrency,
+            self.settings.log.format,
+            self.settings.log.filter,
+        );
+        for (identity, source) in &self.identities {
+            out.push_str(&format!(
+                "  {}: {} via {}",
+                identity.name,
+                identity.source,
+                source.upstream()
+            ));
+            if let Some(account) = source.account() {
+                out.push_str(&format!(" as {account}"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// A bound, ready daemon. Dropping it without [`Server::run`] removes the socket.
+pub struct Server {
+    listener: tokio::net::UnixListener,
+    socket: socket::SocketFile,
+    cache: TokenCache,
+}
+
+impl Server {
+    /// Binds the socket; fails if it is live or not a socket.
+    pub fn bind(prepared: Prepared) -> Result<Self, ServeError> {
+        let cache = TokenCache::new(
+            prepared
+                .identities
+                .iter()
+                .map(|(identity, source)| (identity.name.clone(), source.clone())),
+            prepared.settings.refresh.clone(),
+            prepared.clock.clone(),
+        );
+        let (listener, socket) = socket::bind(&prepared.socket_path, prepared.socket_mode)?;
+        Ok(Self {
+            listener,
+            socket,
+            cache,
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        self.socket.path()
+    }
+
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight calls finish
+    /// (up to [`DRAIN_TIMEOUT`]) and removes the socket file.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Server {
+            listener,
+            socket,
+            cache,
+        } = self;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<TokenBrokerServer<grpc::BrokerService>>()
+            .await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let broker = TokenBrokerServer::new(grpc::BrokerService::new(cache))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(broker)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                }),
+        );
+        tracing::info!(socket = %socket.path().display(), "serving");
+        tokio::pin!(serving);
+        let result = tokio::select! {
+            result = &mut serving => result,
+            () = shutdown => {
+                tracing::info!("stopping: no new connections, finishing in-flight calls");
+                health_reporter.set_not_serving::<TokenBrokerServer<grpc::BrokerService>>().await;
+                let _ = stop_tx.send(());
+                match tokio::time::timeout(DRAIN_TIMEOUT, &mut serving).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "calls still running after the drain timeout; stopping anyway");
+                        serving.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        drop(socket);
+        tracing::info!("stopped");
+        match result {
+            Ok(served) => served.map_err(ServeError::from),
+            Err(join) => {
+                tracing::error!(error = %join, "gRPC server task failed");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,177 @@
+//! Where ID tokens come from: one [`IdTokenSource`] per configured identity.
+//!
+//! A source makes the upstream call for one audience, with its own bounded
+//! retries for transient failures, and returns a token already checked by
+//! [`IdToken::parse`]. Caching, single-flight and refresh scheduling live in
+//! the cache, not here.
+
+mod key_file;
+mod metadata;
+mod retry;
+mod service_account;
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+pub use key_file::{KeyFileError, ServiceAccountKey};
+pub use metadata::MetadataSource;
+pub use retry::RetryPolicy;
+pub use service_account::ServiceAccountSource;
+
+use crate::{
+    clock::Clock,
+    config::{IdentitySettings, Problem, SourceKind},
+    token::{IdToken, TokenError},
+};
+
+/// The future a source's fetch returns.
+pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<IdToken, SourceError>> + Send + 'a>>;
+
+/// Mints Google-signed ID tokens for one identity.
+pub trait IdTokenSource: Send + Sync + 'static {
+    /// Fetches a new token for `audience`, retrying transient failures
+    /// within the source's retry policy.
+    fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a>;
+
+    /// What kind of source this is, for logs and `check-config`.
+    fn kind(&self) -> SourceKind;
+
+    /// The upstream this source calls, named in errors and logs
+    /// (e.g. "metadata server at http://metadata.google.internal").
+    fn upstream(&self) -> &str;
+
+    /// The account tokens are minted for, when known without a network call.
+    fn account(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Why a source could not produce a token. Messages never carry token or
+/// key text; upstream text is passed through with JWT-looking strings removed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// Upstream refused for a reason retrying will not fix (HTTP 4xx,
+    /// `invalid_grant`).
+    #[error("{upstream} rejected the request (HTTP {status}): {message}")]
+    Rejected {
+        upstream: String,
+        status: u16,
+        message: String,
+    },
+    /// Upstream unreachable or failing after every retry.
+    #[error("{upstream} is unavailable after {attempts} attempt(s); last error: {message}")]
+    Unavailable {
+        upstream: String,
+        attempts: u32,
+        message: String,
+    },
+    /// Upstream answered 200 with something that is not a usable token.
+    #[error("{upstream} returned an unusable answer: {message}")]
+    InvalidResponse { upstream: String, message: String },
+}
+
+impl SourceError {
+    /// Permanent failures surface as FAILED_PRECONDITION and are not retried fast.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SourceError::Rejected { .. })
+    }
+
+    pub(crate) fn invalid_token(upstream: &str, err: TokenError) -> Self {
+        SourceError::InvalidResponse {
+            upstream: upstream.to_owned(),
+            message: err.to_string(),
+        }
+    }
+}
+
+/// Builds the source an identity names. Reads and checks key files, so a
+/// bad one fails `serve` and `check-config` before anything binds.
+pub fn build_source(
+    index: usize,
+    identity: &IdentitySettings,
+    env: &std::collections::HashMap<String, String>,
+    clock: &Clock,
+) -> Result<Arc<dyn IdTokenSource>, Problem> {
+    let key = |field: &str| format!("identities[{index}].{field}");
+    match identity.source {
+        SourceKind::Metadata => {
+            let host = identity
+                .metadata_host
+                .clone()
+                .or_else(|| {
+                    env.get(crate::config::METADATA_HOST_ENV)
+                        .filter(|h| !h.is_empty())
+                        .cloned()
+                })
+                .unwrap_or_else(|| metadata::DEFAULT_HOST.to_owned());
+            MetadataSource::new(&host, clock.clone(), RetryPolicy::default())
+                .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
+                .map_err(|message| Problem::new(key("metadata_host"), message))
+        }
+        SourceKind::ServiceAccountKey => {
+            let Some(path) = &identity.key_file else {
+                return Err(Problem::new(
+                    key("key_file"),
+                    "required when source = \"service_account_key\"",
+                ));
+            };
+            let key_file = ServiceAccountKey::load(path, identity.allow_insecure_key_permissions)
+                .map_err(|e| Problem::new(key("key_file"), e.to_string()))?;
+            ServiceAccountSource::new(key_file, clock.clone(), RetryPolicy::default())
+                .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
+                .map_err(|message| Problem::new(key("key_file"), message))
+        }
+    }
+}
+
+/// The HTTP client every source uses: rustls, short connect timeout, an
+/// overall per-attempt timeout, and no redirects (a redirect from the metadata
+/// server or token endpoint is not something to follow with credentials).
+pub(crate) fn http_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// Upstream text fit to pass on: JWT-looking strings removed, length capped.
+pub(crate) fn sanitize_upstream_text(text: &str) -> String {
+    const MAX: usize = 512;
+    let redacted = crate::token::redact_jwts(text.trim());
+    if redacted.len() <= MAX {
+        return redacted;
+    }
+    let mut end = MAX;
+    while !redacted.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &redacted[..end])
+}
+
+/// Describes a reqwest failure without its URL's query (which holds the audience
+/// only, but keep messages short) and without chains of internals.
+pub(crate) fn describe_http_error(err: &reqwest::Error) -> String {
+    let what = if err.is_connect() {
+        "cannot connect"
+    } else if err.is_timeout() {
+        "timed out"
+    } else if err.is_body() || err.is_decode() {
+        "failed reading the answer"
+    } else {
+        "request failed"
+    };
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    if cause.is_empty() {
+        what.to_owned()
+    } else {
+        format!("{what}: {cause}")
+    }
+}
