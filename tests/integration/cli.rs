@@ -1,0 +1,205 @@
+//! The command line as a user runs it: `token`, `status`, `check-config`,
+//! and the demo.
+
+use std::io::{BufRead, BufReader};
+
+use crate::support::{self, Broker};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_prints_the_token_or_json_and_fails_with_the_servers_message() {
+    let emulator = support::emulator().await;
+    let host = support::metadata_identity("default", &emulator);
+    let broker = Broker::start(|socket| support::config_text(socket, &host), "info").await;
+    let socket = broker.socket.to_str().unwrap().to_owned();
+
+    let (code, stdout, _) = support::run_cli(&[
+        "token",
+        "--socket",
+        &socket,
+        "--audience",
+        "https://cli.example.com",
+    ]);
+    assert_eq!(code, 0);
+    support::verify(&emulator, stdout.trim(), "https://cli.example.com").await;
+
+    let (code, stdout, _) = tokio::task::spawn_blocking({
+        let socket = socket.clone();
+        move || {
+            let mut cmd = support::base_command(&[
+                "token",
+                "--json",
+                "--audience",
+                "https://cli.example.com",
+            ]);
+            // Socket from the environment this time.
+            let out = cmd.env("TOKEN_BROKER_SOCKET", &socket).output().unwrap();
+            (
+                out.status.code().unwrap(),
+                String::from_utf8(out.stdout).unwrap(),
+                (),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["audience"], "https://cli.example.com");
+    assert_eq!(json["identity"], "default");
+    assert!(json["expire_time"].as_str().unwrap().ends_with('Z'));
+    support::verify(
+        &emulator,
+        json["token"].as_str().unwrap(),
+        "https://cli.example.com",
+    )
+    .await;
+
+    let (code, stdout, stderr) =
+        support::run_cli(&["token", "--socket", &socket, "--audience", "bad audience"]);
+    assert_eq!(code, 1);
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("INVALID_ARGUMENT") && stderr.contains("whitespace"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = support::run_cli(&[
+        "token",
+        "--socket",
+        &socket,
+        "--audience",
+        "https://a",
+        "--identity",
+        "ghost",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("NOT_FOUND"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_lists_entries_without_token_text() {
+    let emulator = support::emulator().await;
+    let host = support::metadata_identity("default", &emulator);
+    let broker = Broker::start(|socket| support::config_text(socket, &host), "info").await;
+    let socket = broker.socket.to_str().unwrap().to_owned();
+    let (code, stdout, _) = support::run_cli(&["status", "--socket", &socket]);
+    assert_eq!((code, stdout.trim()), (0, "no cached tokens"));
+
+    let a = broker
+        .get("default", "https://status-a.example.com")
+        .await
+        .unwrap();
+    let b = broker
+        .get("default", "https://status-b.example.com")
+        .await
+        .unwrap();
+    let (code, stdout, _) = support::run_cli(&["status", "--socket", &socket]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("https://status-a.example.com")
+            && stdout.contains("https://status-b.example.com"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("fresh"), "{stdout}");
+    assert!(!stdout.contains(&a.token) && !stdout.contains(&b.token));
+    assert!(!stdout.contains("eyJ"), "no token text at all: {stdout}");
+
+    let (code, stdout, _) = support::run_cli(&["status", "--json", "--socket", &socket]);
+    assert_eq!(code, 0);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|r| r["state"] == "fresh" && r["identity"] == "default"));
+}
+
+#[test]
+fn check_config_prints_what_it_would_run_and_names_bad_keys() {
+    let dir = support::workdir();
+    let config = dir.path().join("ok.toml");
+    std::fs::write(
+        &config,
+        "[server]\nsocket_path = \"/run/x/broker.sock\"\n[[identities]]\nname = \"default\"\nsource = \"metadata\"\nmetadata_host = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let (code, stdout, _) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("/run/x/broker.sock")
+            && stdout.contains("default: metadata via metadata server at http://127.0.0.1:9"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("configuration OK"));
+
+    std::fs::write(
+        &config,
+        "[refresh]\njitter = \"20m\"\nmax_entries = 0\n[server]\nsocket_mode = \"999\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    for key in [
+        "refresh.jitter",
+        "refresh.max_entries",
+        "server.socket_mode",
+    ] {
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
+    std::fs::write(&config, "[server]\nsoket_path = \"/x\"\n").unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("soket_path"), "{stderr}");
+}
+
+#[test]
+fn without_a_config_the_metadata_server_is_the_default_identity() {
+    let (code, stdout, _) = support::run_cli(&["check-config"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("default: metadata via metadata server at http://metadata.google.internal"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_serves_tokens_with_the_printed_command() {
+    let dir = support::workdir();
+    let socket = dir.path().join("demo.sock");
+    let mut broker = Broker::spawn(
+        dir,
+        socket.clone(),
+        &["serve", "--demo", "--socket", socket.to_str().unwrap()],
+        "info",
+    );
+    let stdout = broker.child.stdout.take().unwrap();
+    // Read the announcement; it names the command to run.
+    let command = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let mut command = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.trim_start().contains(" token --socket ") {
+                command = Some(line.trim().to_owned());
+                break;
+            }
+        }
+        command
+    })
+    .await
+    .unwrap()
+    .expect("the demo prints a token command");
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    let (code, token, stderr) = support::run_cli(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token.trim())
+        .unwrap()
+        .claims;
+    assert_eq!(claims["aud"], token_broker::demo::DEMO_AUDIENCE);
+    assert_eq!(claims["email"], token_broker::demo::DEMO_ACCOUNT);
+    let status = broker.terminate();
+    assert!(status.success());
+    assert!(!socket.exists());
+}

@@ -1,0 +1,289 @@
+//! Shared setup for the black-box tests: the real emulator over HTTP, the
+//! real `token-broker` binary on a real Unix socket, real gRPC clients.
+//! No test re-implements any of this.
+
+#![allow(dead_code)]
+
+use std::{
+    io::Read,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
+use token_broker::{
+    emulator::{write_key_file, Emulator, EmulatorOptions, ServiceAccountRegistration},
+    proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest},
+};
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+/// Starts an emulator on a free loopback port.
+pub async fn emulator() -> Emulator {
+    Emulator::start(EmulatorOptions::default())
+        .await
+        .expect("emulator starts")
+}
+
+/// A temporary directory for one test's files (config, keys, socket, log).
+pub fn workdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tb-test-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Writes a fresh key for `email` under `dir` (mode 0600) and registers it
+/// with the emulator unless `register` is false.
+pub fn key_file(
+    dir: &Path,
+    name: &str,
+    email: &str,
+    emulator: &Emulator,
+    register: bool,
+) -> (PathBuf, ServiceAccountRegistration) {
+    let path = dir.join(format!("{name}.json"));
+    let registration = write_key_file(&path, email, &emulator.token_uri()).expect("key written");
+    if register {
+        emulator.register_service_account(registration.clone());
+    }
+    (path, registration)
+}
+
+/// A config file's text with fast retries (so failure tests stay quick) and
+/// the given identity tables appended.
+pub fn config_text(socket: &Path, identities: &str) -> String {
+    format!(
+        r#"[server]
+socket_path = "{}"
+
+[refresh]
+retry_initial = "1ms"
+retry_max = "1ms"
+
+{identities}
+"#,
+        socket.display()
+    )
+}
+
+pub fn metadata_identity(name: &str, emulator: &Emulator) -> String {
+    format!(
+        "[[identities]]\nname = \"{name}\"\nsource = \"metadata\"\nmetadata_host = \"{}\"\n",
+        emulator.metadata_host()
+    )
+}
+
+pub fn key_identity(name: &str, key_file: &Path) -> String {
+    format!(
+        "[[identities]]\nname = \"{name}\"\nsource = \"service_account_key\"\nkey_file = \"{}\"\n",
+        key_file.display()
+    )
+}
+
+/// A running `token-broker serve` process; SIGKILLed on drop if still alive.
+pub struct Broker {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log_path: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// Writes `config` into a fresh directory and serves it, logging at
+    /// `log_filter` to a file. Waits until the socket answers.
+    pub async fn start(config: impl FnOnce(&Path) -> String, log_filter: &str) -> Broker {
+        let dir = workdir();
+        let socket = dir.path().join("broker.sock");
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config(&socket)).unwrap();
+        let broker = Self::spawn(
+            dir,
+            socket,
+            &["serve", "--config", config_path.to_str().unwrap()],
+            log_filter,
+        );
+        broker.wait_ready().await;
+        broker
+    }
+
+    /// Spawns the binary with `args` and a clean environment.
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[&str],
+        log_filter: &str,
+    ) -> Broker {
+        let log_path = dir.path().join("broker.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = base_command(args)
+            .env("RUST_LOG", log_filter)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("token-broker starts");
+        Broker {
+            child,
+            socket,
+            log_path,
+            dir,
+        }
+    }
+
+    /// Polls until the socket accepts a gRPC connection (process startup,
+    /// not a timing assertion), failing with the log if the process dies.
+    pub async fn wait_ready(&self) {
+        for _ in 0..500 {
+            if self.socket.exists() && token_broker::client::channel(&self.socket).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("broker did not come up; log:\n{}", self.log());
+    }
+
+    pub async fn client(&self) -> TokenBrokerClient<Channel> {
+        token_broker::client::connect(&self.socket)
+            .await
+            .expect("connects")
+    }
+
+    /// GetIdToken for (identity, audience).
+    pub async fn get(
+        &self,
+        identity: &str,
+        audience: &str,
+    ) -> Result<token_broker::proto::IdToken, tonic::Status> {
+        self.client()
+            .await
+            .get_id_token(GetIdTokenRequest {
+                audience: audience.into(),
+                identity: identity.into(),
+                min_valid_for: None,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(&self.child, nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit()
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        for _ in 0..1500 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("broker did not exit; log:\n{}", self.log());
+    }
+
+    /// Whatever the process printed on stdout (after it exited).
+    pub fn stdout(&mut self) -> String {
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            let _ = s.read_to_string(&mut out);
+        }
+        out
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)
+        .expect("signal sent");
+}
+
+/// The binary with an environment free of anything that would change its
+/// behaviour behind the test's back.
+pub fn base_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env_remove("GCE_METADATA_HOST")
+        .env_remove("TOKEN_BROKER_SOCKET")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TOKEN_BROKER__") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Runs the CLI to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = base_command(args).output().expect("cli runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Verifies `token`'s RS256 signature against the emulator's JWKS, fetched
+/// over HTTP, and its audience; returns the claims.
+pub async fn verify(emulator: &Emulator, token: &str, audience: &str) -> serde_json::Value {
+    let jwks: JwkSet = reqwest::get(format!("{}/oauth2/v3/certs", emulator.base_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let header = jsonwebtoken::decode_header(token).expect("JWT header");
+    let kid = header.kid.expect("kid");
+    let jwk = jwks.find(&kid).expect("kid is in the JWKS");
+    let key = DecodingKey::from_jwk(jwk).unwrap();
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.set_audience(&[audience]);
+    validation.set_issuer(&["https://accounts.google.com"]);
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+        .expect("token verifies against the emulator's JWKS")
+        .claims
+}
+
+/// Asserts the log holds none of `secrets`.
+pub fn assert_no_secrets(log: &str, secrets: &[&str]) {
+    assert!(!log.is_empty(), "the log is empty: nothing was checked");
+    for secret in secrets {
+        assert!(!secret.is_empty());
+        assert!(!log.contains(secret), "a secret reached the log");
+    }
+}
+
+/// The body of a PEM private key, line by line (any one line in a log is a leak).
+pub fn pem_lines(key_file: &Path) -> Vec<String> {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(key_file).unwrap()).unwrap();
+    json["private_key"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 20)
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
