@@ -3,5 +3,7 @@
 mod support;
 
 mod cli;
+mod key_files;
 mod metadata_source;
 mod server;
+mod service_account;
