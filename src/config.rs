@@ -37,6 +37,8 @@ pub struct Settings {
     pub refresh: RefreshSettings,
     /// Named credentials the broker mints tokens with.
     pub identities: Vec<IdentitySettings>,
+    /// Audiences fetched at startup and kept fresh.
+    pub prefetch: Vec<PrefetchSettings>,
     /// Logging format and filter.
     pub log: LogSettings,
 }
@@ -49,6 +51,9 @@ pub struct ServerSettings {
     pub socket_path: Option<PathBuf>,
     /// Permission bits of the socket file, as an octal string.
     pub socket_mode: String,
+    /// Report NOT_SERVING on the health service until every `[[prefetch]]`
+    /// audience holds a token.
+    pub ready_after_prefetch: bool,
 }
 
 impl Default for ServerSettings {
@@ -56,8 +61,23 @@ impl Default for ServerSettings {
         Self {
             socket_path: None,
             socket_mode: "0660".into(),
+            ready_after_prefetch: false,
         }
     }
+}
+
+/// Audiences of one identity to fetch at startup and keep fresh, so the
+/// first client after boot never waits on Google.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSettings {
+    #[serde(default = "default_identity_name")]
+    pub identity: String,
+    pub audiences: Vec<String>,
+}
+
+fn default_identity_name() -> String {
+    DEFAULT_IDENTITY.to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -366,6 +386,28 @@ impl Settings {
                     }
                 }
             }
+        }
+        for (i, prefetch) in self.prefetch.iter().enumerate() {
+            if prefetch.audiences.is_empty() {
+                problems.push(Problem::new(
+                    format!("prefetch[{i}].audiences"),
+                    "must list at least one audience",
+                ));
+            }
+            for (j, audience) in prefetch.audiences.iter().enumerate() {
+                if let Err(e) = crate::cache::validate_audience(audience) {
+                    problems.push(Problem::new(
+                        format!("prefetch[{i}].audiences[{j}]"),
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+        if self.server.ready_after_prefetch && self.prefetch.is_empty() {
+            problems.push(Problem::new(
+                "server.ready_after_prefetch",
+                "is set but no [[prefetch]] audiences are configured",
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             problems.push(Problem::new("log.filter", e.to_string()));

@@ -9,9 +9,16 @@
 //! fetch. After a failed attempt, further attempts back off
 //! ([`backoff::Backoff`]), and callers with nothing valid to be served get
 //! the last error at once instead of hammering upstream.
+//!
+//! Every entry has one background refresher ([`refresher`]) that renews its
+//! token before it turns stale, at a time spread by jitter
+//! ([`schedule::plan_refresh`]), and drops the entry once nobody has asked
+//! for it in `idle_evict_after` (unless it is prefetched or watched).
 
 mod backoff;
 mod key;
+mod refresher;
+mod schedule;
 
 use std::{
     collections::HashMap,
@@ -21,7 +28,7 @@ use std::{
 
 use dashmap::DashMap;
 use tokio::{
-    sync::{watch, Semaphore},
+    sync::{watch, Notify, Semaphore},
     time::Instant,
 };
 
@@ -133,6 +140,11 @@ struct Entry {
     state: Mutex<Slot>,
     /// Bumped after every completed upstream attempt; waiters watch it.
     attempts: watch::Sender<u64>,
+    /// Each new token, for `WatchIdToken` streams; its receivers are the
+    /// streams that keep this entry from idle eviction.
+    tokens: watch::Sender<Option<IdToken>>,
+    /// Wakes the refresher to recompute its schedule.
+    wake: Notify,
 }
 
 #[derive(Default)]
@@ -143,6 +155,16 @@ struct Slot {
     generation: u64,
     last_used: Option<Instant>,
     backoff: Backoff,
+    /// Wall-clock time of the next planned refresh of a held token.
+    refresh_at: Option<SystemTime>,
+    /// Prefetched entries are kept fresh and never idle-evicted.
+    pinned: bool,
+}
+
+impl Entry {
+    fn watched(&self) -> bool {
+        self.tokens.receiver_count() > 0
+    }
 }
 
 impl TokenCache {
@@ -271,6 +293,48 @@ impl TokenCache {
         infos
     }
 
+    /// Like [`TokenCache::get`], then a receiver that sees every later token
+    /// for the key. Holding the receiver keeps the entry from idle eviction.
+    pub async fn watch(
+        &self,
+        key: &CacheKey,
+        min_valid: Duration,
+    ) -> Result<(Lookup, watch::Receiver<Option<IdToken>>), CacheError> {
+        let lookup = self.get(key, min_valid).await?;
+        let entry = self.entry(key);
+        let mut receiver = entry.tokens.subscribe();
+        // What the caller already has counts as seen.
+        receiver.mark_unchanged();
+        Ok((lookup, receiver))
+    }
+
+    /// Pins `keys` (kept fresh, never idle-evicted) and fetches each; resolves
+    /// when every key holds a valid token. Failed keys keep being retried by
+    /// their refresher with backoff, so this waits through an outage.
+    pub async fn prefetch(&self, keys: Vec<CacheKey>) {
+        let mut pending = Vec::new();
+        for key in keys {
+            if !self.inner.upstreams.contains_key(key.identity()) {
+                continue;
+            }
+            let entry = self.entry(&key);
+            let mut receiver = entry.tokens.subscribe();
+            {
+                let mut slot = lock(&entry.state);
+                slot.pinned = true;
+                if slot.token.is_none() && !slot.fetching {
+                    self.start_fetch(&entry, &mut slot);
+                }
+            }
+            pending.push(async move {
+                let _ = receiver.wait_for(Option::is_some).await;
+            });
+        }
+        for wait in pending {
+            wait.await;
+        }
+    }
+
     /// Number of entries held.
     pub fn len(&self) -> usize {
         self.inner.entries.len()
@@ -287,19 +351,29 @@ impl TokenCache {
         if self.inner.entries.len() >= self.inner.settings.max_entries {
             self.evict_least_recently_used();
         }
+        let mut created = None;
         // The DashMap guard is dropped at the end of this statement.
-        self.inner
+        let entry = self
+            .inner
             .entries
             .entry(key.clone())
             .or_insert_with(|| {
-                Arc::new(Entry {
+                let entry = Arc::new(Entry {
                     key: key.clone(),
                     state: Mutex::new(Slot::default()),
                     attempts: watch::channel(0).0,
-                })
+                    tokens: watch::channel(None).0,
+                    wake: Notify::new(),
+                });
+                created = Some(entry.clone());
+                entry
             })
             .value()
-            .clone()
+            .clone();
+        if let Some(entry) = created {
+            tokio::spawn(refresher::run(Arc::downgrade(&self.inner), entry));
+        }
+        entry
     }
 
     /// Makes room for one more entry. Entries with a fetch under way are kept.
@@ -309,8 +383,10 @@ impl TokenCache {
             .entries
             .iter()
             .filter_map(|item| {
-                let slot = lock(&item.value().state);
-                (!slot.fetching).then(|| (slot.last_used, item.key().clone()))
+                let entry = item.value();
+                let slot = lock(&entry.state);
+                let busy = slot.fetching || slot.pinned || entry.watched();
+                (!busy).then(|| (slot.last_used, item.key().clone()))
             })
             .min_by_key(|(used, _)| *used)
             .map(|(_, key)| key);
@@ -324,8 +400,13 @@ impl TokenCache {
         }
     }
 
+    /// A stale token was served: refresh now unless a refresh is running,
+    /// backing off, or deliberately planned later (the same token came back).
     fn refresh_in_background(&self, entry: &Arc<Entry>, slot: &mut Slot) {
-        if !slot.fetching && slot.backoff.ready(Instant::now()) {
+        let due = slot
+            .refresh_at
+            .is_none_or(|at| self.inner.clock.now() >= at);
+        if !slot.fetching && due && slot.backoff.ready(Instant::now()) {
             self.start_fetch(entry, slot);
         }
     }
@@ -338,37 +419,64 @@ impl TokenCache {
         let entry = entry.clone();
         tokio::spawn(async move {
             let result = cache.fetch(&entry.key).await;
-            let generation = {
-                let mut slot = lock(&entry.state);
-                match result {
-                    Ok(token) => {
-                        slot.token = Some(token);
-                        slot.last_error = None;
-                        slot.backoff.succeeded();
-                    }
-                    Err(err) => {
-                        tracing::warn!(
+            cache.complete(&entry, result);
+        });
+    }
+
+    /// Records one finished upstream attempt and tells everyone waiting.
+    fn complete(&self, entry: &Entry, result: Result<IdToken, SourceError>) {
+        let settings = &self.inner.settings;
+        let now = self.inner.clock.now();
+        let (generation, new_token) = {
+            let mut slot = lock(&entry.state);
+            let mut new_token = None;
+            match result {
+                Ok(token) => {
+                    let same = slot
+                        .token
+                        .as_ref()
+                        .is_some_and(|old| old.same_token_as(&token));
+                    if same {
+                        // The metadata server answered from its own cache: a
+                        // success, but the next try waits for a new token.
+                        tracing::debug!(
                             identity = entry.key.identity(),
                             audience = entry.key.audience(),
-                            error = %err,
-                            "upstream fetch failed"
+                            "upstream returned the same token"
                         );
-                        let settings = &cache.inner.settings;
-                        slot.backoff.failed(
-                            Instant::now(),
-                            err.is_permanent(),
-                            settings.retry_initial,
-                            settings.retry_max,
-                        );
-                        slot.last_error = Some(err);
+                    } else {
+                        new_token = Some(token.clone());
                     }
+                    slot.refresh_at = Some(schedule::plan_refresh(&token, now, same, settings));
+                    slot.token = Some(token);
+                    slot.last_error = None;
+                    slot.backoff.succeeded();
                 }
-                slot.fetching = false;
-                slot.generation += 1;
-                slot.generation
-            };
-            entry.attempts.send_replace(generation);
-        });
+                Err(err) => {
+                    tracing::warn!(
+                        identity = entry.key.identity(),
+                        audience = entry.key.audience(),
+                        error = %err,
+                        "upstream fetch failed"
+                    );
+                    slot.backoff.failed(
+                        Instant::now(),
+                        err.is_permanent(),
+                        settings.retry_initial,
+                        settings.retry_max,
+                    );
+                    slot.last_error = Some(err);
+                }
+            }
+            slot.fetching = false;
+            slot.generation += 1;
+            (slot.generation, new_token)
+        };
+        if let Some(token) = new_token {
+            entry.tokens.send_replace(Some(token));
+        }
+        entry.attempts.send_replace(generation);
+        entry.wake.notify_one();
     }
 
     async fn fetch(&self, key: &CacheKey) -> Result<IdToken, SourceError> {

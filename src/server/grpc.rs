@@ -5,7 +5,7 @@ use std::{pin::Pin, time::Duration};
 
 use prost_types::Timestamp;
 use tokio::time::Instant;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -13,6 +13,7 @@ use crate::{
     config::DEFAULT_IDENTITY,
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
+    token::IdToken,
 };
 
 /// Longest a request waits for upstream when the client set no deadline.
@@ -81,7 +82,7 @@ impl TokenBroker for BrokerService {
                 peer_gid = peer.gid,
                 peer_pid = peer.pid,
                 identity,
-                audience,
+                %audience,
                 cache = outcome,
                 latency_us,
                 expire_time = token.expire_time.as_ref().map_or(0, |t| t.seconds),
@@ -90,7 +91,7 @@ impl TokenBroker for BrokerService {
             ),
             Err(status) => tracing::info!(
                 peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid,
-                identity, audience, latency_us,
+                identity, %audience, latency_us,
                 result = ?status.code(), error = status.message(), "GetIdToken"
             ),
         }
@@ -101,11 +102,36 @@ impl TokenBroker for BrokerService {
 
     async fn watch_id_token(
         &self,
-        _request: Request<proto::GetIdTokenRequest>,
+        request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<Self::WatchIdTokenStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchIdToken is not available yet; call GetIdToken before the token's expire_time",
-        ))
+        let peer = Peer::of(&request);
+        let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
+        let req = request.into_inner();
+        let identity = if req.identity.is_empty() {
+            DEFAULT_IDENTITY.to_owned()
+        } else {
+            req.identity
+        };
+        let min_valid = min_valid(req.min_valid_for)?;
+        let key = CacheKey::new(&identity, &req.audience).map_err(|e| to_status(e.into()))?;
+        let (first, receiver) = tokio::time::timeout(wait, self.cache.watch(&key, min_valid))
+            .await
+            .map_err(|_| deadline_exceeded(&identity, wait))?
+            .map_err(to_status)?;
+        tracing::info!(
+            peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid,
+            identity, audience = %loggable(&req.audience), cache = first.outcome.as_str(),
+            result = "ok", "WatchIdToken started"
+        );
+        let first = to_proto(&first.token, key.identity(), key.audience());
+        // Each refreshed token for this key, for as long as the client listens;
+        // dropping the stream drops the receiver and releases the key.
+        let updates =
+            tokio_stream::wrappers::WatchStream::from_changes(receiver).filter_map(move |token| {
+                token.map(|t| Ok(to_proto(&t, key.identity(), key.audience())))
+            });
+        let stream = tokio_stream::once(Ok(first)).chain(updates);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_tokens(
@@ -146,37 +172,44 @@ impl BrokerService {
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
     ) -> Result<(proto::IdToken, &'static str), Status> {
-        let min_valid = match min_valid_for {
-            None => Duration::ZERO,
-            Some(d) => Duration::try_from(d)
-                .ok()
-                .filter(|d| *d <= MAX_MIN_VALID)
-                .ok_or_else(|| {
-                    Status::invalid_argument("min_valid_for must be between 0s and 1h")
-                })?,
-        };
+        let min_valid = min_valid(min_valid_for)?;
         let key = CacheKey::new(identity, audience).map_err(|e| to_status(e.into()))?;
         let lookup = tokio::time::timeout(wait, self.cache.get(&key, min_valid))
             .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "no token for identity {identity:?} within {}ms; the upstream fetch continues",
-                    wait.as_millis()
-                ))
-            })?
+            .map_err(|_| deadline_exceeded(identity, wait))?
             .map_err(to_status)?;
-        let token = &lookup.token;
         Ok((
-            proto::IdToken {
-                token: token.expose().to_owned(),
-                expire_time: Some(token.expires_at().into()),
-                issue_time: Some(token.issued_at().into()),
-                identity: identity.to_owned(),
-                audience: audience.to_owned(),
-            },
+            to_proto(&lookup.token, identity, audience),
             lookup.outcome.as_str(),
         ))
     }
+}
+
+fn to_proto(token: &IdToken, identity: &str, audience: &str) -> proto::IdToken {
+    proto::IdToken {
+        token: token.expose().to_owned(),
+        expire_time: Some(token.expires_at().into()),
+        issue_time: Some(token.issued_at().into()),
+        identity: identity.to_owned(),
+        audience: audience.to_owned(),
+    }
+}
+
+fn min_valid(requested: Option<prost_types::Duration>) -> Result<Duration, Status> {
+    match requested {
+        None => Ok(Duration::ZERO),
+        Some(d) => Duration::try_from(d)
+            .ok()
+            .filter(|d| *d <= MAX_MIN_VALID)
+            .ok_or_else(|| Status::invalid_argument("min_valid_for must be between 0s and 1h")),
+    }
+}
+
+fn deadline_exceeded(identity: &str, wait: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "no token for identity {identity:?} within {}ms; the upstream fetch continues",
+        wait.as_millis()
+    ))
 }
 
 /// The one mapping from broker errors to gRPC statuses (DESIGN.md).

@@ -16,7 +16,7 @@ use std::{
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::{
-    cache::TokenCache,
+    cache::{CacheKey, TokenCache},
     clock::Clock,
     config::{ConfigError, IdentitySettings, Problem, Settings},
     proto::token_broker_server::TokenBrokerServer,
@@ -56,6 +56,17 @@ impl Prepared {
             match build_source(index, &identity, env, &clock) {
                 Ok(source) => identities.push((identity, source)),
                 Err(problem) => problems.push(problem),
+            }
+        }
+        for (i, prefetch) in settings.prefetch.iter().enumerate() {
+            if !identities
+                .iter()
+                .any(|(id, _)| id.name == prefetch.identity)
+            {
+                problems.push(Problem::new(
+                    format!("prefetch[{i}].identity"),
+                    format!("no identity named {:?} is configured", prefetch.identity),
+                ));
             }
         }
         if !problems.is_empty() {
@@ -99,7 +110,30 @@ impl Prepared {
             }
             out.push('\n');
         }
+        for prefetch in &self.settings.prefetch {
+            out.push_str(&format!(
+                "prefetch ({}): {}\n",
+                prefetch.identity,
+                prefetch.audiences.join(", ")
+            ));
+        }
+        if self.settings.server.ready_after_prefetch {
+            out.push_str("readiness waits for prefetch\n");
+        }
         out
+    }
+
+    /// The `[[prefetch]]` keys.
+    pub fn prefetch_keys(&self) -> Vec<CacheKey> {
+        self.settings
+            .prefetch
+            .iter()
+            .flat_map(|p| {
+                p.audiences
+                    .iter()
+                    .filter_map(|a| CacheKey::new(&p.identity, a).ok())
+            })
+            .collect()
     }
 }
 
@@ -119,6 +153,8 @@ pub struct Server {
     listener: tokio::net::UnixListener,
     socket: socket::SocketFile,
     cache: TokenCache,
+    prefetch: Vec<CacheKey>,
+    ready_after_prefetch: bool,
 }
 
 impl Server {
@@ -137,6 +173,8 @@ impl Server {
             listener,
             socket,
             cache,
+            prefetch: prepared.prefetch_keys(),
+            ready_after_prefetch: prepared.settings.server.ready_after_prefetch,
         })
     }
 
@@ -158,11 +196,45 @@ impl Server {
             listener,
             socket,
             cache,
+            prefetch,
+            ready_after_prefetch,
         } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<TokenBrokerServer<grpc::BrokerService>>()
-            .await;
+        let readiness = health_reporter.clone();
+        let prefetching = cache.clone();
+        let wait_for_prefetch = ready_after_prefetch && !prefetch.is_empty();
+        if wait_for_prefetch {
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            health_reporter
+                .set_not_serving::<TokenBrokerServer<grpc::BrokerService>>()
+                .await;
+        } else {
+            health_reporter
+                .set_serving::<TokenBrokerServer<grpc::BrokerService>>()
+                .await;
+        }
+        if !prefetch.is_empty() {
+            tokio::spawn(async move {
+                let count = prefetch.len();
+                let started = tokio::time::Instant::now();
+                prefetching.prefetch(prefetch).await;
+                tracing::info!(
+                    audiences = count,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "prefetch complete"
+                );
+                if wait_for_prefetch {
+                    readiness
+                        .set_service_status("", tonic_health::ServingStatus::Serving)
+                        .await;
+                    readiness
+                        .set_serving::<TokenBrokerServer<grpc::BrokerService>>()
+                        .await;
+                }
+            });
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -194,6 +266,7 @@ impl Server {
             result = &mut serving => result,
             () = shutdown => {
                 tracing::info!("stopping: no new connections, finishing in-flight calls");
+                health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 health_reporter.set_not_serving::<TokenBrokerServer<grpc::BrokerService>>().await;
                 let _ = stop_tx.send(());
                 match tokio::time::timeout(DRAIN_TIMEOUT, &mut serving).await {

@@ -53,16 +53,17 @@ pub fn key_file(
     (path, registration)
 }
 
-/// A config file's text with fast retries (so failure tests stay quick) and
-/// the given identity tables appended.
+/// A config file's text with the given identity tables appended. Background
+/// retries after a failure wait an hour, so a test's upstream call counts
+/// are exactly those its own requests caused.
 pub fn config_text(socket: &Path, identities: &str) -> String {
     format!(
         r#"[server]
 socket_path = "{}"
 
 [refresh]
-retry_initial = "1ms"
-retry_max = "1ms"
+retry_initial = "1h"
+retry_max = "1h"
 
 {identities}
 "#,

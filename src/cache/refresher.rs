@@ -1,0 +1,92 @@
+//! One background task per cache entry: sleeps until the entry's next
+//! planned refresh (or backoff retry), starts the shared fetch, and drops
+//! the entry once it has been idle for `idle_evict_after`.
+
+use std::sync::{Arc, Weak};
+
+use tokio::time::Instant;
+
+use super::{lock, Entry, Inner, TokenCache};
+
+pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
+    loop {
+        let Some(wake_at) = next_wake(&cache, &entry) else {
+            return;
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(wake_at) => {}
+            () = entry.wake.notified() => continue,
+        }
+        let Some(inner) = cache.upgrade() else {
+            return;
+        };
+        let cache = TokenCache { inner };
+        // An entry evicted for room (max_entries) has no refresher anymore.
+        let current = cache
+            .inner
+            .entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e.value(), &entry));
+        if !current {
+            return;
+        }
+        let now = Instant::now();
+        let mut slot = lock(&entry.state);
+        let idle = slot
+            .last_used
+            .is_none_or(|used| now >= used + cache.inner.settings.idle_evict_after);
+        if idle && !slot.pinned && !entry.watched() && !slot.fetching {
+            drop(slot);
+            cache
+                .inner
+                .entries
+                .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, &entry));
+            tracing::debug!(
+                identity = entry.key.identity(),
+                audience = entry.key.audience(),
+                "dropped idle entry"
+            );
+            return;
+        }
+        if slot.fetching || !slot.backoff.ready(now) {
+            continue;
+        }
+        let wall = cache.inner.clock.now();
+        let due = match (&slot.token, slot.refresh_at) {
+            (Some(_), Some(at)) => wall >= at,
+            (Some(_), None) => true,
+            // No token: retry in the background only for keys someone is
+            // waiting on (prefetched or watched) or after a transient error;
+            // a permanent rejection waits for a caller to ask again.
+            (None, _) => {
+                slot.pinned
+                    || entry.watched()
+                    || slot.last_error.as_ref().is_some_and(|e| !e.is_permanent())
+            }
+        };
+        if due {
+            cache.start_fetch(&entry, &mut slot);
+        }
+    }
+}
+
+/// The instant to wake for the entry's next decision, or `None` when the
+/// cache is gone.
+fn next_wake(cache: &Weak<Inner>, entry: &Entry) -> Option<Instant> {
+    let inner = cache.upgrade()?;
+    let slot = lock(&entry.state);
+    let idle_at = slot
+        .last_used
+        .map_or_else(Instant::now, |used| used + inner.settings.idle_evict_after);
+    let refresh_at = match (&slot.token, slot.refresh_at) {
+        (Some(_), Some(at)) => Some(inner.clock.deadline_for(at)),
+        _ => None,
+    };
+    let retry_at = slot.backoff.retry_at();
+    let far = Instant::now() + inner.settings.idle_evict_after;
+    let mut wake = idle_at.min(far);
+    for candidate in [refresh_at, retry_at].into_iter().flatten() {
+        wake = wake.min(candidate);
+    }
+    Some(wake)
+}
