@@ -202,6 +202,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
     for (identity, source) in &prepared.identities {
         tracing::info!(identity = %identity.name, source = %identity.source, upstream = source.upstream(), account = source.account(), "identity");
     }
+    let stop = match server::stop_signal() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let server = match Server::bind(prepared) {
         Ok(s) => s,
         Err(e) => {
@@ -212,7 +219,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if let Some(demo) = &demo {
         demo.announce(server.socket_path());
     }
-    let result = server.run(server::stop_signal()).await;
+    let result = server.run(stop).await;
     if let Some(demo) = demo {
         demo.stop().await;
     }
@@ -428,7 +435,10 @@ async fn emulator(args: EmulatorArgs) -> ExitCode {
         "  certs:           {0}/oauth2/v1/certs and {0}/oauth2/v3/certs",
         running.base_url()
     );
-    server::stop_signal().await;
+    match server::stop_signal() {
+        Ok(stop) => stop.await,
+        Err(e) => eprintln!("error: cannot install signal handlers ({e}); stopping"),
+    }
     running.shutdown().await;
     ExitCode::SUCCESS
 }

@@ -291,19 +291,18 @@ impl Server {
     }
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-pub async fn stop_signal() {
+/// Installs SIGTERM and SIGINT handlers now, and returns a future that
+/// resolves when either arrives. Install before binding the socket: a client
+/// can connect as soon as it exists, and a stop signal sent then must stop
+/// the daemon gracefully rather than kill it.
+pub fn stop_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the daemon");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    })
 }
