@@ -46,7 +46,7 @@ use backoff::Backoff;
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
 /// How a request was answered, for logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CacheOutcome {
     /// Fresh token from memory.
     Hit,
@@ -391,7 +391,11 @@ impl TokenCache {
             .min_by_key(|(used, _)| *used)
             .map(|(_, key)| key);
         if let Some(key) = victim {
-            self.inner.entries.remove(&key);
+            // Wake its refresher so it sees the eviction and exits now,
+            // releasing the entry, rather than at its next planned refresh.
+            if let Some((_, entry)) = self.inner.entries.remove(&key) {
+                entry.wake.notify_one();
+            }
             tracing::debug!(
                 identity = key.identity(),
                 audience = key.audience(),

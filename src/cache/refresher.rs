@@ -55,14 +55,7 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
         let due = match (&slot.token, slot.refresh_at) {
             (Some(_), Some(at)) => wall >= at,
             (Some(_), None) => true,
-            // No token: retry in the background only for keys someone is
-            // waiting on (prefetched or watched) or after a transient error;
-            // a permanent rejection waits for a caller to ask again.
-            (None, _) => {
-                slot.pinned
-                    || entry.watched()
-                    || slot.last_error.as_ref().is_some_and(|e| !e.is_permanent())
-            }
+            (None, _) => wants_retry(&slot, &entry),
         };
         if due {
             cache.start_fetch(&entry, &mut slot);
@@ -71,22 +64,40 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
 }
 
 /// The instant to wake for the entry's next decision, or `None` when the
-/// cache is gone.
+/// cache is gone. Each candidate lies in the future or is acted on when
+/// reached, so the loop never spins: a due refresh waits for the backoff, a
+/// running fetch wakes us through `Entry::wake`, and the idle deadline only
+/// counts for entries that can be evicted.
 fn next_wake(cache: &Weak<Inner>, entry: &Entry) -> Option<Instant> {
     let inner = cache.upgrade()?;
     let slot = lock(&entry.state);
-    let idle_at = slot
-        .last_used
-        .map_or_else(Instant::now, |used| used + inner.settings.idle_evict_after);
-    let refresh_at = match (&slot.token, slot.refresh_at) {
-        (Some(_), Some(at)) => Some(inner.clock.deadline_for(at)),
-        _ => None,
-    };
-    let retry_at = slot.backoff.retry_at();
-    let far = Instant::now() + inner.settings.idle_evict_after;
-    let mut wake = idle_at.min(far);
-    for candidate in [refresh_at, retry_at].into_iter().flatten() {
-        wake = wake.min(candidate);
+    let now = Instant::now();
+    // Nothing can happen while nobody looks: check again after a full idle period.
+    let mut wake = now + inner.settings.idle_evict_after;
+    if !slot.fetching {
+        let action_at = match (&slot.token, slot.refresh_at) {
+            (Some(_), Some(at)) => Some(inner.clock.deadline_for(at)),
+            (Some(_), None) => Some(now),
+            (None, _) if wants_retry(&slot, entry) => Some(now),
+            (None, _) => None,
+        };
+        if let Some(at) = action_at {
+            let at = slot.backoff.retry_at().map_or(at, |retry| at.max(retry));
+            wake = wake.min(at);
+        }
+        if !slot.pinned && !entry.watched() {
+            let idle_at = slot
+                .last_used
+                .map_or(now, |used| used + inner.settings.idle_evict_after);
+            wake = wake.min(idle_at);
+        }
     }
     Some(wake)
+}
+
+/// Whether a key without a token is retried in the background: when someone
+/// waits on it (prefetched or watched) or the last failure was transient; a
+/// permanent rejection waits for a caller to ask again.
+fn wants_retry(slot: &super::Slot, entry: &Entry) -> bool {
+    slot.pinned || entry.watched() || slot.last_error.as_ref().is_some_and(|e| !e.is_permanent())
 }
