@@ -2,6 +2,7 @@
 
 mod support;
 
+mod cache_engine;
 mod cli;
 mod key_files;
 mod metadata_source;
