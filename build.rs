@@ -16,5 +16,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+
+    // The bench's echo baseline (benches/broker.rs). Generated into OUT_DIR
+    // like the above, but only the bench includes it: the library does not.
+    let echo = "proto/bench/v1/echo.proto";
+    println!("cargo:rerun-if-changed={echo}");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(protox::compile([echo], ["proto"])?)?;
     Ok(())
 }
