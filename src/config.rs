@@ -39,6 +39,8 @@ pub struct Settings {
     pub identities: Vec<IdentitySettings>,
     /// Audiences fetched at startup and kept fresh.
     pub prefetch: Vec<PrefetchSettings>,
+    /// Optional GCE-metadata-compatible HTTP endpoint for unmodified clients.
+    pub metadata_endpoint: Option<MetadataEndpointSettings>,
     /// Logging format and filter.
     pub log: LogSettings,
 }
@@ -64,6 +66,26 @@ impl Default for ServerSettings {
             ready_after_prefetch: false,
         }
     }
+}
+
+/// A loopback HTTP endpoint answering like the GCE metadata server, so
+/// programs using Google's client libraries get tokens from the broker with
+/// only `GCE_METADATA_HOST` changed (PROTOCOLS.md §3).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataEndpointSettings {
+    /// Address to listen on, e.g. "127.0.0.1:8181". Loopback only unless
+    /// `allow_non_loopback`.
+    pub listen: std::net::SocketAddr,
+    /// The identity whose tokens the endpoint serves as `default`.
+    #[serde(default = "default_identity_name")]
+    pub identity: String,
+    /// Audiences the endpoint may serve; empty means any valid audience.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Permit a non-loopback `listen` address (anyone who can reach it gets tokens).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
 }
 
 /// Audiences of one identity to fetch at startup and keep fresh, so the
@@ -398,6 +420,26 @@ impl Settings {
                 if let Err(e) = crate::cache::validate_audience(audience) {
                     problems.push(Problem::new(
                         format!("prefetch[{i}].audiences[{j}]"),
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+        if let Some(endpoint) = &self.metadata_endpoint {
+            if !endpoint.listen.ip().is_loopback() && !endpoint.allow_non_loopback {
+                problems.push(Problem::new(
+                    "metadata_endpoint.listen",
+                    format!(
+                        "{} is not a loopback address; anyone who can reach it gets tokens. \
+                         Use 127.0.0.1, or set metadata_endpoint.allow_non_loopback = true",
+                        endpoint.listen
+                    ),
+                ));
+            }
+            for (j, audience) in endpoint.audiences.iter().enumerate() {
+                if let Err(e) = crate::cache::validate_audience(audience) {
+                    problems.push(Problem::new(
+                        format!("metadata_endpoint.audiences[{j}]"),
                         e.to_string(),
                     ));
                 }

@@ -4,6 +4,7 @@
 
 pub mod grpc;
 pub mod socket;
+pub mod systemd;
 
 use std::{
     collections::HashMap,
@@ -66,6 +67,17 @@ impl Prepared {
                 problems.push(Problem::new(
                     format!("prefetch[{i}].identity"),
                     format!("no identity named {:?} is configured", prefetch.identity),
+                ));
+            }
+        }
+        if let Some(endpoint) = &settings.metadata_endpoint {
+            if !identities
+                .iter()
+                .any(|(id, _)| id.name == endpoint.identity)
+            {
+                problems.push(Problem::new(
+                    "metadata_endpoint.identity",
+                    format!("no identity named {:?} is configured", endpoint.identity),
                 ));
             }
         }
@@ -261,11 +273,13 @@ impl Server {
                 }),
         );
         tracing::info!(socket = %socket.path().display(), "serving");
+        systemd::notify("READY=1");
         tokio::pin!(serving);
         let result = tokio::select! {
             result = &mut serving => result,
             () = shutdown => {
                 tracing::info!("stopping: no new connections, finishing in-flight calls");
+                systemd::notify("STOPPING=1");
                 health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 health_reporter.set_not_serving::<TokenBrokerServer<grpc::BrokerService>>().await;
                 let _ = stop_tx.send(());
