@@ -88,6 +88,26 @@ struct Sizes {
 
 impl Sizes {
     fn from_env() -> Self {
+        let sizes = Self::defaults();
+        // `cargo test --all-targets` runs this binary without `--bench`:
+        // a quick smoke run that every path still works, not a measurement.
+        if std::env::args().any(|a| a == "--bench") {
+            sizes
+        } else {
+            Self {
+                requests: 200,
+                requests_serial: 100,
+                warmup: 20,
+                rounds: 1,
+                audiences: 200,
+                cold: 50,
+                cold_trials: 1,
+                ..sizes
+            }
+        }
+    }
+
+    fn defaults() -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             requests: env_usize("BENCH_REQUESTS", 60_000),
@@ -298,6 +318,9 @@ struct Summary {
 fn broker_settings(socket: &Path, emulator: &Emulator) -> Settings {
     let mut settings = Settings::default();
     settings.server.socket_path = Some(socket.to_path_buf());
+    // The bench asks for thousands of new audiences on purpose.
+    settings.limits.new_audience_burst = 1_000_000;
+    settings.limits.new_audiences_per_minute = 1_000_000;
     settings.identities = vec![IdentitySettings {
         name: "default".into(),
         source: SourceKind::Metadata,
@@ -534,6 +557,7 @@ async fn rss(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> RssResults {
         &config,
         format!(
             "[server]\nsocket_path = \"{}\"\n\n[refresh]\nmax_entries = {max_entries}\n\n\
+             [limits]\nnew_audience_burst = 1000000\nnew_audiences_per_minute = 1000000\n\n\
              [log]\nfilter = \"warn\"\n\n[[identities]]\nname = \"default\"\n\
              source = \"metadata\"\nmetadata_host = \"{}\"\n",
             socket.display(),

@@ -41,6 +41,11 @@ pub struct Settings {
     pub prefetch: Vec<PrefetchSettings>,
     /// Optional GCE-metadata-compatible HTTP endpoint for unmodified clients.
     pub metadata_endpoint: Option<MetadataEndpointSettings>,
+    /// Who may ask for which identity and audience; none = anyone who can
+    /// open the socket.
+    pub policy: Vec<crate::policy::RuleSettings>,
+    /// Bounds on what clients can make the daemon do.
+    pub limits: LimitSettings,
     /// Logging format and filter.
     pub log: LogSettings,
 }
@@ -53,6 +58,8 @@ pub struct ServerSettings {
     pub socket_path: Option<PathBuf>,
     /// Permission bits of the socket file, as an octal string.
     pub socket_mode: String,
+    /// Group (name or id) given to the socket file, so its members can connect.
+    pub socket_group: Option<crate::policy::Principal>,
     /// Report NOT_SERVING on the health service until every `[[prefetch]]`
     /// audience holds a token.
     pub ready_after_prefetch: bool,
@@ -63,6 +70,7 @@ impl Default for ServerSettings {
         Self {
             socket_path: None,
             socket_mode: "0660".into(),
+            socket_group: None,
             ready_after_prefetch: false,
         }
     }
@@ -136,6 +144,35 @@ impl Default for RefreshSettings {
             idle_evict_after: Duration::from_secs(24 * 3600),
             max_entries: 10_000,
             upstream_concurrency: 8,
+        }
+    }
+}
+
+/// Limits on what clients can make the daemon do. Each has a safe default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// New audiences (requests that would cause an upstream fetch for a key
+    /// not in the cache) each uid may ask for per minute, on average.
+    pub new_audiences_per_minute: u32,
+    /// How many new audiences a uid may ask for at once before the rate applies.
+    pub new_audience_burst: u32,
+    /// Most client connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Most `WatchIdToken` streams open at once.
+    pub max_streams: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 64 * 1024,
+            new_audiences_per_minute: 60,
+            new_audience_burst: 30,
+            max_connections: 1024,
+            max_streams: 1024,
         }
     }
 }
@@ -425,6 +462,39 @@ impl Settings {
                 }
             }
         }
+        if let Err(policy_problems) = crate::policy::Policy::compile(&self.policy) {
+            problems.extend(policy_problems);
+        }
+        if let Some(group) = &self.server.socket_group {
+            if let Err(message) = resolve_group(group) {
+                problems.push(Problem::new("server.socket_group", message));
+            }
+        }
+        let l = &self.limits;
+        if !(1024..=16 * 1024 * 1024).contains(&l.max_request_bytes) {
+            problems.push(Problem::new(
+                "limits.max_request_bytes",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        if l.new_audiences_per_minute == 0 {
+            problems.push(Problem::new(
+                "limits.new_audiences_per_minute",
+                "must be at least 1",
+            ));
+        }
+        if l.new_audience_burst == 0 {
+            problems.push(Problem::new(
+                "limits.new_audience_burst",
+                "must be at least 1",
+            ));
+        }
+        if l.max_connections == 0 {
+            problems.push(Problem::new("limits.max_connections", "must be at least 1"));
+        }
+        if l.max_streams == 0 {
+            problems.push(Problem::new("limits.max_streams", "must be at least 1"));
+        }
         if let Some(endpoint) = &self.metadata_endpoint {
             if !endpoint.listen.ip().is_loopback() && !endpoint.allow_non_loopback {
                 problems.push(Problem::new(
@@ -566,6 +636,23 @@ fn validate_host(host: &str) -> Result<(), String> {
         Err(format!(
             "{host:?} is not a host[:port] (no scheme, no path), e.g. \"169.254.169.254\""
         ))
+    }
+}
+
+/// A group given by name or id, as a gid.
+pub fn resolve_group(group: &crate::policy::Principal) -> Result<u32, String> {
+    match group {
+        crate::policy::Principal::Id(id) => Ok(*id),
+        crate::policy::Principal::Name(name) => name
+            .parse::<u32>()
+            .ok()
+            .or_else(|| {
+                nix::unistd::Group::from_name(name)
+                    .ok()
+                    .flatten()
+                    .map(|g| g.gid.as_raw())
+            })
+            .ok_or_else(|| format!("no such group {name:?} on this system")),
     }
 }
 

@@ -335,6 +335,22 @@ impl TokenCache {
         }
     }
 
+    /// Creates the entry for `key` without fetching; true when this call
+    /// created it, i.e. the caller is the one asking for a new audience
+    /// (concurrent askers of the same new key see false and join it).
+    pub fn reserve(&self, key: &CacheKey) -> bool {
+        self.entry_created(key).1
+    }
+
+    /// Removes an entry reserved by [`TokenCache::reserve`] that was never
+    /// used (its request was refused).
+    pub fn release_unused(&self, key: &CacheKey) {
+        self.inner.entries.remove_if(key, |_, entry| {
+            let slot = lock(&entry.state);
+            slot.generation == 0 && !slot.fetching && slot.last_used.is_none() && !slot.pinned
+        });
+    }
+
     /// Number of entries held.
     pub fn len(&self) -> usize {
         self.inner.entries.len()
@@ -345,8 +361,13 @@ impl TokenCache {
     }
 
     fn entry(&self, key: &CacheKey) -> Arc<Entry> {
+        self.entry_created(key).0
+    }
+
+    /// The entry for `key`, and whether this call created it.
+    fn entry_created(&self, key: &CacheKey) -> (Arc<Entry>, bool) {
         if let Some(entry) = self.inner.entries.get(key) {
-            return entry.value().clone();
+            return (entry.value().clone(), false);
         }
         if self.inner.entries.len() >= self.inner.settings.max_entries {
             self.evict_least_recently_used();
@@ -370,10 +391,11 @@ impl TokenCache {
             })
             .value()
             .clone();
+        let is_new = created.is_some();
         if let Some(entry) = created {
             tokio::spawn(refresher::run(Arc::downgrade(&self.inner), entry));
         }
-        entry
+        (entry, is_new)
     }
 
     /// Makes room for one more entry. Entries with a fetch under way are kept.

@@ -1,16 +1,20 @@
-//! The `tokenbroker.v1.TokenBroker` gRPC service: request checks, the one
-//! place errors become `tonic::Status`, and a log line per request.
+//! The `tokenbroker.v1.TokenBroker` gRPC service: request checks, the
+//! access policy (checked on every call, cache hits included), the per-uid
+//! new-audience rate limit, the one place errors become `tonic::Status`, and
+//! one audit line per decision.
 
-use std::{pin::Pin, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use prost_types::Timestamp;
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::{peer::PeerCredentials, rate_limit::MissLimiter};
 use crate::{
-    cache::{CacheError, CacheKey, EntryState, TokenCache},
-    config::DEFAULT_IDENTITY,
+    cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
+    config::{LimitSettings, DEFAULT_IDENTITY},
+    policy::{Decision, Policy},
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
     token::IdToken,
@@ -23,35 +27,59 @@ const MAX_MIN_VALID: Duration = Duration::from_secs(3600);
 
 pub struct BrokerService {
     cache: TokenCache,
+    policy: Arc<Policy>,
+    misses: MissLimiter,
+    limits: LimitSettings,
+    streams: Arc<Semaphore>,
 }
 
 impl BrokerService {
-    pub fn new(cache: TokenCache) -> Self {
-        Self { cache }
+    pub fn new(cache: TokenCache, policy: Arc<Policy>, limits: LimitSettings) -> Self {
+        Self {
+            cache,
+            policy,
+            misses: MissLimiter::new(limits.new_audiences_per_minute, limits.new_audience_burst),
+            streams: Arc::new(Semaphore::new(limits.max_streams)),
+            limits,
+        }
     }
 }
 
-/// Who is calling, from SO_PEERCRED, read when the connection was accepted.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Peer {
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub pid: Option<i32>,
+/// What one request came to, for its audit line.
+struct Audit<'a> {
+    method: &'static str,
+    peer: &'a PeerCredentials,
+    identity: &'a str,
+    audience: &'a str,
+    decision: Option<Decision>,
+    outcome: Option<CacheOutcome>,
+    started: Instant,
 }
 
-impl Peer {
-    pub fn of<T>(request: &Request<T>) -> Self {
-        let cred = request
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|info| info.peer_cred);
-        match cred {
-            Some(c) => Peer {
-                uid: Some(c.uid()),
-                gid: Some(c.gid()),
-                pid: c.pid(),
-            },
-            None => Peer::default(),
+impl Audit<'_> {
+    /// One structured line: who, what, the decision and its rule, the cache
+    /// outcome, latency and result. Never token text.
+    fn log(&self, result: Result<&proto::IdToken, &Status>) {
+        let peer = self.peer;
+        let decision = self
+            .decision
+            .map(|d| if d.allowed() { "allowed" } else { "denied" });
+        let rule = self.decision.map(Decision::rule);
+        let cache = self.outcome.map(CacheOutcome::as_str);
+        let latency_us = self.started.elapsed().as_micros() as u64;
+        let audience = loggable(self.audience);
+        match result {
+            Ok(token) => tracing::info!(
+                peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid, peer_exe = peer.exe.as_deref(),
+                identity = self.identity, %audience, decision, rule, cache, latency_us,
+                expire_time = token.expire_time.as_ref().map_or(0, |t| t.seconds),
+                result = "OK", "{}", self.method
+            ),
+            Err(status) => tracing::info!(
+                peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid, peer_exe = peer.exe.as_deref(),
+                identity = self.identity, %audience, decision, rule, cache, latency_us,
+                result = crate::client::code_name(status.code()), error = status.message(), "{}", self.method
+            ),
         }
     }
 }
@@ -62,40 +90,22 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<proto::IdToken>, Status> {
-        let peer = Peer::of(&request);
+        let peer = PeerCredentials::of_request(&request);
         let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
-        let started = Instant::now();
         let req = request.into_inner();
-        let identity = if req.identity.is_empty() {
-            DEFAULT_IDENTITY
-        } else {
-            req.identity.as_str()
+        let identity = identity_of(&req.identity);
+        let mut audit = Audit {
+            method: "GetIdToken",
+            peer: &peer,
+            identity,
+            audience: &req.audience,
+            decision: None,
+            outcome: None,
+            started: Instant::now(),
         };
-        let result = self
-            .lookup(identity, &req.audience, req.min_valid_for, wait)
-            .await;
-        let latency_us = started.elapsed().as_micros() as u64;
-        let audience = loggable(&req.audience);
-        match &result {
-            Ok((token, outcome)) => tracing::info!(
-                peer_uid = peer.uid,
-                peer_gid = peer.gid,
-                peer_pid = peer.pid,
-                identity,
-                %audience,
-                cache = outcome,
-                latency_us,
-                expire_time = token.expire_time.as_ref().map_or(0, |t| t.seconds),
-                result = "ok",
-                "GetIdToken"
-            ),
-            Err(status) => tracing::info!(
-                peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid,
-                identity, %audience, latency_us,
-                result = ?status.code(), error = status.message(), "GetIdToken"
-            ),
-        }
-        result.map(|(token, _)| Response::new(token))
+        let result = self.get(&mut audit, req.min_valid_for, wait).await;
+        audit.log(result.as_ref());
+        result.map(Response::new)
     }
 
     type WatchIdTokenStream = Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>;
@@ -104,45 +114,43 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<Self::WatchIdTokenStream>, Status> {
-        let peer = Peer::of(&request);
+        let peer = PeerCredentials::of_request(&request);
         let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
         let req = request.into_inner();
-        let identity = if req.identity.is_empty() {
-            DEFAULT_IDENTITY.to_owned()
-        } else {
-            req.identity
+        let identity = identity_of(&req.identity);
+        let mut audit = Audit {
+            method: "WatchIdToken",
+            peer: &peer,
+            identity,
+            audience: &req.audience,
+            decision: None,
+            outcome: None,
+            started: Instant::now(),
         };
-        let min_valid = min_valid(req.min_valid_for)?;
-        let key = CacheKey::new(&identity, &req.audience).map_err(|e| to_status(e.into()))?;
-        let (first, receiver) = tokio::time::timeout(wait, self.cache.watch(&key, min_valid))
-            .await
-            .map_err(|_| deadline_exceeded(&identity, wait))?
-            .map_err(to_status)?;
-        tracing::info!(
-            peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid,
-            identity, audience = %loggable(&req.audience), cache = first.outcome.as_str(),
-            result = "ok", "WatchIdToken started"
-        );
-        let first = to_proto(&first.token, key.identity(), key.audience());
-        // Each refreshed token for this key, for as long as the client listens;
-        // dropping the stream drops the receiver and releases the key.
-        let updates =
-            tokio_stream::wrappers::WatchStream::from_changes(receiver).filter_map(move |token| {
-                token.map(|t| Ok(to_proto(&t, key.identity(), key.audience())))
-            });
-        let stream = tokio_stream::once(Ok(first)).chain(updates);
-        Ok(Response::new(Box::pin(stream)))
+        let result = self.watch(&mut audit, req.min_valid_for, wait).await;
+        audit.log(result.as_ref().map(|(first, _)| first));
+        let (first, rest) = result?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(first)).chain(rest),
+        )))
     }
 
     async fn list_tokens(
         &self,
         request: Request<proto::ListTokensRequest>,
     ) -> Result<Response<proto::ListTokensResponse>, Status> {
-        let peer = Peer::of(&request);
+        let peer = PeerCredentials::of_request(&request);
+        let caller = peer.caller();
+        // A caller sees only the entries it may read.
         let tokens: Vec<proto::TokenInfo> = self
             .cache
             .list()
             .into_iter()
+            .filter(|info| {
+                self.policy
+                    .decide(caller, info.key.identity(), info.key.audience())
+                    .allowed()
+            })
             .map(|info| proto::TokenInfo {
                 identity: info.key.identity().to_owned(),
                 audience: info.key.audience().to_owned(),
@@ -156,8 +164,9 @@ impl TokenBroker for BrokerService {
             peer_uid = peer.uid,
             peer_gid = peer.gid,
             peer_pid = peer.pid,
+            peer_exe = peer.exe.as_deref(),
             entries = tokens.len(),
-            result = "ok",
+            result = "OK",
             "ListTokens"
         );
         Ok(Response::new(proto::ListTokensResponse { tokens }))
@@ -165,23 +174,108 @@ impl TokenBroker for BrokerService {
 }
 
 impl BrokerService {
-    async fn lookup(
+    /// Validates, checks the policy and the rate limit: the key to look up.
+    fn admit(&self, audit: &mut Audit<'_>) -> Result<CacheKey, Status> {
+        let key = CacheKey::new(audit.identity, audit.audience).map_err(|e| to_status(e.into()))?;
+        let decision = self
+            .policy
+            .decide(audit.peer.caller(), audit.identity, audit.audience);
+        audit.decision = Some(decision);
+        if !decision.allowed() {
+            // Name the caller and the request, and nothing about the rules.
+            return Err(Status::permission_denied(format!(
+                "uid {} may not use identity {:?} for audience {:?}",
+                audit
+                    .peer
+                    .uid
+                    .map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
+                audit.identity,
+                audit.audience
+            )));
+        }
+        if self.cache.source(audit.identity).is_none() {
+            return Err(to_status(CacheError::UnknownIdentity(
+                audit.identity.to_owned(),
+            )));
+        }
+        // Only the request that brings a new audience into the cache spends
+        // from its uid's bucket; concurrent askers of that key join it.
+        if let Some(uid) = audit.peer.uid {
+            if self.cache.reserve(&key) {
+                if let Err(retry_in) = self.misses.check(uid) {
+                    self.cache.release_unused(&key);
+                    return Err(Status::resource_exhausted(format!(
+                        "uid {uid} asked for too many new audiences (limit {} per minute, burst {}); retry in {}s",
+                        self.limits.new_audiences_per_minute,
+                        self.limits.new_audience_burst,
+                        retry_in.as_secs().max(1)
+                    )));
+                }
+            }
+        }
+        Ok(key)
+    }
+
+    async fn get(
         &self,
-        identity: &str,
-        audience: &str,
+        audit: &mut Audit<'_>,
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
-    ) -> Result<(proto::IdToken, &'static str), Status> {
+    ) -> Result<proto::IdToken, Status> {
         let min_valid = min_valid(min_valid_for)?;
-        let key = CacheKey::new(identity, audience).map_err(|e| to_status(e.into()))?;
+        let key = self.admit(audit)?;
         let lookup = tokio::time::timeout(wait, self.cache.get(&key, min_valid))
             .await
-            .map_err(|_| deadline_exceeded(identity, wait))?
+            .map_err(|_| deadline_exceeded(audit.identity, wait))?
             .map_err(to_status)?;
-        Ok((
-            to_proto(&lookup.token, identity, audience),
-            lookup.outcome.as_str(),
-        ))
+        audit.outcome = Some(lookup.outcome);
+        Ok(to_proto(&lookup.token, key.identity(), key.audience()))
+    }
+
+    async fn watch(
+        &self,
+        audit: &mut Audit<'_>,
+        min_valid_for: Option<prost_types::Duration>,
+        wait: Duration,
+    ) -> Result<
+        (
+            proto::IdToken,
+            impl Stream<Item = Result<proto::IdToken, Status>> + Send + 'static,
+        ),
+        Status,
+    > {
+        let min_valid = min_valid(min_valid_for)?;
+        let key = self.admit(audit)?;
+        let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many open WatchIdToken streams (limits.max_streams = {})",
+                self.limits.max_streams
+            ))
+        })?;
+        let (first, receiver) = tokio::time::timeout(wait, self.cache.watch(&key, min_valid))
+            .await
+            .map_err(|_| deadline_exceeded(audit.identity, wait))?
+            .map_err(to_status)?;
+        audit.outcome = Some(first.outcome);
+        let first = to_proto(&first.token, key.identity(), key.audience());
+        // Each refreshed token for this key, for as long as the client
+        // listens; the stream owns the receiver (keeping the key from idle
+        // eviction) and its place under max_streams, both released when the
+        // client goes away.
+        let rest =
+            tokio_stream::wrappers::WatchStream::from_changes(receiver).filter_map(move |token| {
+                let _held = &slot;
+                token.map(|t| Ok(to_proto(&t, key.identity(), key.audience())))
+            });
+        Ok((first, rest))
+    }
+}
+
+fn identity_of(requested: &str) -> &str {
+    if requested.is_empty() {
+        DEFAULT_IDENTITY
+    } else {
+        requested
     }
 }
 
@@ -235,10 +329,22 @@ fn token_state(state: EntryState) -> proto::TokenState {
     }
 }
 
-/// Client input echoed into logs is cut short; `{:?}` escapes the rest.
+/// Client input echoed into logs: cut to 256 characters, with whitespace
+/// and control characters escaped so no audience can forge a log line.
 fn loggable(audience: &str) -> String {
-    let cut: String = audience.chars().take(256).collect();
-    format!("{cut:?}")
+    audience
+        .chars()
+        .take(256)
+        .flat_map(|c| {
+            let escape = c.is_control() || c.is_whitespace();
+            let (plain, escaped) = if escape {
+                (None, Some(c.escape_default()))
+            } else {
+                (Some(c), None)
+            };
+            plain.into_iter().chain(escaped.into_iter().flatten())
+        })
+        .collect()
 }
 
 /// The client's deadline from the `grpc-timeout` header ("100m", "5S", ...).

@@ -3,6 +3,9 @@
 //! to stop, then drain and remove the socket.
 
 pub mod grpc;
+pub mod metadata_endpoint;
+pub mod peer;
+mod rate_limit;
 pub mod socket;
 pub mod systemd;
 
@@ -14,18 +17,16 @@ use std::{
     time::Duration,
 };
 
-use tokio_stream::wrappers::UnixListenerStream;
-
 use crate::{
     cache::{CacheKey, TokenCache},
     clock::Clock,
+    config::LimitSettings,
     config::{ConfigError, IdentitySettings, Problem, Settings},
+    policy::Policy,
     proto::token_broker_server::TokenBrokerServer,
     source::{build_source, IdTokenSource},
 };
 
-/// Request messages larger than this are refused before decoding.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// How long in-flight calls may take to finish after a stop signal.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -36,6 +37,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// Settings checked and turned into live parts, ready to serve.
 pub struct Prepared {
     pub settings: Settings,
+    pub policy: Arc<Policy>,
+    /// The socket's group, resolved.
+    pub socket_group: Option<u32>,
     pub identities: Vec<(IdentitySettings, Arc<dyn IdTokenSource>)>,
     pub socket_path: PathBuf,
     pub socket_mode: u32,
@@ -51,6 +55,15 @@ impl Prepared {
         clock: Clock,
     ) -> Result<Self, ConfigError> {
         settings.validate()?;
+        // validate() compiled both once already; these cannot fail now.
+        let policy = Arc::new(Policy::compile(&settings.policy).map_err(ConfigError::Invalid)?);
+        let socket_group =
+            match &settings.server.socket_group {
+                Some(group) => Some(crate::config::resolve_group(group).map_err(|m| {
+                    ConfigError::Invalid(vec![Problem::new("server.socket_group", m)])
+                })?),
+                None => None,
+            };
         let mut problems: Vec<Problem> = Vec::new();
         let mut identities = Vec::new();
         for (index, identity) in settings.effective_identities(env).into_iter().enumerate() {
@@ -85,6 +98,8 @@ impl Prepared {
             return Err(ConfigError::Invalid(problems));
         }
         Ok(Self {
+            policy,
+            socket_group,
             socket_path: settings.socket_path(env),
             socket_mode: settings.socket_mode(),
             settings,
@@ -158,6 +173,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    MetadataEndpoint(#[from] metadata_endpoint::BindError),
 }
 
 /// A bound, ready daemon. Dropping it without [`Server::run`] removes the socket.
@@ -167,6 +184,10 @@ pub struct Server {
     cache: TokenCache,
     prefetch: Vec<CacheKey>,
     ready_after_prefetch: bool,
+    /// The bound `[metadata_endpoint]`, when configured.
+    metadata_endpoint: Option<metadata_endpoint::MetadataEndpoint>,
+    policy: Arc<Policy>,
+    limits: LimitSettings,
 }
 
 impl Server {
@@ -180,13 +201,33 @@ impl Server {
             prepared.settings.refresh.clone(),
             prepared.clock.clone(),
         );
-        let (listener, socket) = socket::bind(&prepared.socket_path, prepared.socket_mode)?;
+        let (listener, socket) = socket::bind(
+            &prepared.socket_path,
+            prepared.socket_mode,
+            prepared.socket_group,
+        )?;
+        // Bound now, so a busy port fails startup rather than the first client.
+        let metadata_endpoint = prepared
+            .settings
+            .metadata_endpoint
+            .as_ref()
+            .map(|settings| metadata_endpoint::MetadataEndpoint::bind(settings, cache.clone()))
+            .transpose()?;
+        if prepared.policy.is_open() {
+            tracing::warn!(
+                socket = %prepared.socket_path.display(),
+                "no [[policy]] configured: any process that can open the socket may get any token"
+            );
+        }
         Ok(Self {
             listener,
             socket,
             cache,
             prefetch: prepared.prefetch_keys(),
             ready_after_prefetch: prepared.settings.server.ready_after_prefetch,
+            metadata_endpoint,
+            policy: prepared.policy.clone(),
+            limits: prepared.settings.limits.clone(),
         })
     }
 
@@ -196,6 +237,13 @@ impl Server {
 
     pub fn cache(&self) -> &TokenCache {
         &self.cache
+    }
+
+    /// Where the metadata-compatible endpoint listens, when configured.
+    pub fn metadata_endpoint_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metadata_endpoint
+            .as_ref()
+            .map(metadata_endpoint::MetadataEndpoint::local_addr)
     }
 
     /// Serves until `shutdown` completes, then lets in-flight calls finish
@@ -210,6 +258,9 @@ impl Server {
             cache,
             prefetch,
             ready_after_prefetch,
+            metadata_endpoint,
+            policy,
+            limits,
         } = self;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let readiness = health_reporter.clone();
@@ -258,20 +309,26 @@ impl Server {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let broker = TokenBrokerServer::new(grpc::BrokerService::new(cache))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let max_connections = limits.max_connections;
+        let broker =
+            TokenBrokerServer::new(grpc::BrokerService::new(cache, policy, limits.clone()))
+                .max_decoding_message_size(limits.max_request_bytes);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(
             tonic::transport::Server::builder()
+                // Bounds each connection's concurrent calls (HTTP/2 streams).
+                .max_concurrent_streams(128)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(broker)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(peer::incoming(listener, max_connections), async {
                     let _ = stop_rx.await;
                 }),
         );
+        let mut metadata_endpoint =
+            metadata_endpoint.map(metadata_endpoint::MetadataEndpoint::spawn);
         tracing::info!(socket = %socket.path().display(), "serving");
         systemd::notify("READY=1");
         tokio::pin!(serving);
@@ -283,6 +340,9 @@ impl Server {
                 health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 health_reporter.set_not_serving::<TokenBrokerServer<grpc::BrokerService>>().await;
                 let _ = stop_tx.send(());
+                if let Some(endpoint) = metadata_endpoint.as_mut() {
+                    endpoint.stop();
+                }
                 match tokio::time::timeout(DRAIN_TIMEOUT, &mut serving).await {
                     Ok(result) => result,
                     Err(_) => {
@@ -293,6 +353,9 @@ impl Server {
                 }
             }
         };
+        if let Some(endpoint) = metadata_endpoint {
+            endpoint.finish().await;
+        }
         drop(socket);
         tracing::info!("stopped");
         match result {

@@ -20,6 +20,8 @@ pub enum SocketError {
     InUse(PathBuf),
     #[error("socket {}: the path exists and is not a socket; remove it or choose another server.socket_path", .0.display())]
     NotASocket(PathBuf),
+    #[error("socket {}: {why}", path.display())]
+    Unsafe { why: String, path: PathBuf },
     #[error("socket {}: {what}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -51,8 +53,13 @@ impl Drop for SocketFile {
     }
 }
 
-/// Binds `path` with permission bits `mode`. Must run inside a tokio runtime.
-pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), SocketError> {
+/// Binds `path` with permission bits `mode` and, if given, group `group`.
+/// Must run inside a tokio runtime.
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> Result<(UnixListener, SocketFile), SocketError> {
     let io_err = |what: &'static str| {
         let path = path.to_path_buf();
         move |source| SocketError::Io { path, what, source }
@@ -66,7 +73,14 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), Socket
                 .map_err(io_err("cannot create its directory"))?;
         }
     }
+    check_directory(path)?;
     match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => return Err(SocketError::Unsafe {
+            why:
+                "the path is a symlink; refusing to follow it (another user could have planted it)"
+                    .into(),
+            path: path.to_path_buf(),
+        }),
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(_) => return Err(SocketError::InUse(path.to_path_buf())),
@@ -94,6 +108,11 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), Socket
     let listener = UnixListener::bind(&staging).map_err(io_err("cannot bind"))?;
     let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
         .map_err(io_err("cannot set socket_mode"))
+        .and_then(|()| match group {
+            Some(gid) => std::os::unix::fs::lchown(&staging, None, Some(gid))
+                .map_err(io_err("cannot set socket_group")),
+            None => Ok(()),
+        })
         .and_then(|()| {
             std::fs::rename(&staging, path).map_err(io_err("cannot move the socket into place"))
         })
@@ -115,6 +134,55 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), Socket
     }
 }
 
+/// The socket's directory must not let another user replace the socket:
+/// not a symlink owned by someone else, owned by root or this user, and not
+/// writable by others unless sticky (like /tmp).
+fn check_directory(path: &Path) -> Result<(), SocketError> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    let unsafe_dir = |why: String| SocketError::Unsafe {
+        why,
+        path: path.to_path_buf(),
+    };
+    let link = std::fs::symlink_metadata(&dir).map_err(|source| SocketError::Io {
+        path: path.to_path_buf(),
+        what: "cannot inspect its directory",
+        source,
+    })?;
+    if link.file_type().is_symlink() && !trusted(link.uid()) {
+        return Err(unsafe_dir(format!(
+            "its directory {} is a symlink owned by uid {}; refusing to follow it",
+            dir.display(),
+            link.uid()
+        )));
+    }
+    let meta = std::fs::metadata(&dir).map_err(|source| SocketError::Io {
+        path: path.to_path_buf(),
+        what: "cannot inspect its directory",
+        source,
+    })?;
+    let mode = meta.permissions().mode();
+    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(format!(
+            "its directory {} is writable by others and not sticky (mode {:04o}); another user could replace the socket",
+            dir.display(),
+            mode & 0o7777
+        )));
+    }
+    if !trusted(meta.uid()) {
+        return Err(unsafe_dir(format!(
+            "its directory {} is owned by uid {}, not by this user or root",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,7 +191,7 @@ mod tests {
     async fn binds_with_mode_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/broker.sock");
-        let (listener, file) = bind(&path, 0o600).unwrap();
+        let (listener, file) = bind(&path, 0o600, None).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         assert_eq!(
@@ -135,7 +203,10 @@ mod tests {
             0o750
         );
         // A live socket is refused.
-        assert!(matches!(bind(&path, 0o600), Err(SocketError::InUse(_))));
+        assert!(matches!(
+            bind(&path, 0o600, None),
+            Err(SocketError::InUse(_))
+        ));
         drop(listener);
         drop(file);
         assert!(!path.exists());
@@ -147,11 +218,11 @@ mod tests {
         let path = dir.path().join("broker.sock");
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let (_listener, _file) = bind(&path, 0o660).unwrap();
+        let (_listener, _file) = bind(&path, 0o660, None).unwrap();
         let other = dir.path().join("plain");
         std::fs::write(&other, b"x").unwrap();
         assert!(matches!(
-            bind(&other, 0o660),
+            bind(&other, 0o660, None),
             Err(SocketError::NotASocket(_))
         ));
     }

@@ -56,6 +56,18 @@ impl ServiceAccountKey {
             path: path.to_path_buf(),
             problem,
         };
+        // Kubernetes mounts Secrets through root-owned symlinks, so links
+        // are followed, but only those owned by root or this user.
+        let me = nix::unistd::geteuid().as_raw();
+        let trusted = |uid: u32| uid == 0 || uid == me;
+        if let Ok(link) = std::fs::symlink_metadata(path) {
+            if link.file_type().is_symlink() && !trusted(link.uid()) {
+                return Err(fail(format!(
+                    "is a symlink owned by uid {}; refusing to follow it",
+                    link.uid()
+                )));
+            }
+        }
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(nix::libc::O_NONBLOCK)
@@ -66,6 +78,12 @@ impl ServiceAccountKey {
             .map_err(|e| fail(format!("cannot be read: {}", io_reason(&e))))?;
         if !meta.is_file() {
             return Err(fail("is not a regular file".into()));
+        }
+        if !trusted(meta.uid()) {
+            return Err(fail(format!(
+                "is owned by uid {}, not by the broker's user ({me}) or root",
+                meta.uid()
+            )));
         }
         if meta.len() > MAX_KEY_FILE_BYTES {
             return Err(fail(format!(

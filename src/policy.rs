@@ -1,0 +1,413 @@
+//! Who may ask for which identity and audience: the second gate after the
+//! socket's permissions (DESIGN.md, security model).
+//!
+//! Rules match a peer by the uid or primary gid the kernel recorded when it
+//! connected (SO_PEERCRED). Decisions use those alone: they are captured by
+//! the kernel at `connect()` and cannot be swapped afterwards, unlike a pid,
+//! which can be reused by another process once the client exits (the race
+//! SPIRE's peertracker guards against). The pid and executable are logged
+//! for the operator, never trusted.
+//!
+//! With no rule configured, every peer that can open the socket is allowed
+//! (startup warns). With rules, a request is denied unless one allows it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Problem;
+
+/// A user or group as written in the config: a number or a name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Principal {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Id(id) => write!(f, "{id}"),
+            Principal::Name(name) => write!(f, "{name:?}"),
+        }
+    }
+}
+
+/// One `[[policy]]` table as written.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSettings {
+    /// Users (ids or names) this rule applies to.
+    #[serde(default)]
+    pub uids: Vec<Principal>,
+    /// Groups (ids or names); matched against the peer's primary gid.
+    #[serde(default)]
+    pub gids: Vec<Principal>,
+    /// Identities granted; `"*"` grants all.
+    pub identities: Vec<String>,
+    /// Audiences granted: exact strings, or patterns where `*` matches
+    /// within one DNS label (`https://*.a.run.app`); `"*"` alone grants any.
+    pub audiences: Vec<String>,
+}
+
+/// The caller, as the kernel reported it at connect time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What the policy decided, and by which rule (for the audit line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// No policy configured: open to anyone who can open the socket.
+    AllowedOpen,
+    /// Allowed by the rule at this index of `[[policy]]`.
+    AllowedBy(usize),
+    Denied,
+}
+
+impl Decision {
+    pub fn allowed(self) -> bool {
+        !matches!(self, Decision::Denied)
+    }
+
+    /// `"open"`, `"policy[N]"` or `"none"`, for logs.
+    pub fn rule(self) -> String {
+        match self {
+            Decision::AllowedOpen => "open".into(),
+            Decision::AllowedBy(i) => format!("policy[{i}]"),
+            Decision::Denied => "none".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+    identities: Vec<String>,
+    audiences: Vec<AudiencePattern>,
+}
+
+/// The compiled policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Compiles `[[policy]]`, resolving user and group names now; every
+    /// problem is reported with its key.
+    pub fn compile(rules: &[RuleSettings]) -> Result<Policy, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut compiled = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            let key = |field: &str| format!("policy[{i}].{field}");
+            let uids = resolve(&rule.uids, &key("uids"), &mut problems, |name| {
+                nix::unistd::User::from_name(name)
+                    .ok()
+                    .flatten()
+                    .map(|u| u.uid.as_raw())
+            });
+            let gids = resolve(&rule.gids, &key("gids"), &mut problems, |name| {
+                nix::unistd::Group::from_name(name)
+                    .ok()
+                    .flatten()
+                    .map(|g| g.gid.as_raw())
+            });
+            if rule.uids.is_empty() && rule.gids.is_empty() {
+                problems.push(Problem::new(
+                    key("uids"),
+                    "a rule must name at least one uid or gid",
+                ));
+            }
+            if rule.identities.is_empty() {
+                problems.push(Problem::new(
+                    key("identities"),
+                    "must list at least one identity (or \"*\")",
+                ));
+            }
+            if rule.audiences.is_empty() {
+                problems.push(Problem::new(
+                    key("audiences"),
+                    "must list at least one audience (or \"*\")",
+                ));
+            }
+            let mut audiences = Vec::new();
+            for (j, text) in rule.audiences.iter().enumerate() {
+                match AudiencePattern::parse(text) {
+                    Ok(p) => audiences.push(p),
+                    Err(message) => {
+                        problems.push(Problem::new(format!("policy[{i}].audiences[{j}]"), message))
+                    }
+                }
+            }
+            compiled.push(Rule {
+                uids,
+                gids,
+                identities: rule.identities.clone(),
+                audiences,
+            });
+        }
+        if problems.is_empty() {
+            Ok(Policy { rules: compiled })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether no rule is configured (anyone who can open the socket may ask).
+    pub fn is_open(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// May `caller` have a token for (`identity`, `audience`)?
+    pub fn decide(&self, caller: Option<Caller>, identity: &str, audience: &str) -> Decision {
+        if self.rules.is_empty() {
+            return Decision::AllowedOpen;
+        }
+        // Peer credentials are always present on a Unix socket; without
+        // them (never expected) a configured policy denies.
+        let Some(caller) = caller else {
+            return Decision::Denied;
+        };
+        self.rules
+            .iter()
+            .position(|rule| {
+                (rule.uids.contains(&caller.uid) || rule.gids.contains(&caller.gid))
+                    && rule.identities.iter().any(|i| i == "*" || i == identity)
+                    && rule.audiences.iter().any(|p| p.matches(audience))
+            })
+            .map_or(Decision::Denied, Decision::AllowedBy)
+    }
+}
+
+fn resolve(
+    principals: &[Principal],
+    key: &str,
+    problems: &mut Vec<Problem>,
+    lookup: impl Fn(&str) -> Option<u32>,
+) -> Vec<u32> {
+    principals
+        .iter()
+        .enumerate()
+        .filter_map(|(j, p)| match p {
+            Principal::Id(id) => Some(*id),
+            Principal::Name(name) => match name.parse::<u32>().ok().or_else(|| lookup(name)) {
+                Some(id) => Some(id),
+                None => {
+                    problems.push(Problem::new(
+                        format!("{key}[{j}]"),
+                        format!("no such user or group {name:?} on this system"),
+                    ));
+                    None
+                }
+            },
+        })
+        .collect()
+}
+
+/// An audience grant: an exact string, `*` for any audience, or a pattern
+/// in which each `*` matches one or more characters within a single DNS
+/// label (no `.`, `/`, `:`, `@`, `?`, `#`), so `https://*.a.run.app` grants
+/// every Cloud Run service URL in that form and nothing under another domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AudiencePattern {
+    Any,
+    Exact(String),
+    Wildcard(Vec<String>),
+}
+
+/// Characters a `*` never matches: label and URL structure.
+fn is_separator(c: char) -> bool {
+    matches!(c, '.' | '/' | ':' | '@' | '?' | '#')
+}
+
+impl AudiencePattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "*" {
+            return Ok(AudiencePattern::Any);
+        }
+        if text.is_empty() {
+            return Err("an audience pattern must not be empty".into());
+        }
+        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{text:?} contains whitespace or a control character"
+            ));
+        }
+        if text.len() > crate::config::MAX_AUDIENCE_LEN {
+            return Err("longer than 2048 bytes".into());
+        }
+        if !text.contains('*') {
+            return Ok(AudiencePattern::Exact(text.to_owned()));
+        }
+        if text.contains("**") {
+            return Err(format!(
+                "{text:?}: `**` is not supported; `*` matches within one DNS label"
+            ));
+        }
+        Ok(AudiencePattern::Wildcard(
+            text.split('*').map(str::to_owned).collect(),
+        ))
+    }
+
+    pub fn matches(&self, audience: &str) -> bool {
+        match self {
+            AudiencePattern::Any => true,
+            AudiencePattern::Exact(exact) => exact == audience,
+            AudiencePattern::Wildcard(parts) => match_parts(parts, audience),
+        }
+    }
+}
+
+/// `parts` are the literal pieces between `*`s. Each `*` consumes one or
+/// more non-separator characters. Backtracking is bounded: each `*` tries
+/// at most one label's worth of lengths.
+fn match_parts(parts: &[String], text: &str) -> bool {
+    let Some((first, rest)) = parts.split_first() else {
+        return text.is_empty();
+    };
+    let Some(remaining) = text.strip_prefix(first.as_str()) else {
+        return false;
+    };
+    if rest.is_empty() {
+        return remaining.is_empty();
+    }
+    // A `*` follows: try every non-empty run of label characters.
+    let label_end = remaining.find(is_separator).unwrap_or(remaining.len());
+    remaining[..label_end]
+        .char_indices()
+        .map(|(i, c)| i + c.len_utf8())
+        .any(|end| match_parts(rest, &remaining[end..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(text: &str) -> AudiencePattern {
+        AudiencePattern::parse(text).unwrap()
+    }
+
+    #[test]
+    fn wildcards_stay_within_one_label() {
+        let p = pattern("https://*.a.run.app");
+        assert!(p.matches("https://svc-abc-uc.a.run.app"));
+        assert!(!p.matches("https://.a.run.app"));
+        assert!(!p.matches("https://x.y.a.run.app"));
+        assert!(!p.matches("https://evil.com/.a.run.app"));
+        assert!(!p.matches("https://svc.a.run.app.evil.com"));
+        assert!(!p.matches("https://svc.a.run.app/"));
+        let p = pattern("https://api-*-uc.example.com/*");
+        assert!(p.matches("https://api-7-uc.example.com/v1"));
+        assert!(!p.matches("https://api-7-uc.example.com/v1/x"));
+        assert!(pattern("*").matches("anything at all"));
+        assert!(pattern("https://exact").matches("https://exact"));
+        assert!(!pattern("https://exact").matches("https://exact2"));
+        assert!(AudiencePattern::parse("https://**.x").is_err());
+        assert!(AudiencePattern::parse("").is_err());
+    }
+
+    fn rules() -> Vec<RuleSettings> {
+        vec![
+            RuleSettings {
+                uids: vec![Principal::Id(1000)],
+                gids: vec![],
+                identities: vec!["default".into()],
+                audiences: vec![
+                    "https://*.a.run.app".into(),
+                    "https://api.example.com".into(),
+                ],
+            },
+            RuleSettings {
+                uids: vec![],
+                gids: vec![Principal::Name("2000".into())],
+                identities: vec!["*".into()],
+                audiences: vec!["https://shared.example.com".into()],
+            },
+        ]
+    }
+
+    #[test]
+    fn decisions() {
+        let policy = Policy::compile(&rules()).unwrap();
+        let alice = Some(Caller {
+            uid: 1000,
+            gid: 1000,
+        });
+        let team = Some(Caller {
+            uid: 1500,
+            gid: 2000,
+        });
+        assert_eq!(
+            policy.decide(alice, "default", "https://svc.a.run.app"),
+            Decision::AllowedBy(0)
+        );
+        assert_eq!(
+            policy.decide(alice, "default", "https://other.example.com"),
+            Decision::Denied
+        );
+        assert_eq!(
+            policy.decide(alice, "deployer", "https://api.example.com"),
+            Decision::Denied
+        );
+        assert_eq!(
+            policy.decide(team, "deployer", "https://shared.example.com"),
+            Decision::AllowedBy(1)
+        );
+        assert_eq!(
+            policy.decide(team, "default", "https://svc.a.run.app"),
+            Decision::Denied
+        );
+        assert_eq!(
+            policy.decide(None, "default", "https://svc.a.run.app"),
+            Decision::Denied
+        );
+        assert_eq!(
+            Policy::default().decide(None, "x", "y"),
+            Decision::AllowedOpen
+        );
+    }
+
+    #[test]
+    fn names_resolve_and_unknown_names_are_config_errors() {
+        let mut r = rules();
+        r[0].uids = vec![Principal::Name("root".into())];
+        r[1].gids = vec![Principal::Name("no-such-group-xyz".into())];
+        let problems = Policy::compile(&r).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "policy[1].gids[0]");
+        r[1].gids = vec![Principal::Name("root".into())];
+        let policy = Policy::compile(&r).unwrap();
+        assert!(policy
+            .decide(
+                Some(Caller { uid: 0, gid: 5 }),
+                "default",
+                "https://a.a.run.app"
+            )
+            .allowed());
+    }
+
+    #[test]
+    fn rules_must_name_someone_something() {
+        let problems = Policy::compile(&[RuleSettings {
+            uids: vec![],
+            gids: vec![],
+            identities: vec![],
+            audiences: vec![],
+        }])
+        .unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "policy[0].uids",
+                "policy[0].identities",
+                "policy[0].audiences"
+            ]
+        );
+    }
+}

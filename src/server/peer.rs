@@ -1,0 +1,162 @@
+//! Peer credentials, read once per connection at accept time.
+//!
+//! The kernel records the client's uid, gid and pid when it connects
+//! (SO_PEERCRED). Policy decisions use the uid and gid only; the pid and the
+//! executable path read from `/proc/<pid>/exe` are for the audit log, never
+//! trusted, since a pid can be reused once the client exits.
+
+use std::{
+    io,
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::UnixStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_stream::{wrappers::UnixListenerStream, Stream, StreamExt};
+
+use crate::policy::Caller;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerCredentials {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub pid: Option<i32>,
+    /// For logs only.
+    pub exe: Option<Arc<str>>,
+}
+
+impl PeerCredentials {
+    fn of(stream: &UnixStream) -> Self {
+        match stream.peer_cred() {
+            Ok(cred) => {
+                let exe = cred.pid().and_then(|pid| {
+                    std::fs::read_link(PathBuf::from(format!("/proc/{pid}/exe")))
+                        .ok()
+                        .map(|p| Arc::from(p.to_string_lossy().as_ref()))
+                });
+                PeerCredentials {
+                    uid: Some(cred.uid()),
+                    gid: Some(cred.gid()),
+                    pid: cred.pid(),
+                    exe,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the peer's credentials");
+                PeerCredentials::default()
+            }
+        }
+    }
+
+    /// The identity policy decisions are made on.
+    pub fn caller(&self) -> Option<Caller> {
+        Some(Caller {
+            uid: self.uid?,
+            gid: self.gid?,
+        })
+    }
+
+    /// The credentials tonic attached to a request.
+    pub fn of_request<T>(request: &tonic::Request<T>) -> PeerCredentials {
+        request
+            .extensions()
+            .get::<PeerCredentials>()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// An accepted connection with its credentials and its place under
+/// `max_connections` (released when the connection closes).
+pub struct PeerStream {
+    stream: UnixStream,
+    credentials: PeerCredentials,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = PeerCredentials;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.credentials.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepted connections with their credentials. Beyond `max_connections`,
+/// a new connection is closed at once (and logged) rather than queued, so a
+/// client gets a prompt error instead of a hang.
+pub fn incoming(
+    listener: tokio::net::UnixListener,
+    max_connections: usize,
+) -> impl Stream<Item = io::Result<PeerStream>> {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    UnixListenerStream::new(listener).filter_map(move |accepted| match accepted {
+        Err(e) => Some(Err(e)),
+        Ok(stream) => {
+            let credentials = PeerCredentials::of(&stream);
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(Ok(PeerStream {
+                    stream,
+                    credentials,
+                    _slot: slot,
+                })),
+                Err(_) => {
+                    tracing::warn!(
+                        peer_uid = credentials.uid,
+                        peer_pid = credentials.pid,
+                        max_connections,
+                        "connection refused: limits.max_connections reached"
+                    );
+                    None
+                }
+            }
+        }
+    })
+}
