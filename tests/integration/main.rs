@@ -2,9 +2,13 @@
 
 mod support;
 
+mod access_control;
 mod cache_engine;
 mod cli;
+mod clients;
 mod key_files;
+mod metadata_endpoint;
 mod metadata_source;
+mod properties;
 mod server;
 mod service_account;
