@@ -1,0 +1,170 @@
+"""Consistency checks for deploy/ that schema validation cannot see.
+
+Run by .ci/validate-deploy with the CI venv's Python (PyYAML comes with
+kubernetes-validate). Usage: deploy_checks.py REPO_ROOT OUT_DIR
+Writes OUT_DIR/k8s-config.toml (the ConfigMap's config, for check-config)
+and OUT_DIR/socket-path. Prints one line per problem and exits 1 if any.
+"""
+
+import pathlib
+import re
+import sys
+import tomllib
+
+import yaml
+
+root = pathlib.Path(sys.argv[1])
+out = pathlib.Path(sys.argv[2])
+k8s = root / "deploy/kubernetes"
+problems = []
+
+
+def check(ok, message):
+    if not ok:
+        problems.append(message)
+    return ok
+
+
+def load(name):
+    docs = [d for d in yaml.safe_load_all((k8s / name).read_text()) if d]
+    if len(docs) != 1:
+        raise SystemExit(f"{name}: expected one document, found {len(docs)}")
+    return docs[0]
+
+
+# Quantities as Kubernetes parses them (the schema accepts any string).
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+
+# kustomization: every manifest is either applied or a documented template.
+TEMPLATES = {"secret-example.yaml", "client-example.yaml"}
+kust = load("kustomization.yaml")
+resources = kust.get("resources", [])
+for r in resources:
+    check((k8s / r).is_file(), f"kustomization.yaml: resource {r} does not exist")
+for f in sorted(p.name for p in k8s.glob("*.yaml")):
+    if f != "kustomization.yaml":
+        check(
+            f in resources or f in TEMPLATES,
+            f"{f} is neither in kustomization.yaml resources nor a known template",
+        )
+for t in TEMPLATES:
+    check(t not in resources, f"kustomization.yaml must not apply the template {t}")
+
+# The ConfigMap's config.toml.
+cm = load("configmap.yaml")
+config_text = cm["data"]["config.toml"]
+config = tomllib.loads(config_text)
+socket_path = config.get("server", {}).get("socket_path")
+check(socket_path, "configmap.yaml: config.toml must set server.socket_path")
+socket_path = socket_path or "/run/token-broker/broker.sock"
+socket_dir = str(pathlib.PurePosixPath(socket_path).parent)
+(out / "k8s-config.toml").write_text(config_text)
+(out / "socket-path").write_text(socket_path)
+
+# The DaemonSet.
+ds = load("daemonset.yaml")
+pod = ds["spec"]["template"]["spec"]
+check(pod.get("hostNetwork") is False, "daemonset: hostNetwork must be false")
+check(pod.get("terminationGracePeriodSeconds", 30) >= 15,
+      "daemonset: terminationGracePeriodSeconds must cover the 10 s drain (>= 15)")
+check("maxSurge" not in ds["spec"].get("updateStrategy", {}).get("rollingUpdate", {}),
+      "daemonset: maxSurge would start two brokers on one socket path")
+psc = pod.get("securityContext", {})
+uid, gid = psc.get("runAsUser"), psc.get("runAsGroup")
+check(isinstance(uid, int) and uid > 0, "daemonset: pod runAsUser must be a non-root uid")
+check(isinstance(gid, int) and gid > 0, "daemonset: pod runAsGroup must be a non-root gid")
+check("fsGroup" not in psc, "daemonset: fsGroup would make the key file group-readable")
+check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+      "daemonset: seccompProfile must be RuntimeDefault")
+
+volumes = {v["name"]: v for v in pod["volumes"]}
+host_dirs = {n: v["hostPath"]["path"] for n, v in volumes.items() if "hostPath" in v}
+check(list(host_dirs.values()) == [socket_dir],
+      f"daemonset: the only hostPath must be the socket directory {socket_dir}, got {host_dirs}")
+for n, v in volumes.items():
+    if "hostPath" in v:
+        check(v["hostPath"].get("type") == "DirectoryOrCreate",
+              "daemonset: the socket hostPath must be type DirectoryOrCreate")
+    if "secret" in v:
+        check(v["secret"].get("optional") is True, f"daemonset: secret volume {n} must be optional")
+        check(v["secret"].get("defaultMode") == 0o400, f"daemonset: secret volume {n} must be 0400")
+
+containers = pod["containers"]
+init = pod.get("initContainers", [])
+main = next((c for c in containers if c["name"] == "token-broker"), None)
+if check(main is not None, "daemonset: no container named token-broker"):
+    csc = main.get("securityContext", {})
+    check(csc.get("runAsNonRoot") is True, "daemonset: token-broker must set runAsNonRoot")
+    check(csc.get("readOnlyRootFilesystem") is True, "daemonset: readOnlyRootFilesystem")
+    check(csc.get("allowPrivilegeEscalation") is False, "daemonset: allowPrivilegeEscalation")
+    check(csc.get("capabilities", {}).get("drop") == ["ALL"], "daemonset: capabilities drop ALL")
+    check(not csc.get("capabilities", {}).get("add"), "daemonset: token-broker adds no capability")
+    check("runAsUser" not in csc or csc["runAsUser"] == uid, "daemonset: container runAsUser differs")
+    probe_cmd = ["token-broker", "health", "--socket", socket_path]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        cmd = main.get(probe, {}).get("exec", {}).get("command")
+        check(cmd == probe_cmd, f"daemonset: {probe} must exec {' '.join(probe_cmd)}, got {cmd}")
+    mounts = {m["name"]: m["mountPath"] for m in main.get("volumeMounts", [])}
+    socket_mounts = [n for n in mounts if n in host_dirs]
+    check(socket_mounts and mounts[socket_mounts[0]] == socket_dir,
+          f"daemonset: the socket directory must be mounted at {socket_dir}")
+    check(any(p == "/etc/token-broker" for p in mounts.values()),
+          "daemonset: the ConfigMap must be mounted at /etc/token-broker")
+    check(main.get("args", [])[:3] == ["serve", "--config", "/etc/token-broker/config.toml"],
+          "daemonset: args must be serve --config /etc/token-broker/config.toml")
+    image = main["image"].rsplit(":", 1)[0]
+    check(any(i.get("name") == image for i in kust.get("images", [])),
+          f"kustomization.yaml: images must rewrite the DaemonSet's image {image}")
+for c in containers + init:
+    res = c.get("resources", {})
+    for kind in ("requests", "limits"):
+        check(res.get(kind, {}).keys() >= {"cpu", "memory"},
+              f"daemonset: {c['name']} needs {kind} for cpu and memory")
+        for k, q in res.get(kind, {}).items():
+            check(QUANTITY.match(str(q)), f"daemonset: {c['name']} {kind}.{k} = {q!r} is not a quantity")
+for c in init:
+    script = " ".join(c.get("command", []) + c.get("args", []))
+    check(f"chown {uid}:{gid} {socket_dir}" in script,
+          f"daemonset: init container {c['name']} must chown {socket_dir} to {uid}:{gid}")
+    check(c["securityContext"].get("capabilities", {}).get("add") == ["CHOWN"],
+          f"daemonset: init container {c['name']} may add CHOWN only")
+
+# The client example.
+client = load("client-example.yaml")
+cpod = client["spec"]["template"]["spec"]
+check(gid in cpod.get("securityContext", {}).get("supplementalGroups", []),
+      f"client-example: supplementalGroups must contain the broker's gid {gid}")
+chost = {v["name"]: v["hostPath"]["path"] for v in cpod["volumes"] if "hostPath" in v}
+check(list(chost.values()) == [socket_dir], f"client-example: must mount hostPath {socket_dir}")
+for c in cpod["containers"]:
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    check(env.get("TOKEN_BROKER_SOCKET") == socket_path,
+          f"client-example: {c['name']} must set TOKEN_BROKER_SOCKET={socket_path}")
+    for m in c.get("volumeMounts", []):
+        if m["name"] in chost:
+            check(m.get("readOnly") is True and m["mountPath"] == socket_dir,
+                  f"client-example: mount {socket_dir} read-only at the same path")
+
+# The Secret template holds placeholder text only.
+secret = load("secret-example.yaml")
+for k, v in {**secret.get("stringData", {}), **secret.get("data", {})}.items():
+    check(str(v).startswith("REPLACE-ME"), f"secret-example: {k} must be placeholder text")
+
+# The Dockerfile.
+docker = (root / "deploy/docker/Dockerfile").read_text()
+froms = re.findall(r"(?m)^FROM\s+(\S+)", docker)
+check(len(froms) >= 2, "Dockerfile: expected a multi-stage build (two FROM lines)")
+check("cargo build --release --locked" in docker, "Dockerfile: build with cargo build --release --locked")
+last_stage = docker[docker.rfind("\nFROM "):]
+users = re.findall(r"(?m)^USER\s+(\S+)", last_stage)
+check(users == [f"{uid}:{gid}"], f"Dockerfile: runtime stage must run as USER {uid}:{gid} (DaemonSet's), got {users}")
+check(re.search(r'(?m)^ENTRYPOINT \["/usr/bin/token-broker"\]', last_stage),
+      "Dockerfile: ENTRYPOINT must be the binary")
+check((root / "deploy/docker/Dockerfile.dockerignore").is_file(),
+      "Dockerfile: deploy/docker/Dockerfile.dockerignore keeps target/ out of the context")
+
+for p in problems:
+    print(f"FAIL {p}")
+if problems:
+    sys.exit(1)
+print(f"deploy consistency: OK (socket {socket_path}, broker uid:gid {uid}:{gid})")
