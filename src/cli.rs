@@ -216,6 +216,19 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // SIGHUP re-reads the same file with the same flags; the demo has no
+    // file of its own to reload.
+    let server = match (&args.config, args.demo) {
+        (Some(path), false) => {
+            let path = path.clone();
+            server.with_reload(Box::new(move || {
+                let env = config::process_env();
+                let settings = Settings::load(Some(&path), &env, &overrides)?;
+                Prepared::new(settings, &env, Clock::system())
+            }))
+        }
+        _ => server,
+    };
     if let Some(demo) = &demo {
         demo.announce(server.socket_path());
     }

@@ -46,6 +46,8 @@ pub struct Settings {
     pub policy: Vec<crate::policy::RuleSettings>,
     /// Bounds on what clients can make the daemon do.
     pub limits: LimitSettings,
+    /// Optional Prometheus `/metrics`, `/healthz` and `/readyz` listener.
+    pub telemetry: Option<TelemetrySettings>,
     /// Logging format and filter.
     pub log: LogSettings,
 }
@@ -146,6 +148,15 @@ impl Default for RefreshSettings {
             upstream_concurrency: 8,
         }
     }
+}
+
+/// Where to serve metrics and HTTP health probes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// e.g. "127.0.0.1:9464". Metrics name identities and counts; they
+    /// carry no secrets, but keep it off public interfaces.
+    pub listen: std::net::SocketAddr,
 }
 
 /// Limits on what clients can make the daemon do. Each has a safe default.

@@ -22,7 +22,7 @@ mod schedule;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -117,6 +117,7 @@ pub enum EntryState {
 }
 
 /// The per-identity upstream: its source and the bound on concurrent calls.
+#[derive(Clone)]
 struct Upstream {
     source: Arc<dyn IdTokenSource>,
     permits: Arc<Semaphore>,
@@ -129,7 +130,8 @@ pub struct TokenCache {
 }
 
 struct Inner {
-    upstreams: HashMap<String, Upstream>,
+    /// Changed in place by a config reload; read briefly, never across `.await`.
+    upstreams: RwLock<HashMap<String, Upstream>>,
     entries: DashMap<CacheKey, Arc<Entry>>,
     settings: RefreshSettings,
     clock: Clock,
@@ -182,7 +184,7 @@ impl TokenCache {
             .collect();
         Self {
             inner: Arc::new(Inner {
-                upstreams,
+                upstreams: RwLock::new(upstreams),
                 entries: DashMap::new(),
                 settings,
                 clock,
@@ -191,20 +193,72 @@ impl TokenCache {
     }
 
     /// The configured identity names.
-    pub fn identities(&self) -> impl Iterator<Item = &str> {
-        self.inner.upstreams.keys().map(String::as_str)
+    pub fn identities(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.upstreams().keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// The source behind an identity.
-    pub fn source(&self, identity: &str) -> Option<&Arc<dyn IdTokenSource>> {
-        self.inner.upstreams.get(identity).map(|u| &u.source)
+    pub fn source(&self, identity: &str) -> Option<Arc<dyn IdTokenSource>> {
+        self.upstreams().get(identity).map(|u| u.source.clone())
+    }
+
+    /// Adds or replaces an identity's source (config reload). Replacing one
+    /// drops its cached tokens: they came from the old credential.
+    pub fn set_identity(&self, name: &str, source: Arc<dyn IdTokenSource>) {
+        let permits = Arc::new(Semaphore::new(
+            self.inner.settings.upstream_concurrency.max(1),
+        ));
+        let replaced = self
+            .inner
+            .upstreams
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), Upstream { source, permits })
+            .is_some();
+        if replaced {
+            self.drop_entries_of(name);
+        }
+    }
+
+    /// Removes an identity and its cached tokens (config reload).
+    pub fn remove_identity(&self, name: &str) {
+        self.inner
+            .upstreams
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.drop_entries_of(name);
+    }
+
+    fn drop_entries_of(&self, identity: &str) {
+        let mut dropped = Vec::new();
+        self.inner.entries.retain(|key, entry| {
+            let keep = key.identity() != identity;
+            if !keep {
+                dropped.push(entry.clone());
+            }
+            keep
+        });
+        for entry in dropped {
+            // Its refresher sees the entry is gone and exits.
+            entry.wake.notify_one();
+        }
+    }
+
+    fn upstreams(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Upstream>> {
+        self.inner
+            .upstreams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// A token for `key` with more than `min_valid` (and [`EXPIRY_MARGIN`])
     /// of life left. Waits on the shared upstream fetch when needed; callers
     /// bound the wait with their own deadline.
     pub async fn get(&self, key: &CacheKey, min_valid: Duration) -> Result<Lookup, CacheError> {
-        if !self.inner.upstreams.contains_key(key.identity()) {
+        if !self.upstreams().contains_key(key.identity()) {
             return Err(CacheError::UnknownIdentity(key.identity().to_owned()));
         }
         let need = min_valid.max(EXPIRY_MARGIN);
@@ -314,7 +368,7 @@ impl TokenCache {
     pub async fn prefetch(&self, keys: Vec<CacheKey>) {
         let mut pending = Vec::new();
         for key in keys {
-            if !self.inner.upstreams.contains_key(key.identity()) {
+            if !self.upstreams().contains_key(key.identity()) {
                 continue;
             }
             let entry = self.entry(&key);
@@ -349,6 +403,21 @@ impl TokenCache {
             let slot = lock(&entry.state);
             slot.generation == 0 && !slot.fetching && slot.last_used.is_none() && !slot.pinned
         });
+    }
+
+    /// The smallest time to expiry among held tokens, if any are held.
+    pub fn min_time_to_expiry(&self) -> Option<Duration> {
+        let now = self.inner.clock.now();
+        self.inner
+            .entries
+            .iter()
+            .filter_map(|item| {
+                lock(&item.value().state)
+                    .token
+                    .as_ref()
+                    .map(|t| t.remaining(now))
+            })
+            .min()
     }
 
     /// Number of entries held.
@@ -479,6 +548,14 @@ impl TokenCache {
                     slot.backoff.succeeded();
                 }
                 Err(err) => {
+                    if slot.token.is_some() {
+                        crate::metrics::get()
+                            .refresh_failures
+                            .get_or_create(&crate::metrics::IdentityLabels {
+                                identity: entry.key.identity().to_owned(),
+                            })
+                            .inc();
+                    }
                     tracing::warn!(
                         identity = entry.key.identity(),
                         audience = entry.key.audience(),
@@ -506,11 +583,43 @@ impl TokenCache {
     }
 
     async fn fetch(&self, key: &CacheKey) -> Result<IdToken, SourceError> {
-        let upstream = &self.inner.upstreams[key.identity()];
+        let Some(upstream) = self.upstreams().get(key.identity()).cloned() else {
+            // Removed by a reload while this fetch was queued.
+            return Err(SourceError::Unavailable {
+                upstream: format!("identity {:?}", key.identity()),
+                attempts: 0,
+                message: "the identity was removed from the configuration".into(),
+            });
+        };
         // The semaphore is never closed, so acquire cannot fail.
         let _permit = upstream.permits.acquire().await;
         let started = Instant::now();
         let result = upstream.source.fetch(key.audience()).await;
+        let metrics = crate::metrics::get();
+        let source = match upstream.source.kind() {
+            crate::config::SourceKind::Metadata => "metadata",
+            crate::config::SourceKind::ServiceAccountKey => "service_account_key",
+        };
+        metrics
+            .upstream_duration
+            .get_or_create(&crate::metrics::SourceLabels {
+                identity: key.identity().to_owned(),
+                source,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        metrics
+            .upstream_requests
+            .get_or_create(&crate::metrics::UpstreamLabels {
+                identity: key.identity().to_owned(),
+                source,
+                outcome: match &result {
+                    Ok(_) => "ok",
+                    Err(SourceError::Rejected { .. }) => "rejected",
+                    Err(SourceError::Unavailable { .. }) => "unavailable",
+                    Err(_) => "invalid_response",
+                },
+            })
+            .inc();
         tracing::debug!(
             identity = key.identity(),
             audience = key.audience(),

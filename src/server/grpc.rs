@@ -6,15 +6,18 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use prost_types::Timestamp;
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::{
+    sync::{watch, Semaphore},
+    time::Instant,
+};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::{peer::PeerCredentials, rate_limit::MissLimiter};
+use super::{live::Live, peer::PeerCredentials};
 use crate::{
     cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
-    config::{LimitSettings, DEFAULT_IDENTITY},
-    policy::{Decision, Policy},
+    config::DEFAULT_IDENTITY,
+    policy::Decision,
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
     token::IdToken,
@@ -27,20 +30,27 @@ const MAX_MIN_VALID: Duration = Duration::from_secs(3600);
 
 pub struct BrokerService {
     cache: TokenCache,
-    policy: Arc<Policy>,
-    misses: MissLimiter,
-    limits: LimitSettings,
+    live: Arc<Live>,
     streams: Arc<Semaphore>,
+    max_streams: usize,
+    /// Becomes true when the daemon begins to stop: open watch streams end
+    /// with UNAVAILABLE so clients reconnect to the next instance.
+    stopping: watch::Receiver<bool>,
 }
 
 impl BrokerService {
-    pub fn new(cache: TokenCache, policy: Arc<Policy>, limits: LimitSettings) -> Self {
+    pub fn new(
+        cache: TokenCache,
+        live: Arc<Live>,
+        max_streams: usize,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             cache,
-            policy,
-            misses: MissLimiter::new(limits.new_audiences_per_minute, limits.new_audience_burst),
-            streams: Arc::new(Semaphore::new(limits.max_streams)),
-            limits,
+            live,
+            streams: Arc::new(Semaphore::new(max_streams)),
+            max_streams,
+            stopping,
         }
     }
 }
@@ -54,12 +64,33 @@ struct Audit<'a> {
     decision: Option<Decision>,
     outcome: Option<CacheOutcome>,
     started: Instant,
+    /// The identity as a metric label: configured names only, so clients
+    /// cannot grow the label set.
+    metric_identity: &'a str,
 }
 
 impl Audit<'_> {
     /// One structured line: who, what, the decision and its rule, the cache
     /// outcome, latency and result. Never token text.
     fn log(&self, result: Result<&proto::IdToken, &Status>) {
+        let metrics = crate::metrics::get();
+        metrics
+            .requests
+            .get_or_create(&crate::metrics::RequestLabels {
+                method: self.method,
+                identity: self.metric_identity.to_owned(),
+                result: result.map_or_else(|s| crate::client::code_name(s.code()), |_| "OK"),
+                cache: self.outcome.map_or("none", CacheOutcome::as_str),
+            })
+            .inc();
+        if self.decision == Some(Decision::Denied) {
+            metrics
+                .policy_denials
+                .get_or_create(&crate::metrics::IdentityLabels {
+                    identity: self.metric_identity.to_owned(),
+                })
+                .inc();
+        }
         let peer = self.peer;
         let decision = self
             .decision
@@ -102,6 +133,7 @@ impl TokenBroker for BrokerService {
             decision: None,
             outcome: None,
             started: Instant::now(),
+            metric_identity: "unknown",
         };
         let result = self.get(&mut audit, req.min_valid_for, wait).await;
         audit.log(result.as_ref());
@@ -126,13 +158,16 @@ impl TokenBroker for BrokerService {
             decision: None,
             outcome: None,
             started: Instant::now(),
+            metric_identity: "unknown",
         };
         let result = self.watch(&mut audit, req.min_valid_for, wait).await;
         audit.log(result.as_ref().map(|(first, _)| first));
         let (first, rest) = result?;
-        Ok(Response::new(Box::pin(
-            tokio_stream::once(Ok(first)).chain(rest),
-        )))
+        let stream = tokio_stream::once(Ok(first)).chain(rest);
+        Ok(Response::new(Box::pin(UntilStopping::new(
+            stream,
+            self.stopping.clone(),
+        ))))
     }
 
     async fn list_tokens(
@@ -141,13 +176,14 @@ impl TokenBroker for BrokerService {
     ) -> Result<Response<proto::ListTokensResponse>, Status> {
         let peer = PeerCredentials::of_request(&request);
         let caller = peer.caller();
+        let policy = self.live.policy();
         // A caller sees only the entries it may read.
         let tokens: Vec<proto::TokenInfo> = self
             .cache
             .list()
             .into_iter()
             .filter(|info| {
-                self.policy
+                policy
                     .decide(caller, info.key.identity(), info.key.audience())
                     .allowed()
             })
@@ -175,11 +211,15 @@ impl TokenBroker for BrokerService {
 
 impl BrokerService {
     /// Validates, checks the policy and the rate limit: the key to look up.
-    fn admit(&self, audit: &mut Audit<'_>) -> Result<CacheKey, Status> {
+    fn admit<'a>(&self, audit: &mut Audit<'a>) -> Result<CacheKey, Status> {
+        if self.cache.source(audit.identity).is_some() {
+            audit.metric_identity = audit.identity;
+        }
         let key = CacheKey::new(audit.identity, audit.audience).map_err(|e| to_status(e.into()))?;
-        let decision = self
-            .policy
-            .decide(audit.peer.caller(), audit.identity, audit.audience);
+        let decision =
+            self.live
+                .policy()
+                .decide(audit.peer.caller(), audit.identity, audit.audience);
         audit.decision = Some(decision);
         if !decision.allowed() {
             // Name the caller and the request, and nothing about the rules.
@@ -202,12 +242,13 @@ impl BrokerService {
         // from its uid's bucket; concurrent askers of that key join it.
         if let Some(uid) = audit.peer.uid {
             if self.cache.reserve(&key) {
-                if let Err(retry_in) = self.misses.check(uid) {
+                let (limits, limiter) = self.live.limits();
+                if let Err(retry_in) = limiter.check(uid) {
                     self.cache.release_unused(&key);
                     return Err(Status::resource_exhausted(format!(
                         "uid {uid} asked for too many new audiences (limit {} per minute, burst {}); retry in {}s",
-                        self.limits.new_audiences_per_minute,
-                        self.limits.new_audience_burst,
+                        limits.new_audiences_per_minute,
+                        limits.new_audience_burst,
                         retry_in.as_secs().max(1)
                     )));
                 }
@@ -249,7 +290,7 @@ impl BrokerService {
         let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "too many open WatchIdToken streams (limits.max_streams = {})",
-                self.limits.max_streams
+                self.max_streams
             ))
         })?;
         let (first, receiver) = tokio::time::timeout(wait, self.cache.watch(&key, min_valid))
@@ -268,6 +309,51 @@ impl BrokerService {
                 token.map(|t| Ok(to_proto(&t, key.identity(), key.audience())))
             });
         Ok((first, rest))
+    }
+}
+
+/// Ends a watch stream with UNAVAILABLE once the daemon starts stopping,
+/// instead of leaving it open until the drain timeout cuts it.
+struct UntilStopping {
+    inner: Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>,
+    stop: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    done: bool,
+}
+
+impl UntilStopping {
+    fn new(
+        inner: impl Stream<Item = Result<proto::IdToken, Status>> + Send + 'static,
+        mut stopping: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            stop: Box::pin(async move {
+                // An error means the server is gone: stop too.
+                let _ = stopping.wait_for(|stopping| *stopping).await;
+            }),
+            done: false,
+        }
+    }
+}
+
+impl Stream for UntilStopping {
+    type Item = Result<proto::IdToken, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.stop.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            return Poll::Ready(Some(Err(Status::unavailable(
+                "token-broker is shutting down; reconnect to watch again",
+            ))));
+        }
+        self.inner.as_mut().poll_next(cx)
     }
 }
 

@@ -112,8 +112,7 @@ impl MetadataEndpoint {
         let addr = listener.local_addr().map_err(listen_error)?;
         let known = cache
             .source(&settings.identity)
-            .and_then(|source| source.account())
-            .map(str::to_owned);
+            .and_then(|source| source.account().map(str::to_owned));
         Ok(Self {
             listener,
             addr,

@@ -3,16 +3,19 @@
 //! to stop, then drain and remove the socket.
 
 pub mod grpc;
+mod live;
 pub mod metadata_endpoint;
 pub mod peer;
 mod rate_limit;
 pub mod socket;
 pub mod systemd;
+pub mod telemetry;
 
 use std::{
     collections::HashMap,
     future::Future,
     path::{Path, PathBuf},
+    sync::atomic::Ordering,
     sync::Arc,
     time::Duration,
 };
@@ -175,6 +178,115 @@ pub enum ServeError {
     Reflection(String),
     #[error(transparent)]
     MetadataEndpoint(#[from] metadata_endpoint::BindError),
+    #[error("telemetry.listen {addr}: {source}")]
+    Telemetry {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn warn_if_open(policy: &Policy, socket: &Path) {
+    if policy.is_open() {
+        tracing::warn!(
+            socket = %socket.display(),
+            "no [[policy]] configured: any process that can open the socket may get any token"
+        );
+    }
+}
+
+/// Applies a new configuration on each SIGHUP; a config that fails to load
+/// or validate is logged and the running one stays in force.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    mut reload: Option<Reload>,
+    mut running: Running,
+    cache: TokenCache,
+    live: Arc<live::Live>,
+) {
+    while hangup.recv().await.is_some() {
+        let Some(reload) = reload.as_mut() else {
+            tracing::warn!("SIGHUP received, but this daemon has no config file to reload");
+            continue;
+        };
+        tracing::info!("SIGHUP received: reloading the configuration");
+        systemd::notify("RELOADING=1");
+        match reload() {
+            Ok(prepared) => apply(&mut running, prepared, &cache, &live),
+            Err(e) => {
+                tracing::error!(error = %e, "reload rejected; the running configuration stays in force")
+            }
+        }
+        systemd::notify("READY=1");
+    }
+}
+
+/// Changes policy, limits, identities and the log filter in place. Tokens of
+/// identities whose source is unchanged stay cached.
+fn apply(running: &mut Running, new: Prepared, cache: &TokenCache, live: &live::Live) {
+    let old = &running.settings;
+    let needs_restart = [
+        ("server", old.server != new.settings.server),
+        ("refresh", old.refresh != new.settings.refresh),
+        (
+            "metadata_endpoint",
+            old.metadata_endpoint != new.settings.metadata_endpoint,
+        ),
+        ("telemetry", old.telemetry != new.settings.telemetry),
+        ("log.format", old.log.format != new.settings.log.format),
+        (
+            "limits.max_connections/max_streams/max_request_bytes",
+            old.limits.max_connections != new.settings.limits.max_connections
+                || old.limits.max_streams != new.settings.limits.max_streams
+                || old.limits.max_request_bytes != new.settings.limits.max_request_bytes,
+        ),
+    ];
+    for (section, changed) in needs_restart {
+        if changed {
+            tracing::warn!(
+                section,
+                "changed in the config; takes effect after a restart"
+            );
+        }
+    }
+    live.set_policy(new.policy.clone());
+    live.set_limits(new.settings.limits.clone());
+    warn_if_open(&new.policy, &new.socket_path);
+    let mut fingerprints = HashMap::new();
+    let (mut kept, mut changed) = (Vec::new(), Vec::new());
+    for (identity, source) in &new.identities {
+        let fingerprint = source.fingerprint();
+        if running.fingerprints.get(&identity.name) == Some(&fingerprint) {
+            kept.push(identity.name.clone());
+        } else {
+            cache.set_identity(&identity.name, source.clone());
+            changed.push(identity.name.clone());
+        }
+        fingerprints.insert(identity.name.clone(), fingerprint);
+    }
+    let removed: Vec<String> = running
+        .fingerprints
+        .keys()
+        .filter(|name| !fingerprints.contains_key(*name))
+        .cloned()
+        .collect();
+    for name in &removed {
+        cache.remove_identity(name);
+    }
+    if let Err(e) = crate::logging::set_filter(&new.settings.log.filter) {
+        tracing::error!(error = %e, "log.filter not applied");
+    }
+    let prefetch = new.prefetch_keys();
+    if !prefetch.is_empty() {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.prefetch(prefetch).await });
+    }
+    tracing::info!(
+        kept = ?kept, added_or_changed = ?changed, removed = ?removed,
+        rules = new.settings.policy.len(),
+        "configuration reloaded"
+    );
+    running.settings = new.settings;
+    running.fingerprints = fingerprints;
 }
 
 /// A bound, ready daemon. Dropping it without [`Server::run`] removes the socket.
@@ -186,8 +298,25 @@ pub struct Server {
     ready_after_prefetch: bool,
     /// The bound `[metadata_endpoint]`, when configured.
     metadata_endpoint: Option<metadata_endpoint::MetadataEndpoint>,
-    policy: Arc<Policy>,
+    /// The bound `[telemetry]` listener, when configured.
+    telemetry: Option<telemetry::Telemetry>,
+    live: Arc<live::Live>,
     limits: LimitSettings,
+    /// What a reload compares against.
+    running: Running,
+    reload: Option<Reload>,
+    /// Installed at bind so a SIGHUP never hits the default action (exit).
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+/// Re-reads and validates the configuration for a SIGHUP reload.
+pub type Reload = Box<dyn FnMut() -> Result<Prepared, ConfigError> + Send>;
+
+/// The configuration in force, as a reload sees it.
+struct Running {
+    settings: Settings,
+    /// identity name -> its source's fingerprint.
+    fingerprints: HashMap<String, String>,
 }
 
 impl Server {
@@ -213,12 +342,21 @@ impl Server {
             .as_ref()
             .map(|settings| metadata_endpoint::MetadataEndpoint::bind(settings, cache.clone()))
             .transpose()?;
-        if prepared.policy.is_open() {
-            tracing::warn!(
-                socket = %prepared.socket_path.display(),
-                "no [[policy]] configured: any process that can open the socket may get any token"
-            );
-        }
+        let telemetry = match &prepared.settings.telemetry {
+            Some(t) => Some(telemetry::Telemetry::bind(t.listen).map_err(|source| {
+                ServeError::Telemetry {
+                    addr: t.listen,
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        warn_if_open(&prepared.policy, &prepared.socket_path);
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(
+                |e| tracing::warn!(error = %e, "cannot listen for SIGHUP; reload is unavailable"),
+            )
+            .ok();
         Ok(Self {
             listener,
             socket,
@@ -226,8 +364,22 @@ impl Server {
             prefetch: prepared.prefetch_keys(),
             ready_after_prefetch: prepared.settings.server.ready_after_prefetch,
             metadata_endpoint,
-            policy: prepared.policy.clone(),
+            telemetry,
+            live: Arc::new(live::Live::new(
+                prepared.policy.clone(),
+                prepared.settings.limits.clone(),
+            )),
             limits: prepared.settings.limits.clone(),
+            running: Running {
+                fingerprints: prepared
+                    .identities
+                    .iter()
+                    .map(|(id, source)| (id.name.clone(), source.fingerprint()))
+                    .collect(),
+                settings: prepared.settings,
+            },
+            reload: None,
+            hangup,
         })
     }
 
@@ -237,6 +389,19 @@ impl Server {
 
     pub fn cache(&self) -> &TokenCache {
         &self.cache
+    }
+
+    /// Enables SIGHUP reload: `reload` re-reads and validates the config.
+    pub fn with_reload(mut self, reload: Reload) -> Self {
+        self.reload = Some(reload);
+        self
+    }
+
+    /// Where the telemetry listener listens, when configured.
+    pub fn telemetry_addr(&self) -> Option<std::net::SocketAddr> {
+        self.telemetry
+            .as_ref()
+            .and_then(telemetry::Telemetry::local_addr)
     }
 
     /// Where the metadata-compatible endpoint listens, when configured.
@@ -259,11 +424,36 @@ impl Server {
             prefetch,
             ready_after_prefetch,
             metadata_endpoint,
-            policy,
+            telemetry,
+            live,
             limits,
+            running,
+            reload,
+            hangup,
         } = self;
+        let readiness = Arc::new(telemetry::Readiness::default());
+        readiness
+            .prefetch_pending
+            .store(!prefetch.is_empty(), Ordering::Relaxed);
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+        let telemetry = telemetry.map(|t| {
+            let mut stopped = stopping.clone();
+            t.spawn(cache.clone(), readiness.clone(), async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+        });
+        if let Some(hangup) = hangup {
+            tokio::spawn(reload_on_hangup(
+                hangup,
+                reload,
+                running,
+                cache.clone(),
+                live.clone(),
+            ));
+        }
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        let readiness = health_reporter.clone();
+        let health_after_prefetch = health_reporter.clone();
+        let prefetch_readiness = readiness.clone();
         let prefetching = cache.clone();
         let wait_for_prefetch = ready_after_prefetch && !prefetch.is_empty();
         if wait_for_prefetch {
@@ -283,16 +473,19 @@ impl Server {
                 let count = prefetch.len();
                 let started = tokio::time::Instant::now();
                 prefetching.prefetch(prefetch).await;
+                prefetch_readiness
+                    .prefetch_pending
+                    .store(false, Ordering::Relaxed);
                 tracing::info!(
                     audiences = count,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "prefetch complete"
                 );
                 if wait_for_prefetch {
-                    readiness
+                    health_after_prefetch
                         .set_service_status("", tonic_health::ServingStatus::Serving)
                         .await;
-                    readiness
+                    health_after_prefetch
                         .set_serving::<TokenBrokerServer<grpc::BrokerService>>()
                         .await;
                 }
@@ -310,9 +503,13 @@ impl Server {
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         let max_connections = limits.max_connections;
-        let broker =
-            TokenBrokerServer::new(grpc::BrokerService::new(cache, policy, limits.clone()))
-                .max_decoding_message_size(limits.max_request_bytes);
+        let broker = TokenBrokerServer::new(grpc::BrokerService::new(
+            cache,
+            live,
+            limits.max_streams,
+            stopping,
+        ))
+        .max_decoding_message_size(limits.max_request_bytes);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(
@@ -330,6 +527,7 @@ impl Server {
         let mut metadata_endpoint =
             metadata_endpoint.map(metadata_endpoint::MetadataEndpoint::spawn);
         tracing::info!(socket = %socket.path().display(), "serving");
+        readiness.serving.store(true, Ordering::Relaxed);
         systemd::notify("READY=1");
         tokio::pin!(serving);
         let result = tokio::select! {
@@ -337,6 +535,9 @@ impl Server {
             () = shutdown => {
                 tracing::info!("stopping: no new connections, finishing in-flight calls");
                 systemd::notify("STOPPING=1");
+                readiness.serving.store(false, Ordering::Relaxed);
+                // Watch streams end with UNAVAILABLE; unary calls finish.
+                let _ = stopping_tx.send(true);
                 health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 health_reporter.set_not_serving::<TokenBrokerServer<grpc::BrokerService>>().await;
                 let _ = stop_tx.send(());
@@ -355,6 +556,10 @@ impl Server {
         };
         if let Some(endpoint) = metadata_endpoint {
             endpoint.finish().await;
+        }
+        let _ = stopping_tx.send(true);
+        if let Some(telemetry) = telemetry {
+            let _ = telemetry.await;
         }
         drop(socket);
         tracing::info!("stopped");

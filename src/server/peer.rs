@@ -81,6 +81,12 @@ pub struct PeerStream {
     _slot: OwnedSemaphorePermit,
 }
 
+impl Drop for PeerStream {
+    fn drop(&mut self) {
+        crate::metrics::get().connected_clients.dec();
+    }
+}
+
 impl tonic::transport::server::Connected for PeerStream {
     type ConnectInfo = PeerCredentials;
 
@@ -142,10 +148,13 @@ pub fn incoming(
         Ok(stream) => {
             let credentials = PeerCredentials::of(&stream);
             match slots.clone().try_acquire_owned() {
-                Ok(slot) => Some(Ok(PeerStream {
-                    stream,
-                    credentials,
-                    _slot: slot,
+                Ok(slot) => Some(Ok({
+                    crate::metrics::get().connected_clients.inc();
+                    PeerStream {
+                        stream,
+                        credentials,
+                        _slot: slot,
+                    }
                 })),
                 Err(_) => {
                     tracing::warn!(

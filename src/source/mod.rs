@@ -43,6 +43,12 @@ pub trait IdTokenSource: Send + Sync + 'static {
     fn account(&self) -> Option<&str> {
         None
     }
+
+    /// What makes this source's tokens what they are: a reload keeps an
+    /// identity's cached tokens only while this stays the same.
+    fn fingerprint(&self) -> String {
+        format!("{:?}|{}|{:?}", self.kind(), self.upstream(), self.account())
+    }
 }
 
 /// Why a source could not produce a token. Messages never carry token or

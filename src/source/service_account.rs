@@ -182,4 +182,12 @@ impl IdTokenSource for ServiceAccountSource {
     fn account(&self) -> Option<&str> {
         Some(&self.key.client_email)
     }
+
+    /// A rotated key (new `private_key_id`) at the same path is a change.
+    fn fingerprint(&self) -> String {
+        format!(
+            "service_account_key|{}|{}|{}",
+            self.key.token_uri, self.key.client_email, self.key.private_key_id
+        )
+    }
 }

@@ -9,6 +9,8 @@ mod clients;
 mod key_files;
 mod metadata_endpoint;
 mod metadata_source;
+mod operations;
 mod properties;
 mod server;
 mod service_account;
+mod streaming;

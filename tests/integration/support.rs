@@ -120,8 +120,12 @@ impl Broker {
     ) -> Broker {
         let log_path = dir.path().join("broker.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = base_command(args)
-            .env("RUST_LOG", log_filter)
+        let mut command = base_command(args);
+        // An empty filter leaves the config's log.filter in charge.
+        if !log_filter.is_empty() {
+            command.env("RUST_LOG", log_filter);
+        }
+        let child = command
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

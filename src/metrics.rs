@@ -1,0 +1,134 @@
+//! Prometheus metrics. One process-wide set, as a daemon has one of each
+//! thing it counts; labels are bounded (identities come from the config,
+//! results and outcomes are fixed sets; never audiences, which clients
+//! choose).
+
+use std::sync::OnceLock;
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: &'static str,
+    pub identity: String,
+    /// gRPC status name, e.g. "OK", "PERMISSION_DENIED".
+    pub result: &'static str,
+    /// hit, stale, miss, wait, or none (refused before the cache).
+    pub cache: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub identity: String,
+    /// metadata or service_account_key.
+    pub source: &'static str,
+    /// ok, rejected, unavailable, invalid_response.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub identity: String,
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub upstream_duration: Family<SourceLabels, Histogram>,
+    pub refresh_failures: Family<IdentityLabels, Counter>,
+    pub policy_denials: Family<IdentityLabels, Counter>,
+    pub cache_entries: Gauge,
+    pub min_time_to_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub connected_clients: Gauge,
+}
+
+fn upstream_histogram() -> Histogram {
+    // 5 ms to about 20 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let mut registry = Registry::with_prefix("token_broker");
+        let m = Metrics {
+            requests: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(upstream_histogram),
+            refresh_failures: Family::default(),
+            policy_denials: Family::default(),
+            cache_entries: Gauge::default(),
+            min_time_to_expiry: Gauge::default(),
+            connected_clients: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Client requests by method, identity, result and cache outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Upstream token fetches by identity, source and outcome",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Latency of upstream token fetches, retries included",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "refresh_failures",
+            "Failed refreshes of a key that held a token",
+            m.refresh_failures.clone(),
+        );
+        registry.register(
+            "policy_denials",
+            "Requests denied by the access policy",
+            m.policy_denials.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Cached (identity, audience) entries",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "token_min_time_to_expiry_seconds",
+            "Smallest time to expiry among cached tokens (0 when none)",
+            m.min_time_to_expiry.clone(),
+        );
+        registry.register(
+            "connected_clients",
+            "Open client connections on the socket",
+            m.connected_clients.clone(),
+        );
+        Metrics { registry, ..m }
+    })
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
