@@ -3,7 +3,10 @@
 //! results and outcomes are fixed sets; never audiences, which clients
 //! choose).
 
-use std::sync::OnceLock;
+use std::{
+    collections::HashSet,
+    sync::{Mutex, OnceLock},
+};
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -19,7 +22,7 @@ use prometheus_client::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub method: &'static str,
-    pub identity: String,
+    pub identity: &'static str,
     /// gRPC status name, e.g. "OK", "PERMISSION_DENIED".
     pub result: &'static str,
     /// hit, stale, miss, wait, or none (refused before the cache).
@@ -28,7 +31,7 @@ pub struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
-    pub identity: String,
+    pub identity: &'static str,
     /// metadata or service_account_key.
     pub source: &'static str,
     /// ok, rejected, unavailable, invalid_response.
@@ -37,13 +40,13 @@ pub struct UpstreamLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
-    pub identity: String,
+    pub identity: &'static str,
     pub source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
-    pub identity: String,
+    pub identity: &'static str,
 }
 
 pub struct Metrics {
@@ -61,6 +64,23 @@ pub struct Metrics {
 fn upstream_histogram() -> Histogram {
     // 5 ms to about 20 s.
     Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+/// A label value for a configured identity name, without allocating per
+/// request. Names are interned once each; only configured names (bounded by
+/// the config, reloads included) and "unknown" ever reach here.
+pub fn identity_label(name: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(interned) = names.get(name) {
+        return interned;
+    }
+    let interned: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(interned);
+    interned
 }
 
 /// The process's metrics.

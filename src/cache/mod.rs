@@ -199,6 +199,11 @@ impl TokenCache {
         names
     }
 
+    /// Whether `identity` is configured.
+    pub fn knows(&self, identity: &str) -> bool {
+        self.upstreams().contains_key(identity)
+    }
+
     /// The source behind an identity.
     pub fn source(&self, identity: &str) -> Option<Arc<dyn IdTokenSource>> {
         self.upstreams().get(identity).map(|u| u.source.clone())
@@ -552,7 +557,7 @@ impl TokenCache {
                         crate::metrics::get()
                             .refresh_failures
                             .get_or_create(&crate::metrics::IdentityLabels {
-                                identity: entry.key.identity().to_owned(),
+                                identity: crate::metrics::identity_label(entry.key.identity()),
                             })
                             .inc();
                     }
@@ -603,14 +608,14 @@ impl TokenCache {
         metrics
             .upstream_duration
             .get_or_create(&crate::metrics::SourceLabels {
-                identity: key.identity().to_owned(),
+                identity: crate::metrics::identity_label(key.identity()),
                 source,
             })
             .observe(started.elapsed().as_secs_f64());
         metrics
             .upstream_requests
             .get_or_create(&crate::metrics::UpstreamLabels {
-                identity: key.identity().to_owned(),
+                identity: crate::metrics::identity_label(key.identity()),
                 source,
                 outcome: match &result {
                     Ok(_) => "ok",

@@ -69,7 +69,24 @@ struct Audit<'a> {
     metric_identity: &'a str,
 }
 
-impl Audit<'_> {
+impl<'a> Audit<'a> {
+    fn start(
+        method: &'static str,
+        peer: &'a PeerCredentials,
+        req: &'a proto::GetIdTokenRequest,
+    ) -> Self {
+        Audit {
+            method,
+            peer,
+            identity: identity_of(&req.identity),
+            audience: &req.audience,
+            decision: None,
+            outcome: None,
+            started: Instant::now(),
+            metric_identity: "unknown",
+        }
+    }
+
     /// One structured line: who, what, the decision and its rule, the cache
     /// outcome, latency and result. Never token text.
     fn log(&self, result: Result<&proto::IdToken, &Status>) {
@@ -78,7 +95,7 @@ impl Audit<'_> {
             .requests
             .get_or_create(&crate::metrics::RequestLabels {
                 method: self.method,
-                identity: self.metric_identity.to_owned(),
+                identity: crate::metrics::identity_label(self.metric_identity),
                 result: result.map_or_else(|s| crate::client::code_name(s.code()), |_| "OK"),
                 cache: self.outcome.map_or("none", CacheOutcome::as_str),
             })
@@ -87,7 +104,7 @@ impl Audit<'_> {
             metrics
                 .policy_denials
                 .get_or_create(&crate::metrics::IdentityLabels {
-                    identity: self.metric_identity.to_owned(),
+                    identity: crate::metrics::identity_label(self.metric_identity),
                 })
                 .inc();
         }
@@ -121,20 +138,8 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<proto::IdToken>, Status> {
-        let peer = PeerCredentials::of_request(&request);
-        let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
-        let req = request.into_inner();
-        let identity = identity_of(&req.identity);
-        let mut audit = Audit {
-            method: "GetIdToken",
-            peer: &peer,
-            identity,
-            audience: &req.audience,
-            decision: None,
-            outcome: None,
-            started: Instant::now(),
-            metric_identity: "unknown",
-        };
+        let (peer, wait, req) = parts(request);
+        let mut audit = Audit::start("GetIdToken", &peer, &req);
         let result = self.get(&mut audit, req.min_valid_for, wait).await;
         audit.log(result.as_ref());
         result.map(Response::new)
@@ -146,20 +151,8 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<Self::WatchIdTokenStream>, Status> {
-        let peer = PeerCredentials::of_request(&request);
-        let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
-        let req = request.into_inner();
-        let identity = identity_of(&req.identity);
-        let mut audit = Audit {
-            method: "WatchIdToken",
-            peer: &peer,
-            identity,
-            audience: &req.audience,
-            decision: None,
-            outcome: None,
-            started: Instant::now(),
-            metric_identity: "unknown",
-        };
+        let (peer, wait, req) = parts(request);
+        let mut audit = Audit::start("WatchIdToken", &peer, &req);
         let result = self.watch(&mut audit, req.min_valid_for, wait).await;
         audit.log(result.as_ref().map(|(first, _)| first));
         let (first, rest) = result?;
@@ -212,7 +205,8 @@ impl TokenBroker for BrokerService {
 impl BrokerService {
     /// Validates, checks the policy and the rate limit: the key to look up.
     fn admit<'a>(&self, audit: &mut Audit<'a>) -> Result<CacheKey, Status> {
-        if self.cache.source(audit.identity).is_some() {
+        let known = self.cache.knows(audit.identity);
+        if known {
             audit.metric_identity = audit.identity;
         }
         let key = CacheKey::new(audit.identity, audit.audience).map_err(|e| to_status(e.into()))?;
@@ -233,7 +227,7 @@ impl BrokerService {
                 audit.audience
             )));
         }
-        if self.cache.source(audit.identity).is_none() {
+        if !known {
             return Err(to_status(CacheError::UnknownIdentity(
                 audit.identity.to_owned(),
             )));
@@ -355,6 +349,15 @@ impl Stream for UntilStopping {
         }
         self.inner.as_mut().poll_next(cx)
     }
+}
+
+/// A token request's caller, deadline and message.
+fn parts(
+    request: Request<proto::GetIdTokenRequest>,
+) -> (PeerCredentials, Duration, proto::GetIdTokenRequest) {
+    let peer = PeerCredentials::of_request(&request);
+    let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
+    (peer, wait, request.into_inner())
 }
 
 fn identity_of(requested: &str) -> &str {

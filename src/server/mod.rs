@@ -150,6 +150,28 @@ impl Prepared {
         if self.settings.server.ready_after_prefetch {
             out.push_str("readiness waits for prefetch\n");
         }
+        if self.policy.is_open() {
+            out.push_str(
+                "policy: none, so any process that can open the socket may get any token\n",
+            );
+        } else {
+            out.push_str(&format!(
+                "policy: {} rule(s); requests no rule allows are denied\n",
+                self.settings.policy.len()
+            ));
+        }
+        if let Some(endpoint) = &self.settings.metadata_endpoint {
+            out.push_str(&format!(
+                "metadata endpoint: http://{} serving identity {:?}\n",
+                endpoint.listen, endpoint.identity
+            ));
+        }
+        if let Some(telemetry) = &self.settings.telemetry {
+            out.push_str(&format!(
+                "telemetry: http://{}/metrics, /healthz, /readyz\n",
+                telemetry.listen
+            ));
+        }
         out
     }
 
