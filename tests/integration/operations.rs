@@ -359,6 +359,7 @@ async fn sigterm_ends_watch_streams_with_unavailable_and_notifies_systemd() {
         socket: socket.clone(),
         log_path,
         dir,
+        served: std::sync::Mutex::new(vec![first.token.clone()]),
     };
     let exit = tokio::task::spawn_blocking(move || (broker.wait_exit(), broker))
         .await

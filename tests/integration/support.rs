@@ -91,6 +91,8 @@ pub struct Broker {
     pub socket: PathBuf,
     pub log_path: PathBuf,
     pub dir: tempfile::TempDir,
+    /// Every token `get` returned; on drop the log must hold none of them.
+    pub served: std::sync::Mutex<Vec<String>>,
 }
 
 impl Broker {
@@ -121,9 +123,11 @@ impl Broker {
         let log_path = dir.path().join("broker.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = base_command(args);
-        // An empty filter leaves the config's log.filter in charge.
+        // An empty filter leaves the config's log.filter in charge. Otherwise
+        // the broker's own code logs at TRACE in every test, so the secret
+        // check on drop covers the whole suite at the most verbose level.
         if !log_filter.is_empty() {
-            command.env("RUST_LOG", log_filter);
+            command.env("RUST_LOG", format!("{log_filter},token_broker=trace"));
         }
         let child = command
             .stdout(Stdio::piped())
@@ -135,6 +139,7 @@ impl Broker {
             socket,
             log_path,
             dir,
+            served: Default::default(),
         }
     }
 
@@ -171,6 +176,7 @@ impl Broker {
             })
             .await
             .map(tonic::Response::into_inner)
+            .inspect(|token| self.served.lock().unwrap().push(token.token.clone()))
     }
 
     /// The daemon's log so far.
@@ -209,6 +215,23 @@ impl Drop for Broker {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            return;
+        }
+        let log = self.log();
+        for token in self.served.lock().unwrap().iter() {
+            assert!(
+                !log.contains(token.as_str()),
+                "a served token reached the daemon's log"
+            );
+            // The signature alone would be enough to replay nothing, but no part belongs in a log.
+            if let Some(signature) = token.rsplit('.').next().filter(|s| s.len() > 20) {
+                assert!(
+                    !log.contains(signature),
+                    "a token signature reached the daemon's log"
+                );
+            }
         }
     }
 }
