@@ -405,8 +405,9 @@ impl TokenCache {
     /// used (its request was refused).
     pub fn release_unused(&self, key: &CacheKey) {
         self.inner.entries.remove_if(key, |_, entry| {
+            // Untouched: no attempt made or under way, nobody pinning or watching.
             let slot = lock(&entry.state);
-            slot.generation == 0 && !slot.fetching && slot.last_used.is_none() && !slot.pinned
+            slot.generation == 0 && !slot.fetching && !slot.pinned && !entry.watched()
         });
     }
 
@@ -455,7 +456,12 @@ impl TokenCache {
             .or_insert_with(|| {
                 let entry = Arc::new(Entry {
                     key: key.clone(),
-                    state: Mutex::new(Slot::default()),
+                    // Counted as used from creation, so its refresher does not
+                    // take a just-reserved entry for an idle one.
+                    state: Mutex::new(Slot {
+                        last_used: Some(Instant::now()),
+                        ..Slot::default()
+                    }),
                     attempts: watch::channel(0).0,
                     tokens: watch::channel(None).0,
                     wake: Notify::new(),
