@@ -203,3 +203,88 @@ async fn the_demo_serves_tokens_with_the_printed_command() {
     assert!(status.success());
     assert!(!socket.exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_emulator_command_writes_keys_and_verifies_them_for_a_real_broker() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = support::workdir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let key = dir.path().join("sa.json");
+    let listen = format!("127.0.0.1:{port}");
+    let (code, stdout, stderr) = support::run_cli(&[
+        "emulator",
+        "--listen",
+        &listen,
+        "--write-key",
+        key.to_str().unwrap(),
+        "--client-email",
+        "cli@proj.iam.gserviceaccount.com",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("cli@proj.iam.gserviceaccount.com"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&key).unwrap()).unwrap();
+    assert_eq!(json["token_uri"], format!("http://{listen}/token"));
+    assert!(!stdout.contains("PRIVATE KEY"), "the key is not printed");
+
+    // The emulator as its own process, with that key registered.
+    let mut emulator = support::base_command(&[
+        "emulator",
+        "--listen",
+        &listen,
+        "--service-account-key",
+        key.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let stdout = emulator.stdout.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        lines
+            .next()
+            .expect("the emulator announces itself")
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let identity = support::key_identity("default", &key);
+    let broker = Broker::start(
+        move |socket| support::config_text(socket, &identity),
+        "info",
+    )
+    .await;
+    let token = broker
+        .get("default", "https://emulator-cli.example.com")
+        .await
+        .unwrap();
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(&token.token)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["email"], "cli@proj.iam.gserviceaccount.com");
+    assert_eq!(claims["aud"], "https://emulator-cli.example.com");
+    let stats: serde_json::Value = reqwest::get(format!("http://{listen}/emulator/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["token"]["total"], 1);
+    support::signal(&emulator, nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || emulator.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+}
