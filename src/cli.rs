@@ -431,6 +431,15 @@ async fn emulator(args: EmulatorArgs) -> ExitCode {
         service_accounts,
         ..EmulatorOptions::default()
     };
+    // Handlers first: a SIGTERM sent as soon as the banner appears must stop
+    // the emulator cleanly, not kill it with the default action.
+    let stop = match server::stop_signal() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let running = match Emulator::start(options).await {
         Ok(e) => e,
         Err(e) => {
@@ -448,10 +457,7 @@ async fn emulator(args: EmulatorArgs) -> ExitCode {
         "  certs:           {0}/oauth2/v1/certs and {0}/oauth2/v3/certs",
         running.base_url()
     );
-    match server::stop_signal() {
-        Ok(stop) => stop.await,
-        Err(e) => eprintln!("error: cannot install signal handlers ({e}); stopping"),
-    }
+    stop.await;
     running.shutdown().await;
     ExitCode::SUCCESS
 }
