@@ -447,16 +447,25 @@ async fn emulator(args: EmulatorArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    println!("emulator listening on {}", running.base_url());
-    println!(
-        "  metadata server: GCE_METADATA_HOST={}",
-        running.metadata_host()
-    );
-    println!("  token endpoint:  {}", running.token_uri());
-    println!(
-        "  certs:           {0}/oauth2/v1/certs and {0}/oauth2/v3/certs",
-        running.base_url()
-    );
+    // The banner is for a person or a test harness; a closed stdout must
+    // not stop the emulator, so write errors are ignored.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "emulator listening on {}", running.base_url());
+        let _ = writeln!(
+            out,
+            "  metadata server: GCE_METADATA_HOST={}",
+            running.metadata_host()
+        );
+        let _ = writeln!(out, "  token endpoint:  {}", running.token_uri());
+        let _ = writeln!(
+            out,
+            "  certs:           {0}/oauth2/v1/certs and {0}/oauth2/v3/certs",
+            running.base_url()
+        );
+        let _ = out.flush();
+    }
     stop.await;
     running.shutdown().await;
     ExitCode::SUCCESS

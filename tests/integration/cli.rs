@@ -251,12 +251,19 @@ async fn the_emulator_command_writes_keys_and_verifies_them_for_a_real_broker() 
     .spawn()
     .unwrap();
     let stdout = emulator.stdout.take().unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        lines
-            .next()
-            .expect("the emulator announces itself")
-            .unwrap()
+    // Read the whole banner (it ends with the certs line) and keep the pipe
+    // open, as a terminal would.
+    let _stdout = tokio::task::spawn_blocking(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        while !line.contains("certs:") {
+            line.clear();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "the emulator announces itself"
+            );
+        }
+        reader
     })
     .await
     .unwrap();
