@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod emulator;
 pub mod logging;
+pub mod metadata_protocol;
 pub mod metrics;
 pub mod policy;
 pub mod server;

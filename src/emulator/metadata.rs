@@ -10,6 +10,8 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
+use crate::metadata_protocol::{account_and_leaf, Leaf, Query};
+
 use super::{
     lock, log_call, ActiveFaults, Endpoint, IdTokenRequest, MetadataCacheKey, MintedTokenEntry,
     Shared,
@@ -63,17 +65,6 @@ enum Route {
     Unknown,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Leaf {
-    Directory,
-    Identity,
-    Email,
-    Token,
-    Scopes,
-    Aliases,
-    Unknown,
-}
-
 fn route(path: &str) -> Route {
     let Some(rest) = path.strip_prefix("/computeMetadata") else {
         return Route::Unknown;
@@ -91,58 +82,8 @@ fn route(path: &str) -> Route {
     let Some(tail) = rest.strip_prefix("/v1/instance/service-accounts/") else {
         return Route::Unknown;
     };
-    let (account, leaf) = match tail.split_once('/') {
-        Some((account, leaf)) => (account, leaf),
-        // `.../default` without the slash: the real server redirects to the
-        // directory; answering the directory directly is what clients end up with.
-        None => (tail, ""),
-    };
-    let leaf = match leaf {
-        "" => Leaf::Directory,
-        "identity" => Leaf::Identity,
-        "email" => Leaf::Email,
-        "token" => Leaf::Token,
-        "scopes" => Leaf::Scopes,
-        "aliases" => Leaf::Aliases,
-        _ => Leaf::Unknown,
-    };
-    // Emails arrive percent-encoded from some clients.
-    let account = account.replace("%40", "@");
+    let (account, leaf) = account_and_leaf(tail);
     Route::Account { account, leaf }
-}
-
-/// The query parameters the metadata server looks at; first occurrence wins.
-#[derive(Debug, Default)]
-struct Query {
-    audience: Option<String>,
-    format: Option<String>,
-    licenses: Option<String>,
-    recursive: Option<String>,
-}
-
-impl Query {
-    fn parse(query: Option<&str>) -> Self {
-        let mut parsed = Query::default();
-        for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            let slot = match name.as_ref() {
-                "audience" => &mut parsed.audience,
-                "format" => &mut parsed.format,
-                "licenses" => &mut parsed.licenses,
-                "recursive" => &mut parsed.recursive,
-                _ => continue,
-            };
-            if slot.is_none() {
-                *slot = Some(value.into_owned());
-            }
-        }
-        parsed
-    }
-
-    fn recursive(&self) -> bool {
-        self.recursive
-            .as_deref()
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-    }
 }
 
 /// Every `/computeMetadata...` request.

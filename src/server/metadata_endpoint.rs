@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use crate::{
     cache::{CacheError, CacheKey, CacheOutcome, TokenCache},
     config::MetadataEndpointSettings,
+    metadata_protocol::{account_and_leaf, Leaf, Query},
     source::SourceError,
 };
 
@@ -280,17 +281,6 @@ enum Route {
     Unknown,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Leaf {
-    Directory,
-    Identity,
-    Email,
-    Scopes,
-    Aliases,
-    Token,
-    Unknown,
-}
-
 fn route(path: &str) -> Route {
     match path {
         "/" | "" => return Route::Root,
@@ -308,47 +298,8 @@ fn route(path: &str) -> Route {
     if tail.is_empty() {
         return Route::ServiceAccounts;
     }
-    let (account, leaf) = tail.split_once('/').unwrap_or((tail, ""));
-    let leaf = match leaf {
-        "" => Leaf::Directory,
-        "identity" => Leaf::Identity,
-        "email" => Leaf::Email,
-        "scopes" => Leaf::Scopes,
-        "aliases" => Leaf::Aliases,
-        "token" => Leaf::Token,
-        _ => Leaf::Unknown,
-    };
-    // Some clients percent-encode the `@` of an email-named account.
-    let account = account.replace("%40", "@");
+    let (account, leaf) = account_and_leaf(tail);
     Route::Account { account, leaf }
-}
-
-/// The query parameters looked at; the first occurrence of each wins.
-#[derive(Debug, Default)]
-struct Query {
-    audience: Option<String>,
-    format: Option<String>,
-    recursive: bool,
-}
-
-impl Query {
-    fn parse(query: Option<&str>) -> Self {
-        let mut parsed = Query::default();
-        let mut recursive = None;
-        for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            let slot = match name.as_ref() {
-                "audience" => &mut parsed.audience,
-                "format" => &mut parsed.format,
-                "recursive" => &mut recursive,
-                _ => continue,
-            };
-            if slot.is_none() {
-                *slot = Some(value.into_owned());
-            }
-        }
-        parsed.recursive = recursive.is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        parsed
-    }
 }
 
 /// What one request did, for its log line.
@@ -461,7 +412,7 @@ async fn answer(
                     let email = state.email.get(&state.cache, &state.identity).await?;
                     Ok(respond(StatusCode::OK, TEXT, email))
                 }
-                Leaf::Directory if query.recursive => {
+                Leaf::Directory if query.recursive() => {
                     let email = state.email.get(&state.cache, &state.identity).await?;
                     // No scopes: the broker grants no access tokens.
                     let body = serde_json::json!({
@@ -691,18 +642,6 @@ mod tests {
             Route::Unknown
         );
         assert_eq!(route("/metadata/v1/"), Route::Unknown);
-    }
-
-    #[test]
-    fn query_first_occurrence_wins() {
-        let q = Query::parse(Some(
-            "audience=https%3A%2F%2Fa&audience=b&format=full&recursive=TRUE",
-        ));
-        assert_eq!(q.audience.as_deref(), Some("https://a"));
-        assert_eq!(q.format.as_deref(), Some("full"));
-        assert!(q.recursive);
-        assert!(!Query::parse(Some("recursive=false")).recursive);
-        assert!(Query::parse(None).audience.is_none());
     }
 
     #[test]
