@@ -12,6 +12,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod domain;
 pub mod emulator;
 pub mod logging;
 pub mod metadata_protocol;
