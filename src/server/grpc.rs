@@ -170,8 +170,10 @@ impl TokenBroker for BrokerService {
         let peer = PeerCredentials::of_request(&request);
         let caller = peer.caller();
         let policy = self.live.policy();
-        // A caller sees only the entries it may read.
-        let tokens: Vec<proto::TokenInfo> = self
+        let size = super::listing::page_size(request.get_ref().page_size)?;
+        let after = super::listing::decode_token(&request.get_ref().page_token)?;
+        // A caller sees only the entries it may read, and pages through those.
+        let readable: Vec<_> = self
             .cache
             .list()
             .into_iter()
@@ -180,6 +182,10 @@ impl TokenBroker for BrokerService {
                     .decide(caller, info.key.identity(), info.key.audience())
                     .allowed()
             })
+            .collect();
+        let (page, next_page_token) = super::listing::page(readable, after.as_ref(), size);
+        let tokens: Vec<proto::TokenInfo> = page
+            .into_iter()
             .map(|info| proto::TokenInfo {
                 identity: info.key.identity().to_owned(),
                 audience: info.key.audience().to_owned(),
@@ -198,7 +204,10 @@ impl TokenBroker for BrokerService {
             result = "OK",
             "ListTokens"
         );
-        Ok(Response::new(proto::ListTokensResponse { tokens }))
+        Ok(Response::new(proto::ListTokensResponse {
+            tokens,
+            next_page_token,
+        }))
     }
 }
 

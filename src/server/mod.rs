@@ -3,6 +3,7 @@
 //! to stop, then drain and remove the socket.
 
 pub mod grpc;
+mod listing;
 mod live;
 pub mod metadata_endpoint;
 pub mod peer;
