@@ -147,7 +147,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Token(args) => report(token(args).await),
@@ -156,7 +156,10 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::CheckConfig(args) => check_config(args),
             Command::Emulator(args) => emulator(args).await,
         }
-    })
+    });
+    // Lines still queued for the log writer thread are written before exit.
+    logging::flush();
+    code
 }
 
 fn report(result: Result<(), ClientError>) -> ExitCode {

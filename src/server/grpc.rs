@@ -118,6 +118,7 @@ impl<'a> Audit<'a> {
         let audience = loggable(self.audience);
         match result {
             Ok(token) => tracing::info!(
+                target: crate::logging::SERVED_TARGET,
                 peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid, peer_exe = peer.exe.as_deref(),
                 identity = self.identity, %audience, decision, rule, cache, latency_us,
                 expire_time = token.expire_time.as_ref().map_or(0, |t| t.seconds),

@@ -8,6 +8,7 @@ mod cli;
 mod clients;
 mod key_files;
 mod layering;
+mod log_output;
 mod metadata_endpoint;
 mod metadata_source;
 mod operations;
