@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod emulator;
+pub mod log_text;
 pub mod logging;
 pub mod metadata_protocol;
 pub mod metrics;

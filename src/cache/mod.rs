@@ -32,7 +32,9 @@ use tokio::{
     time::Instant,
 };
 
-pub use key::{validate_audience, AudienceError, CacheKey};
+pub use key::{
+    validate_audience, validate_identity, AudienceError, CacheKey, IdentityError, MAX_IDENTITY_LEN,
+};
 
 use crate::{
     clock::Clock,
@@ -84,6 +86,8 @@ pub enum CacheError {
     UnknownIdentity(String),
     #[error(transparent)]
     InvalidAudience(#[from] AudienceError),
+    #[error(transparent)]
+    InvalidIdentity(#[from] IdentityError),
     #[error(transparent)]
     Upstream(#[from] SourceError),
     #[error(

@@ -7,16 +7,17 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use prost_types::Timestamp;
 use tokio::{
-    sync::{watch, Semaphore},
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{live::Live, peer::PeerCredentials};
 use crate::{
-    cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
+    cache::{validate_identity, CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
     config::DEFAULT_IDENTITY,
+    log_text::LogText,
     policy::Decision,
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
@@ -56,79 +57,146 @@ impl BrokerService {
 }
 
 /// What one request came to, for its audit line.
-struct Audit<'a> {
+///
+/// The line is written by [`Audit::finish`], or, when the client goes away
+/// first (tonic drops the handler's future mid-fetch), by `Drop` with the
+/// result `CANCELLED`: every request leaves exactly one line.
+struct Audit {
     method: &'static str,
-    peer: &'a PeerCredentials,
-    identity: &'a str,
-    audience: &'a str,
+    /// `None` for a request; for a watch stream's later lines, what
+    /// happened (`refresh`, `revoked`, `ended`, `closed`).
+    event: Option<&'static str>,
+    peer: PeerCredentials,
+    /// As requested (empty means the default identity): foreign text,
+    /// logged through [`LogText`].
+    identity: String,
+    audience: String,
     decision: Option<Decision>,
     outcome: Option<CacheOutcome>,
     started: Instant,
-    /// The identity as a metric label: configured names only, so clients
-    /// cannot grow the label set.
-    metric_identity: &'a str,
+    /// Whether the identity is configured: only then is it a metric label,
+    /// so clients cannot grow the label set.
+    known: bool,
+    written: bool,
 }
 
-impl<'a> Audit<'a> {
-    fn start(
-        method: &'static str,
-        peer: &'a PeerCredentials,
-        req: &'a proto::GetIdTokenRequest,
-    ) -> Self {
+impl Audit {
+    fn start(method: &'static str, peer: &PeerCredentials, req: &proto::GetIdTokenRequest) -> Self {
         Audit {
             method,
-            peer,
-            identity: identity_of(&req.identity),
-            audience: &req.audience,
+            event: None,
+            peer: peer.clone(),
+            identity: identity_of(&req.identity).to_owned(),
+            audience: req.audience.clone(),
             decision: None,
             outcome: None,
             started: Instant::now(),
-            metric_identity: "unknown",
+            known: false,
+            written: false,
+        }
+    }
+
+    /// The next line of an open watch stream, for the same caller and key.
+    fn stream_event(&self, event: &'static str) -> Audit {
+        Audit {
+            method: self.method,
+            event: Some(event),
+            peer: self.peer.clone(),
+            identity: self.identity.clone(),
+            audience: self.audience.clone(),
+            decision: None,
+            outcome: None,
+            started: Instant::now(),
+            known: self.known,
+            written: false,
+        }
+    }
+
+    fn finish(&mut self, result: Result<&proto::IdToken, &Status>) {
+        match result {
+            Ok(token) => self.write(
+                tonic::Code::Ok,
+                token.expire_time.as_ref().map(|t| t.seconds),
+                None,
+            ),
+            Err(status) => self.write(status.code(), None, Some(status.message())),
         }
     }
 
     /// One structured line: who, what, the decision and its rule, the cache
-    /// outcome, latency and result. Never token text.
-    fn log(&self, result: Result<&proto::IdToken, &Status>) {
+    /// outcome, latency and result. Never token text; every field a client
+    /// or upstream wrote is capped, and quoted and escaped by the formatter.
+    fn write(&mut self, code: tonic::Code, expire_time: Option<i64>, error: Option<&str>) {
+        if self.written {
+            return;
+        }
+        self.written = true;
+        let result = crate::client::code_name(code);
+        let metric_identity = if self.known {
+            crate::metrics::identity_label(&self.identity)
+        } else {
+            "unknown"
+        };
         let metrics = crate::metrics::get();
-        metrics
-            .requests
-            .get_or_create(&crate::metrics::RequestLabels {
-                method: self.method,
-                identity: crate::metrics::identity_label(self.metric_identity),
-                result: result.map_or_else(|s| crate::client::code_name(s.code()), |_| "OK"),
-                cache: self.outcome.map_or("none", CacheOutcome::as_str),
-            })
-            .inc();
+        if self.event.is_none() {
+            metrics
+                .requests
+                .get_or_create(&crate::metrics::RequestLabels {
+                    method: self.method,
+                    identity: metric_identity,
+                    result,
+                    cache: self.outcome.map_or("none", CacheOutcome::as_str),
+                })
+                .inc();
+        }
         if self.decision == Some(Decision::Denied) {
             metrics
                 .policy_denials
                 .get_or_create(&crate::metrics::IdentityLabels {
-                    identity: crate::metrics::identity_label(self.metric_identity),
+                    identity: metric_identity,
                 })
                 .inc();
         }
-        let peer = self.peer;
+        let peer = &self.peer;
+        let peer_exe = peer.exe.as_deref().map(LogText::new);
+        let identity = LogText::new(&self.identity);
+        let audience = LogText::new(&self.audience);
+        let error = error.map(LogText::new);
         let decision = self
             .decision
             .map(|d| if d.allowed() { "allowed" } else { "denied" });
         let rule = self.decision.map(Decision::rule);
         let cache = self.outcome.map(CacheOutcome::as_str);
         let latency_us = self.started.elapsed().as_micros() as u64;
-        let audience = loggable(self.audience);
-        match result {
-            Ok(token) => tracing::info!(
-                peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid, peer_exe = peer.exe.as_deref(),
-                identity = self.identity, %audience, decision, rule, cache, latency_us,
-                expire_time = token.expire_time.as_ref().map_or(0, |t| t.seconds),
-                result = "OK", "{}", self.method
-            ),
-            Err(status) => tracing::info!(
-                peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid, peer_exe = peer.exe.as_deref(),
-                identity = self.identity, %audience, decision, rule, cache, latency_us,
-                result = crate::client::code_name(status.code()), error = status.message(), "{}", self.method
-            ),
-        }
+        tracing::info!(
+            peer_uid = peer.uid,
+            peer_gid = peer.gid,
+            peer_pid = peer.pid,
+            peer_exe = peer_exe.as_ref().map(LogText::as_str),
+            identity = identity.as_str(),
+            audience = audience.as_str(),
+            event = self.event,
+            decision,
+            rule,
+            cache,
+            latency_us,
+            expire_time,
+            result,
+            error = error.as_ref().map(LogText::as_str),
+            "{}",
+            self.method
+        );
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        // Only a request whose client went away is dropped unwritten.
+        self.write(
+            tonic::Code::Cancelled,
+            None,
+            Some("the client went away before the answer"),
+        );
     }
 }
 
@@ -141,7 +209,7 @@ impl TokenBroker for BrokerService {
         let (peer, wait, req) = parts(request);
         let mut audit = Audit::start("GetIdToken", &peer, &req);
         let result = self.get(&mut audit, req.min_valid_for, wait).await;
-        audit.log(result.as_ref());
+        audit.finish(result.as_ref());
         result.map(Response::new)
     }
 
@@ -154,13 +222,26 @@ impl TokenBroker for BrokerService {
         let (peer, wait, req) = parts(request);
         let mut audit = Audit::start("WatchIdToken", &peer, &req);
         let result = self.watch(&mut audit, req.min_valid_for, wait).await;
-        audit.log(result.as_ref().map(|(first, _)| first));
-        let (first, rest) = result?;
-        let stream = tokio_stream::once(Ok(first)).chain(rest);
-        Ok(Response::new(Box::pin(UntilStopping::new(
-            stream,
-            self.stopping.clone(),
-        ))))
+        audit.finish(result.as_ref().map(|open| &open.first));
+        let open = result?;
+        // Before the first token: a reload announced from now on is seen.
+        let reloads = self.live.reloads();
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let watch = WatchFeed {
+            audit,
+            cache: self.cache.clone(),
+            live: self.live.clone(),
+            key: open.key,
+            tokens: open.tokens,
+            reloads,
+            stopping: self.stopping.clone(),
+            sender,
+            _slot: open.slot,
+        };
+        tokio::spawn(watch.run(open.first));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     async fn list_tokens(
@@ -189,11 +270,12 @@ impl TokenBroker for BrokerService {
                 last_error: info.last_error.unwrap_or_default(),
             })
             .collect();
+        let peer_exe = peer.exe.as_deref().map(LogText::new);
         tracing::info!(
             peer_uid = peer.uid,
             peer_gid = peer.gid,
             peer_pid = peer.pid,
-            peer_exe = peer.exe.as_deref(),
+            peer_exe = peer_exe.as_ref().map(LogText::as_str),
             entries = tokens.len(),
             result = "OK",
             "ListTokens"
@@ -202,36 +284,23 @@ impl TokenBroker for BrokerService {
     }
 }
 
+/// A watch stream admitted and holding its first token.
+struct OpenWatch {
+    first: proto::IdToken,
+    key: CacheKey,
+    tokens: watch::Receiver<Option<IdToken>>,
+    /// Its place under `limits.max_streams`, released when the stream ends.
+    slot: OwnedSemaphorePermit,
+}
+
 impl BrokerService {
     /// Validates, checks the policy and the rate limit: the key to look up.
-    fn admit<'a>(&self, audit: &mut Audit<'a>) -> Result<CacheKey, Status> {
-        let known = self.cache.knows(audit.identity);
-        if known {
-            audit.metric_identity = audit.identity;
-        }
-        let key = CacheKey::new(audit.identity, audit.audience).map_err(|e| to_status(e.into()))?;
-        let decision =
-            self.live
-                .policy()
-                .decide(audit.peer.caller(), audit.identity, audit.audience);
-        audit.decision = Some(decision);
-        if !decision.allowed() {
-            // Name the caller and the request, and nothing about the rules.
-            return Err(Status::permission_denied(format!(
-                "uid {} may not use identity {:?} for audience {:?}",
-                audit
-                    .peer
-                    .uid
-                    .map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
-                audit.identity,
-                audit.audience
-            )));
-        }
-        if !known {
-            return Err(to_status(CacheError::UnknownIdentity(
-                audit.identity.to_owned(),
-            )));
-        }
+    fn admit(&self, audit: &mut Audit) -> Result<CacheKey, Status> {
+        validate_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
+        audit.known = self.cache.knows(&audit.identity);
+        let key =
+            CacheKey::new(&audit.identity, &audit.audience).map_err(|e| to_status(e.into()))?;
+        check_grant(&self.live, &self.cache, audit)?;
         // Only the request that brings a new audience into the cache spends
         // from its uid's bucket; concurrent askers of that key join it.
         if let Some(uid) = audit.peer.uid {
@@ -253,7 +322,7 @@ impl BrokerService {
 
     async fn get(
         &self,
-        audit: &mut Audit<'_>,
+        audit: &mut Audit,
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
     ) -> Result<proto::IdToken, Status> {
@@ -261,7 +330,7 @@ impl BrokerService {
         let key = self.admit(audit)?;
         let lookup = tokio::time::timeout(wait, self.cache.get(&key, min_valid))
             .await
-            .map_err(|_| deadline_exceeded(audit.identity, wait))?
+            .map_err(|_| deadline_exceeded(key.identity(), wait))?
             .map_err(to_status)?;
         audit.outcome = Some(lookup.outcome);
         Ok(to_proto(&lookup.token, key.identity(), key.audience()))
@@ -269,16 +338,10 @@ impl BrokerService {
 
     async fn watch(
         &self,
-        audit: &mut Audit<'_>,
+        audit: &mut Audit,
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
-    ) -> Result<
-        (
-            proto::IdToken,
-            impl Stream<Item = Result<proto::IdToken, Status>> + Send + 'static,
-        ),
-        Status,
-    > {
+    ) -> Result<OpenWatch, Status> {
         let min_valid = min_valid(min_valid_for)?;
         let key = self.admit(audit)?;
         let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
@@ -287,67 +350,162 @@ impl BrokerService {
                 self.max_streams
             ))
         })?;
-        let (first, receiver) = tokio::time::timeout(wait, self.cache.watch(&key, min_valid))
+        let (first, tokens) = tokio::time::timeout(wait, self.cache.watch(&key, min_valid))
             .await
-            .map_err(|_| deadline_exceeded(audit.identity, wait))?
+            .map_err(|_| deadline_exceeded(key.identity(), wait))?
             .map_err(to_status)?;
         audit.outcome = Some(first.outcome);
-        let first = to_proto(&first.token, key.identity(), key.audience());
-        // Each refreshed token for this key, for as long as the client
-        // listens; the stream owns the receiver (keeping the key from idle
-        // eviction) and its place under max_streams, both released when the
-        // client goes away.
-        let rest =
-            tokio_stream::wrappers::WatchStream::from_changes(receiver).filter_map(move |token| {
-                let _held = &slot;
-                token.map(|t| Ok(to_proto(&t, key.identity(), key.audience())))
-            });
-        Ok((first, rest))
+        Ok(OpenWatch {
+            first: to_proto(&first.token, key.identity(), key.audience()),
+            key,
+            tokens,
+            slot,
+        })
     }
 }
 
-/// Ends a watch stream with UNAVAILABLE once the daemon starts stopping,
-/// instead of leaving it open until the drain timeout cuts it.
-struct UntilStopping {
-    inner: Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>,
-    stop: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    done: bool,
+/// Whether the policy in force now lets the caller have the key, and the
+/// identity still exists: PERMISSION_DENIED, then NOT_FOUND, as on a new
+/// request. Records the decision for the audit line.
+fn check_grant(live: &Live, cache: &TokenCache, audit: &mut Audit) -> Result<(), Status> {
+    audit.known = cache.knows(&audit.identity);
+    let decision = live
+        .policy()
+        .decide(audit.peer.caller(), &audit.identity, &audit.audience);
+    audit.decision = Some(decision);
+    if !decision.allowed() {
+        // Name the caller and the request, and nothing about the rules.
+        return Err(Status::permission_denied(format!(
+            "uid {} may not use identity {} for audience {}",
+            audit
+                .peer
+                .uid
+                .map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
+            LogText::new(&audit.identity),
+            LogText::new(&audit.audience)
+        )));
+    }
+    if !audit.known {
+        return Err(to_status(CacheError::UnknownIdentity(
+            audit.identity.clone(),
+        )));
+    }
+    Ok(())
 }
 
-impl UntilStopping {
-    fn new(
-        inner: impl Stream<Item = Result<proto::IdToken, Status>> + Send + 'static,
-        mut stopping: watch::Receiver<bool>,
-    ) -> Self {
-        Self {
-            inner: Box::pin(inner),
-            stop: Box::pin(async move {
-                // An error means the server is gone: stop too.
-                let _ = stopping.wait_for(|stopping| *stopping).await;
-            }),
-            done: false,
+/// What woke a watch stream.
+enum Wake {
+    Closed,
+    Stopping,
+    Reloaded,
+    Token,
+    EntryGone,
+}
+
+/// One open `WatchIdToken` stream: sends the first token, then each
+/// refreshed one, re-checking the grant against the policy in force before
+/// every delivery and at every reload. A revoked grant (or an identity
+/// removed by a reload) ends the stream with the status a new request would
+/// get, and an audit line; so does the daemon stopping (UNAVAILABLE).
+struct WatchFeed {
+    /// The stream's opening request, the template of its later lines.
+    audit: Audit,
+    cache: TokenCache,
+    live: Arc<Live>,
+    key: CacheKey,
+    tokens: watch::Receiver<Option<IdToken>>,
+    reloads: watch::Receiver<u64>,
+    stopping: watch::Receiver<bool>,
+    sender: tokio::sync::mpsc::Sender<Result<proto::IdToken, Status>>,
+    /// Held (with the receiver, which keeps the key from idle eviction)
+    /// until the stream ends.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl WatchFeed {
+    async fn run(mut self, first: proto::IdToken) {
+        if self.sender.send(Ok(first)).await.is_err() {
+            return self.close();
+        }
+        loop {
+            let wake = tokio::select! {
+                biased;
+                () = self.sender.closed() => Wake::Closed,
+                _ = self.stopping.wait_for(|stopping| *stopping) => Wake::Stopping,
+                changed = self.reloads.changed() => match changed {
+                    Ok(()) => Wake::Reloaded,
+                    // The daemon is going away; stopping ends the stream.
+                    Err(_) => Wake::Stopping,
+                },
+                changed = self.tokens.changed() => match changed {
+                    Ok(()) => Wake::Token,
+                    Err(_) => Wake::EntryGone,
+                },
+            };
+            match wake {
+                Wake::Closed => return self.close(),
+                Wake::Stopping => {
+                    let status = Status::unavailable(
+                        "token-broker is shutting down; reconnect to watch again",
+                    );
+                    return self.end("ended", status).await;
+                }
+                Wake::Reloaded => {
+                    if let Err(status) = self.recheck() {
+                        return self.end("revoked", status).await;
+                    }
+                }
+                Wake::EntryGone => {
+                    // The identity was removed, or its credential replaced,
+                    // by a reload.
+                    let status = self.recheck().err().unwrap_or_else(|| {
+                        Status::unavailable(
+                            "this identity's credential was replaced by a configuration reload; \
+                             watch again for tokens from the new one",
+                        )
+                    });
+                    return self.end("ended", status).await;
+                }
+                Wake::Token => {
+                    let token = self.tokens.borrow_and_update().clone();
+                    let Some(token) = token else { continue };
+                    if let Err(status) = self.recheck() {
+                        return self.end("revoked", status).await;
+                    }
+                    let token = to_proto(&token, self.key.identity(), self.key.audience());
+                    let mut line = self.audit.stream_event("refresh");
+                    line.decision = self.audit.decision;
+                    line.finish(Ok(&token));
+                    if self.sender.send(Ok(token)).await.is_err() {
+                        return self.close();
+                    }
+                }
+            }
         }
     }
-}
 
-impl Stream for UntilStopping {
-    type Item = Result<proto::IdToken, Status>;
+    /// The grant as of now.
+    fn recheck(&mut self) -> Result<(), Status> {
+        check_grant(&self.live, &self.cache, &mut self.audit)
+    }
 
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if self.stop.as_mut().poll(cx).is_ready() {
-            self.done = true;
-            return Poll::Ready(Some(Err(Status::unavailable(
-                "token-broker is shutting down; reconnect to watch again",
-            ))));
-        }
-        self.inner.as_mut().poll_next(cx)
+    /// Ends the stream with `status`, and says so in the audit log.
+    async fn end(self, event: &'static str, status: Status) {
+        let mut line = self.audit.stream_event(event);
+        line.decision = self.audit.decision;
+        line.finish(Err(&status));
+        let _ = self.sender.send(Err(status)).await;
+    }
+
+    /// The client went away.
+    fn close(self) {
+        let mut line = self.audit.stream_event("closed");
+        line.decision = self.audit.decision;
+        line.write(
+            tonic::Code::Cancelled,
+            None,
+            Some("the client closed the stream"),
+        );
     }
 }
 
@@ -390,7 +548,8 @@ fn min_valid(requested: Option<prost_types::Duration>) -> Result<Duration, Statu
 
 fn deadline_exceeded(identity: &str, wait: Duration) -> Status {
     Status::deadline_exceeded(format!(
-        "no token for identity {identity:?} within {}ms; the upstream fetch continues",
+        "no token for identity {} within {}ms; the upstream fetch continues",
+        LogText::new(identity),
         wait.as_millis()
     ))
 }
@@ -398,7 +557,9 @@ fn deadline_exceeded(identity: &str, wait: Duration) -> Status {
 /// The one mapping from broker errors to gRPC statuses (DESIGN.md).
 pub fn to_status(err: CacheError) -> Status {
     match &err {
-        CacheError::InvalidAudience(_) => Status::invalid_argument(err.to_string()),
+        CacheError::InvalidAudience(_) | CacheError::InvalidIdentity(_) => {
+            Status::invalid_argument(err.to_string())
+        }
         CacheError::UnknownIdentity(_) => Status::not_found(err.to_string()),
         CacheError::TooShortLived { .. } => Status::failed_precondition(err.to_string()),
         CacheError::Upstream(source) => match source {
@@ -416,24 +577,6 @@ fn token_state(state: EntryState) -> proto::TokenState {
         EntryState::Failed => proto::TokenState::Failed,
         EntryState::Pending => proto::TokenState::Unspecified,
     }
-}
-
-/// Client input echoed into logs: cut to 256 characters, with whitespace
-/// and control characters escaped so no audience can forge a log line.
-fn loggable(audience: &str) -> String {
-    audience
-        .chars()
-        .take(256)
-        .flat_map(|c| {
-            let escape = c.is_control() || c.is_whitespace();
-            let (plain, escaped) = if escape {
-                (None, Some(c.escape_default()))
-            } else {
-                (Some(c), None)
-            };
-            plain.into_iter().chain(escaped.into_iter().flatten())
-        })
-        .collect()
 }
 
 /// The client's deadline from the `grpc-timeout` header ("100m", "5S", ...).
