@@ -21,6 +21,7 @@ pub mod policy;
 pub mod server;
 pub mod source;
 pub mod token;
+pub mod trusted_path;
 
 /// Generated code for the `tokenbroker.v1` wire contract.
 pub mod proto {

@@ -504,7 +504,7 @@ impl TokenCache {
             }
             tracing::debug!(
                 identity = key.identity(),
-                audience = key.audience(),
+                audience = crate::log_text::LogText::new(key.audience()).as_str(),
                 "evicted least recently used entry"
             );
         }
@@ -551,7 +551,7 @@ impl TokenCache {
                         // success, but the next try waits for a new token.
                         tracing::debug!(
                             identity = entry.key.identity(),
-                            audience = entry.key.audience(),
+                            audience = crate::log_text::LogText::new(entry.key.audience()).as_str(),
                             "upstream returned the same token"
                         );
                     } else {
@@ -573,8 +573,8 @@ impl TokenCache {
                     }
                     tracing::warn!(
                         identity = entry.key.identity(),
-                        audience = entry.key.audience(),
-                        error = %err,
+                        audience = crate::log_text::LogText::new(entry.key.audience()).as_str(),
+                        error = err.to_string(),
                         "upstream fetch failed"
                     );
                     slot.backoff.failed(
@@ -637,7 +637,7 @@ impl TokenCache {
             .inc();
         tracing::debug!(
             identity = key.identity(),
-            audience = key.audience(),
+            audience = crate::log_text::LogText::new(key.audience()).as_str(),
             upstream = upstream.source.upstream(),
             ok = result.is_ok(),
             latency_ms = started.elapsed().as_millis() as u64,
