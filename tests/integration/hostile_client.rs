@@ -307,7 +307,7 @@ async fn a_reload_that_revokes_a_grant_ends_the_open_stream() {
         "{status:?}"
     );
     assert!(
-        ended_after < Duration::from_secs(5),
+        ended_after < Duration::from_secs(2),
         "ended at the reload, not at the next refresh: {ended_after:?}"
     );
     let ended = tokio::time::timeout(Duration::from_secs(20), roots.message())
@@ -320,15 +320,14 @@ async fn a_reload_that_revokes_a_grant_ends_the_open_stream() {
     let log = wait_for_log(&broker, "the revocation audit line", |log| {
         audit_lines(log, "WatchIdToken")
             .iter()
-            .any(|l| field(l, "event") == Some("revoked"))
+            .any(|l| field(l, "event") == Some("revoked") && field(l, "peer_uid") == Some("4102"))
     })
     .await;
     let lines = audit_lines(&log, "WatchIdToken");
     let revoked_line = lines
         .iter()
-        .find(|l| field(l, "event") == Some("revoked"))
+        .find(|l| field(l, "event") == Some("revoked") && field(l, "peer_uid") == Some("4102"))
         .unwrap();
-    assert_eq!(field(revoked_line, "peer_uid"), Some("4102"), "{log}");
     assert_eq!(
         field(revoked_line, "result"),
         Some("PERMISSION_DENIED"),
