@@ -2,7 +2,7 @@
 //! them into Google-signed OIDC ID tokens for any audience, keeps every token
 //! in use fresh, and serves them over gRPC on a Unix socket.
 //!
-//! The flow (see DESIGN.md): [`server`] accepts a request, [`cache`] answers
+//! The flow (see ARCHITECTURE.md): [`server`] accepts a request, [`cache`] answers
 //! it from memory or makes one shared fetch through the identity's
 //! [`source`], and [`token`] checks what upstream returned.
 
@@ -12,8 +12,8 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod domain;
 pub mod emulator;
-pub mod log_text;
 pub mod logging;
 pub mod metadata_protocol;
 pub mod metrics;
@@ -21,7 +21,6 @@ pub mod policy;
 pub mod server;
 pub mod source;
 pub mod token;
-pub mod trusted_path;
 
 /// Generated code for the `tokenbroker.v1` wire contract.
 pub mod proto {

@@ -63,13 +63,10 @@ pub enum TokenError {
     MissingExpiry,
     #[error("the token expired {0}s ago")]
     Expired(u64),
-    /// Both are foreign text (upstream's claim, the client's audience),
-    /// shown capped and escaped.
-    #[error("the token's `aud` is {actual}, not the audience asked for ({expected})")]
-    AudienceMismatch {
-        expected: crate::log_text::LogText,
-        actual: crate::log_text::LogText,
-    },
+    /// Both are foreign text (upstream's claim, the client's audience):
+    /// each is cut to [`MAX_SHOWN_AUD_BYTES`] and shown quoted and escaped.
+    #[error("the token's `aud` is {actual:?}, not the audience asked for ({expected:?})")]
+    AudienceMismatch { expected: String, actual: String },
 }
 
 /// A Google-signed OIDC ID token, checked to be usable for one audience.
@@ -147,8 +144,8 @@ impl IdToken {
         };
         if !audiences.iter().any(|aud| aud == expected_audience) {
             return Err(TokenError::AudienceMismatch {
-                expected: expected_audience.into(),
-                actual: audiences.join(",").as_str().into(),
+                expected: shown(expected_audience),
+                actual: shown(&audiences.join(",")),
             });
         }
         let issued_at = claims
@@ -279,6 +276,22 @@ mod tests {
         assert!(!format!("{token:?}").contains(&text));
         assert_eq!(format!("{:?}", Secret::new("hunter2".into())), "[redacted]");
     }
+}
+
+/// Most bytes of an audience an error shows (as a log field would).
+pub const MAX_SHOWN_AUD_BYTES: usize = 256;
+
+/// `text` cut to [`MAX_SHOWN_AUD_BYTES`] at a character boundary, marked
+/// when cut; the error's `{:?}` quotes and escapes it.
+fn shown(text: &str) -> String {
+    if text.len() <= MAX_SHOWN_AUD_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_SHOWN_AUD_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[{} more bytes cut]", &text[..end], text.len() - end)
 }
 
 /// Replaces anything shaped like a compact JWS or JWE (three or more

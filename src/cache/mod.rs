@@ -32,13 +32,12 @@ use tokio::{
     time::Instant,
 };
 
-pub use key::{
-    validate_audience, validate_identity, AudienceError, CacheKey, IdentityError, MAX_IDENTITY_LEN,
-};
+pub use key::CacheKey;
 
 use crate::{
     clock::Clock,
     config::RefreshSettings,
+    domain::{AudienceError, IdentityError},
     source::{IdTokenSource, SourceError},
     token::IdToken,
 };
@@ -504,7 +503,7 @@ impl TokenCache {
             }
             tracing::debug!(
                 identity = key.identity(),
-                audience = crate::log_text::LogText::new(key.audience()).as_str(),
+                audience = crate::domain::LogText::new(key.audience()).as_str(),
                 "evicted least recently used entry"
             );
         }
@@ -551,7 +550,7 @@ impl TokenCache {
                         // success, but the next try waits for a new token.
                         tracing::debug!(
                             identity = entry.key.identity(),
-                            audience = crate::log_text::LogText::new(entry.key.audience()).as_str(),
+                            audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
                             "upstream returned the same token"
                         );
                     } else {
@@ -573,7 +572,7 @@ impl TokenCache {
                     }
                     tracing::warn!(
                         identity = entry.key.identity(),
-                        audience = crate::log_text::LogText::new(entry.key.audience()).as_str(),
+                        audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
                         error = err.to_string(),
                         "upstream fetch failed"
                     );
@@ -611,10 +610,7 @@ impl TokenCache {
         let started = Instant::now();
         let result = upstream.source.fetch(key.audience()).await;
         let metrics = crate::metrics::get();
-        let source = match upstream.source.kind() {
-            crate::config::SourceKind::Metadata => "metadata",
-            crate::config::SourceKind::ServiceAccountKey => "service_account_key",
-        };
+        let source = upstream.source.kind().as_str();
         metrics
             .upstream_duration
             .get_or_create(&crate::metrics::SourceLabels {
@@ -637,7 +633,7 @@ impl TokenCache {
             .inc();
         tracing::debug!(
             identity = key.identity(),
-            audience = crate::log_text::LogText::new(key.audience()).as_str(),
+            audience = crate::domain::LogText::new(key.audience()).as_str(),
             upstream = upstream.source.upstream(),
             ok = result.is_ok(),
             latency_ms = started.elapsed().as_millis() as u64,

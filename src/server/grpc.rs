@@ -15,9 +15,8 @@ use tonic::{Request, Response, Status};
 
 use super::{live::Live, peer::PeerCredentials};
 use crate::{
-    cache::{validate_identity, CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
-    config::DEFAULT_IDENTITY,
-    log_text::LogText,
+    cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
+    domain::{validate_requested_identity, LogText, DEFAULT_IDENTITY},
     policy::Decision,
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
@@ -251,8 +250,10 @@ impl TokenBroker for BrokerService {
         let peer = PeerCredentials::of_request(&request);
         let caller = peer.caller();
         let policy = self.live.policy();
-        // A caller sees only the entries it may read.
-        let tokens: Vec<proto::TokenInfo> = self
+        let size = super::listing::page_size(request.get_ref().page_size)?;
+        let after = super::listing::decode_token(&request.get_ref().page_token)?;
+        // A caller sees only the entries it may read, and pages through those.
+        let readable: Vec<_> = self
             .cache
             .list()
             .into_iter()
@@ -261,6 +262,10 @@ impl TokenBroker for BrokerService {
                     .decide(caller, info.key.identity(), info.key.audience())
                     .allowed()
             })
+            .collect();
+        let (page, next_page_token) = super::listing::page(readable, after.as_ref(), size);
+        let tokens: Vec<proto::TokenInfo> = page
+            .into_iter()
             .map(|info| proto::TokenInfo {
                 identity: info.key.identity().to_owned(),
                 audience: info.key.audience().to_owned(),
@@ -280,7 +285,10 @@ impl TokenBroker for BrokerService {
             result = "OK",
             "ListTokens"
         );
-        Ok(Response::new(proto::ListTokensResponse { tokens }))
+        Ok(Response::new(proto::ListTokensResponse {
+            tokens,
+            next_page_token,
+        }))
     }
 }
 
@@ -296,7 +304,7 @@ struct OpenWatch {
 impl BrokerService {
     /// Validates, checks the policy and the rate limit: the key to look up.
     fn admit(&self, audit: &mut Audit) -> Result<CacheKey, Status> {
-        validate_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
+        validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
         audit.known = self.cache.knows(&audit.identity);
         let key =
             CacheKey::new(&audit.identity, &audit.audience).map_err(|e| to_status(e.into()))?;

@@ -46,9 +46,9 @@ use axum::{
 use tokio::time::Instant;
 
 use crate::{
-    cache::{validate_identity, CacheError, CacheKey, CacheOutcome, TokenCache},
+    cache::{CacheError, CacheKey, CacheOutcome, TokenCache},
     config::MetadataEndpointSettings,
-    log_text::LogText,
+    domain::LogText,
     metadata_protocol::{account_and_leaf, Leaf, Query},
     source::SourceError,
 };
@@ -484,7 +484,7 @@ impl EndpointState {
     /// `default`, or the identity's own email, names the served account.
     async fn check_account(&self, account: &str) -> Result<(), Refusal> {
         // Checked as gRPC checks a requested identity, before it is echoed.
-        validate_identity(account).map_err(|e| {
+        crate::domain::validate_requested_identity(account).map_err(|e| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
                 format!("the service account named in the path is not a valid name: {e}"),

@@ -133,11 +133,11 @@ fn check_directory(path: &Path) -> Result<(), SocketError> {
         Some(dir) => dir.to_path_buf(),
         None => PathBuf::from("."),
     };
-    let refuse = |e: crate::trusted_path::PathError| SocketError::Unsafe {
+    let refuse = |e: crate::domain::trusted_path::PathError| SocketError::Unsafe {
         why: format!("its directory cannot be trusted: {e}"),
         path: path.to_path_buf(),
     };
-    match crate::trusted_path::resolve(&dir) {
+    match crate::domain::trusted_path::resolve(&dir) {
         Ok(_) => return Ok(()),
         Err(e) if !e.is_not_found() => return Err(refuse(e)),
         Err(_) => {}
@@ -146,7 +146,7 @@ fn check_directory(path: &Path) -> Result<(), SocketError> {
         .ancestors()
         .find(|a| std::fs::symlink_metadata(a).is_ok())
         .unwrap_or(Path::new("/"));
-    crate::trusted_path::resolve(existing).map_err(refuse)?;
+    crate::domain::trusted_path::resolve(existing).map_err(refuse)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o750)
@@ -156,7 +156,7 @@ fn check_directory(path: &Path) -> Result<(), SocketError> {
             what: "cannot create its directory",
             source,
         })?;
-    crate::trusted_path::resolve(&dir).map_err(refuse)?;
+    crate::domain::trusted_path::resolve(&dir).map_err(refuse)?;
     Ok(())
 }
 

@@ -61,7 +61,7 @@ impl ServiceAccountKey {
         // those are followed); see `trusted_path`.
         let me = nix::unistd::geteuid().as_raw();
         let trusted = |uid: u32| uid == 0 || uid == me;
-        let real = crate::trusted_path::resolve(path).map_err(|e| {
+        let real = crate::domain::trusted_path::resolve(path).map_err(|e| {
             if e.is_not_found() {
                 fail("cannot be read: no such file".into())
             } else {

@@ -19,7 +19,8 @@ pub use service_account::ServiceAccountSource;
 
 use crate::{
     clock::Clock,
-    config::{IdentitySettings, Problem, SourceKind},
+    config::IdentitySettings,
+    domain::{Problem, SourceKind},
     token::{IdToken, TokenError},
 };
 
@@ -146,10 +147,10 @@ pub(crate) fn http_client() -> Result<reqwest::Client, String> {
 
 /// Upstream text fit to pass on: anything shaped like a token removed, then
 /// capped and quoted with its quotes, backslashes and control characters
-/// escaped ([`LogText`](crate::log_text::LogText)), so an upstream's body
+/// escaped ([`LogText`](crate::domain::LogText)), so an upstream's body
 /// can neither forge a log line nor leak a token into one.
 pub(crate) fn sanitize_upstream_text(text: &str) -> String {
-    crate::log_text::LogText::new(&crate::token::redact_jwts(text.trim())).to_string()
+    crate::domain::LogText::new(&crate::token::redact_jwts(text.trim())).to_string()
 }
 
 /// Describes a reqwest failure without its URL's query (which holds the audience

@@ -89,10 +89,12 @@ impl Relay {
             .uid(uid)
             .spawn()
             .expect("relay starts");
+        // Dropping it kills and reaps the process, even if it never binds.
+        let relay = Relay { child, socket };
         // Process startup, not a timing assertion.
         for _ in 0..500 {
-            if socket.exists() {
-                return Relay { child, socket };
+            if relay.socket.exists() {
+                return relay;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -8,6 +8,7 @@ mod cli;
 mod clients;
 mod hostile_client;
 mod key_files;
+mod layering;
 mod metadata_endpoint;
 mod metadata_source;
 mod operations;
