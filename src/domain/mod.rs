@@ -1,9 +1,10 @@
 //! The checked values every layer shares: what an audience, an identity
 //! name, a principal and a configuration problem are, how foreign text is
-//! made fit for a log line, and which paths the daemon may trust. This is the bottom
-//! layer: it imports nothing from the rest of the crate, so config, sources,
-//! policy, cache and servers can all agree on these rules without importing
-//! each other (ARCHITECTURE.md, "Layers").
+//! made fit for a log line ([`LogText`]), and which paths the daemon may
+//! trust ([`trusted_path`]). This is the bottom layer: it imports nothing
+//! from the rest of the crate, so config, sources, policy, cache and servers
+//! can all agree on these rules without importing each other
+//! (ARCHITECTURE.md, "Layers").
 
 pub mod audience;
 pub mod identity;

@@ -1,23 +1,20 @@
 //! The `tokenbroker.v1.TokenBroker` gRPC service: request checks, the
 //! access policy (checked on every call, cache hits included), the per-uid
 //! new-audience rate limit, the one place errors become `tonic::Status`, and
-//! one audit line per decision.
+//! one audit line per request ([`super::audit`]). Open watch streams run as
+//! tasks of their own ([`super::watch_stream`]).
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use prost_types::Timestamp;
-use tokio::{
-    sync::{watch, OwnedSemaphorePermit, Semaphore},
-    time::Instant,
-};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{live::Live, peer::PeerCredentials};
+use super::{audit::Audit, live::Live, peer::PeerCredentials, watch_stream::WatchFeed};
 use crate::{
-    cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
-    domain::{validate_requested_identity, LogText, DEFAULT_IDENTITY},
-    policy::Decision,
+    cache::{CacheError, CacheKey, EntryState, TokenCache},
+    domain::{validate_requested_identity, LogText},
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
     token::IdToken,
@@ -52,150 +49,6 @@ impl BrokerService {
             max_streams,
             stopping,
         }
-    }
-}
-
-/// What one request came to, for its audit line.
-///
-/// The line is written by [`Audit::finish`], or, when the client goes away
-/// first (tonic drops the handler's future mid-fetch), by `Drop` with the
-/// result `CANCELLED`: every request leaves exactly one line.
-struct Audit {
-    method: &'static str,
-    /// `None` for a request; for a watch stream's later lines, what
-    /// happened (`refresh`, `revoked`, `ended`, `closed`).
-    event: Option<&'static str>,
-    peer: PeerCredentials,
-    /// As requested (empty means the default identity): foreign text,
-    /// logged through [`LogText`].
-    identity: String,
-    audience: String,
-    decision: Option<Decision>,
-    outcome: Option<CacheOutcome>,
-    started: Instant,
-    /// Whether the identity is configured: only then is it a metric label,
-    /// so clients cannot grow the label set.
-    known: bool,
-    written: bool,
-}
-
-impl Audit {
-    fn start(method: &'static str, peer: &PeerCredentials, req: &proto::GetIdTokenRequest) -> Self {
-        Audit {
-            method,
-            event: None,
-            peer: peer.clone(),
-            identity: identity_of(&req.identity).to_owned(),
-            audience: req.audience.clone(),
-            decision: None,
-            outcome: None,
-            started: Instant::now(),
-            known: false,
-            written: false,
-        }
-    }
-
-    /// The next line of an open watch stream, for the same caller and key.
-    fn stream_event(&self, event: &'static str) -> Audit {
-        Audit {
-            method: self.method,
-            event: Some(event),
-            peer: self.peer.clone(),
-            identity: self.identity.clone(),
-            audience: self.audience.clone(),
-            decision: None,
-            outcome: None,
-            started: Instant::now(),
-            known: self.known,
-            written: false,
-        }
-    }
-
-    fn finish(&mut self, result: Result<&proto::IdToken, &Status>) {
-        match result {
-            Ok(token) => self.write(
-                tonic::Code::Ok,
-                token.expire_time.as_ref().map(|t| t.seconds),
-                None,
-            ),
-            Err(status) => self.write(status.code(), None, Some(status.message())),
-        }
-    }
-
-    /// One structured line: who, what, the decision and its rule, the cache
-    /// outcome, latency and result. Never token text; every field a client
-    /// or upstream wrote is capped, and quoted and escaped by the formatter.
-    fn write(&mut self, code: tonic::Code, expire_time: Option<i64>, error: Option<&str>) {
-        if self.written {
-            return;
-        }
-        self.written = true;
-        let result = crate::client::code_name(code);
-        let metric_identity = if self.known {
-            crate::metrics::identity_label(&self.identity)
-        } else {
-            "unknown"
-        };
-        let metrics = crate::metrics::get();
-        if self.event.is_none() {
-            metrics
-                .requests
-                .get_or_create(&crate::metrics::RequestLabels {
-                    method: self.method,
-                    identity: metric_identity,
-                    result,
-                    cache: self.outcome.map_or("none", CacheOutcome::as_str),
-                })
-                .inc();
-        }
-        if self.decision == Some(Decision::Denied) {
-            metrics
-                .policy_denials
-                .get_or_create(&crate::metrics::IdentityLabels {
-                    identity: metric_identity,
-                })
-                .inc();
-        }
-        let peer = &self.peer;
-        let peer_exe = peer.exe.as_deref().map(LogText::new);
-        let identity = LogText::new(&self.identity);
-        let audience = LogText::new(&self.audience);
-        let error = error.map(LogText::new);
-        let decision = self
-            .decision
-            .map(|d| if d.allowed() { "allowed" } else { "denied" });
-        let rule = self.decision.map(Decision::rule);
-        let cache = self.outcome.map(CacheOutcome::as_str);
-        let latency_us = self.started.elapsed().as_micros() as u64;
-        tracing::info!(
-            peer_uid = peer.uid,
-            peer_gid = peer.gid,
-            peer_pid = peer.pid,
-            peer_exe = peer_exe.as_ref().map(LogText::as_str),
-            identity = identity.as_str(),
-            audience = audience.as_str(),
-            event = self.event,
-            decision,
-            rule,
-            cache,
-            latency_us,
-            expire_time,
-            result,
-            error = error.as_ref().map(LogText::as_str),
-            "{}",
-            self.method
-        );
-    }
-}
-
-impl Drop for Audit {
-    fn drop(&mut self) {
-        // Only a request whose client went away is dropped unwritten.
-        self.write(
-            tonic::Code::Cancelled,
-            None,
-            Some("the client went away before the answer"),
-        );
     }
 }
 
@@ -375,7 +228,11 @@ impl BrokerService {
 /// Whether the policy in force now lets the caller have the key, and the
 /// identity still exists: PERMISSION_DENIED, then NOT_FOUND, as on a new
 /// request. Records the decision for the audit line.
-fn check_grant(live: &Live, cache: &TokenCache, audit: &mut Audit) -> Result<(), Status> {
+pub(super) fn check_grant(
+    live: &Live,
+    cache: &TokenCache,
+    audit: &mut Audit,
+) -> Result<(), Status> {
     audit.known = cache.knows(&audit.identity);
     let decision = live
         .policy()
@@ -401,122 +258,6 @@ fn check_grant(live: &Live, cache: &TokenCache, audit: &mut Audit) -> Result<(),
     Ok(())
 }
 
-/// What woke a watch stream.
-enum Wake {
-    Closed,
-    Stopping,
-    Reloaded,
-    Token,
-    EntryGone,
-}
-
-/// One open `WatchIdToken` stream: sends the first token, then each
-/// refreshed one, re-checking the grant against the policy in force before
-/// every delivery and at every reload. A revoked grant (or an identity
-/// removed by a reload) ends the stream with the status a new request would
-/// get, and an audit line; so does the daemon stopping (UNAVAILABLE).
-struct WatchFeed {
-    /// The stream's opening request, the template of its later lines.
-    audit: Audit,
-    cache: TokenCache,
-    live: Arc<Live>,
-    key: CacheKey,
-    tokens: watch::Receiver<Option<IdToken>>,
-    reloads: watch::Receiver<u64>,
-    stopping: watch::Receiver<bool>,
-    sender: tokio::sync::mpsc::Sender<Result<proto::IdToken, Status>>,
-    /// Held (with the receiver, which keeps the key from idle eviction)
-    /// until the stream ends.
-    _slot: OwnedSemaphorePermit,
-}
-
-impl WatchFeed {
-    async fn run(mut self, first: proto::IdToken) {
-        if self.sender.send(Ok(first)).await.is_err() {
-            return self.close();
-        }
-        loop {
-            let wake = tokio::select! {
-                biased;
-                () = self.sender.closed() => Wake::Closed,
-                _ = self.stopping.wait_for(|stopping| *stopping) => Wake::Stopping,
-                changed = self.reloads.changed() => match changed {
-                    Ok(()) => Wake::Reloaded,
-                    // The daemon is going away; stopping ends the stream.
-                    Err(_) => Wake::Stopping,
-                },
-                changed = self.tokens.changed() => match changed {
-                    Ok(()) => Wake::Token,
-                    Err(_) => Wake::EntryGone,
-                },
-            };
-            match wake {
-                Wake::Closed => return self.close(),
-                Wake::Stopping => {
-                    let status = Status::unavailable(
-                        "token-broker is shutting down; reconnect to watch again",
-                    );
-                    return self.end("ended", status).await;
-                }
-                Wake::Reloaded => {
-                    if let Err(status) = self.recheck() {
-                        return self.end("revoked", status).await;
-                    }
-                }
-                Wake::EntryGone => {
-                    // The identity was removed, or its credential replaced,
-                    // by a reload.
-                    let status = self.recheck().err().unwrap_or_else(|| {
-                        Status::unavailable(
-                            "this identity's credential was replaced by a configuration reload; \
-                             watch again for tokens from the new one",
-                        )
-                    });
-                    return self.end("ended", status).await;
-                }
-                Wake::Token => {
-                    let token = self.tokens.borrow_and_update().clone();
-                    let Some(token) = token else { continue };
-                    if let Err(status) = self.recheck() {
-                        return self.end("revoked", status).await;
-                    }
-                    let token = to_proto(&token, self.key.identity(), self.key.audience());
-                    let mut line = self.audit.stream_event("refresh");
-                    line.decision = self.audit.decision;
-                    line.finish(Ok(&token));
-                    if self.sender.send(Ok(token)).await.is_err() {
-                        return self.close();
-                    }
-                }
-            }
-        }
-    }
-
-    /// The grant as of now.
-    fn recheck(&mut self) -> Result<(), Status> {
-        check_grant(&self.live, &self.cache, &mut self.audit)
-    }
-
-    /// Ends the stream with `status`, and says so in the audit log.
-    async fn end(self, event: &'static str, status: Status) {
-        let mut line = self.audit.stream_event(event);
-        line.decision = self.audit.decision;
-        line.finish(Err(&status));
-        let _ = self.sender.send(Err(status)).await;
-    }
-
-    /// The client went away.
-    fn close(self) {
-        let mut line = self.audit.stream_event("closed");
-        line.decision = self.audit.decision;
-        line.write(
-            tonic::Code::Cancelled,
-            None,
-            Some("the client closed the stream"),
-        );
-    }
-}
-
 /// A token request's caller, deadline and message.
 fn parts(
     request: Request<proto::GetIdTokenRequest>,
@@ -526,15 +267,7 @@ fn parts(
     (peer, wait, request.into_inner())
 }
 
-fn identity_of(requested: &str) -> &str {
-    if requested.is_empty() {
-        DEFAULT_IDENTITY
-    } else {
-        requested
-    }
-}
-
-fn to_proto(token: &IdToken, identity: &str, audience: &str) -> proto::IdToken {
+pub(super) fn to_proto(token: &IdToken, identity: &str, audience: &str) -> proto::IdToken {
     proto::IdToken {
         token: token.expose().to_owned(),
         expire_time: Some(token.expires_at().into()),
