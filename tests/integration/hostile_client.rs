@@ -499,7 +499,10 @@ async fn upstream_error_text_cannot_forge_lines_or_leak_a_token() {
 async fn a_huge_identity_cannot_flood_the_log() {
     let emulator = support::emulator().await;
     // The configured filter (info), not the test default of trace.
-    let broker = broker(&emulator, "", &rule(0, "[\"*\"]", "[\"*\"]"), "").await;
+    let port = crate::metadata_endpoint::free_port();
+    let endpoint = format!("[metadata_endpoint]\nlisten = \"127.0.0.1:{port}\"\n");
+    let rules = rule(0, "[\"*\"]", "[\"*\"]");
+    let broker = broker(&emulator, "", &format!("{rules}{endpoint}"), "").await;
     let eve = Relay::start(&broker, EVE).await;
     let mut client = eve.client().await;
     let identity = "i".repeat(16 * 1024);
@@ -553,6 +556,30 @@ async fn a_huge_identity_cannot_flood_the_log() {
         field(&line, "identity"),
         Some(format!("{}…[16128 more bytes cut]", "i".repeat(256)).as_str())
     );
+
+    // The metadata endpoint: a 16 KB account name in the path.
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{port}/computeMetadata/v1/instance/service-accounts/{identity}/identity?audience=https://a.example.com"
+        ))
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body = response.text().await.unwrap();
+    assert!(
+        body.contains("identity is 16384 bytes; the limit is 128"),
+        "{body}"
+    );
+    assert!(body.len() < 1024, "{} bytes of body", body.len());
+    let is_the_line = |l: &&str| l.contains(": metadata endpoint ") && l.contains(" status=400");
+    let log = wait_for_log(&broker, "the endpoint's line", |log| {
+        log.lines().any(|l| is_the_line(&l))
+    })
+    .await;
+    let line = log.lines().find(is_the_line).unwrap();
+    assert!(line.len() < 1024, "{} bytes: {line}", line.len());
 }
 
 /// Point 6: a cubic pattern matcher. Eve, granted `https://*-*-*.b.run.app`,
