@@ -12,6 +12,8 @@ use std::{
 };
 
 use jsonwebtoken::EncodingKey;
+
+use crate::domain::trusted_path::PathError;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
@@ -61,12 +63,16 @@ impl ServiceAccountKey {
         // those are followed); see `trusted_path`.
         let me = nix::unistd::geteuid().as_raw();
         let trusted = |uid: u32| uid == 0 || uid == me;
-        let real = crate::domain::trusted_path::resolve(path).map_err(|e| {
-            if e.is_not_found() {
-                fail("cannot be read: no such file".into())
-            } else {
-                fail(format!("is not safe to read: {e}"))
+        let real = crate::domain::trusted_path::resolve(path).map_err(|e| match e {
+            PathError::Io { component, source } if component == path => {
+                fail(format!("cannot be read: {}", io_reason(&source)))
             }
+            PathError::Io { component, source } => fail(format!(
+                "cannot be read: {}: {}",
+                component.display(),
+                io_reason(&source)
+            )),
+            untrusted => fail(format!("is not safe to read: {untrusted}")),
         })?;
         // Nothing on the way can change now; the file itself must not be a
         // link either (it was resolved), so refuse one that appeared since.
