@@ -206,6 +206,7 @@ fn every_key_present() -> Settings {
     });
     s.telemetry = Some(TelemetrySettings {
         listen: "127.0.0.1:9464".parse().unwrap(),
+        allow_non_loopback: false,
     });
     s
 }

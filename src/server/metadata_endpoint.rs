@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use crate::{
     cache::{CacheError, CacheKey, CacheOutcome, TokenCache},
     config::MetadataEndpointSettings,
+    domain::LogText,
     metadata_protocol::{account_and_leaf, Leaf, Query},
     source::SourceError,
 };
@@ -309,6 +310,67 @@ struct Outcome {
     cache: Option<CacheOutcome>,
 }
 
+/// Status logged for a request whose client went away before the answer
+/// (nginx's "client closed request"); nothing is sent.
+const CLIENT_CLOSED: u16 = 499;
+
+/// One request's log line, written once: by [`RequestLine::write`] with the
+/// answer, or on drop, when the client went away first and hyper dropped
+/// the handler mid-fetch. Every field a client or upstream wrote is capped
+/// and quoted ([`LogText`]).
+struct RequestLine {
+    peer: SocketAddr,
+    method: LogText,
+    path: LogText,
+    identity: LogText,
+    outcome: Outcome,
+    started: Instant,
+    written: bool,
+}
+
+impl RequestLine {
+    fn write(&mut self, status: u16, error: Option<&str>) {
+        if self.written {
+            return;
+        }
+        self.written = true;
+        let latency_us = self.started.elapsed().as_micros() as u64;
+        let audience = self.outcome.audience.as_deref().map(LogText::new);
+        let error = error.map(LogText::new);
+        // Served lines have a target of their own: the only info lines a
+        // full log queue may drop (logging::pipe).
+        macro_rules! line {
+            ($($target:tt)*) => { tracing::info!(
+            $($target)*
+            peer = %self.peer,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
+            identity = self.identity.as_str(),
+            audience = audience.as_ref().map(LogText::as_str),
+            cache = self.outcome.cache.map(CacheOutcome::as_str),
+            latency_us,
+            status,
+            error = error.as_ref().map(LogText::as_str),
+            "metadata endpoint"
+        ) };
+        }
+        if status < 300 {
+            line!(target: crate::logging::SERVED_TARGET,);
+        } else {
+            line!();
+        }
+    }
+}
+
+impl Drop for RequestLine {
+    fn drop(&mut self) {
+        self.write(
+            CLIENT_CLOSED,
+            Some("the client went away before the answer"),
+        );
+    }
+}
+
 /// Every request: checks, routing, one log line.
 async fn handle(
     State(state): State<Arc<EndpointState>>,
@@ -317,31 +379,22 @@ async fn handle(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let started = Instant::now();
-    let mut outcome = Outcome::default();
-    let result = answer(&state, &method, &headers, &uri, &mut outcome).await;
-    let latency_us = started.elapsed().as_micros() as u64;
-    let path = loggable(uri.path());
-    let audience = outcome
-        .audience
-        .as_deref()
-        .map(|a| tracing::field::display(loggable(a)));
-    let cache = outcome.cache.map(CacheOutcome::as_str);
-    match result {
+    let mut line = RequestLine {
+        peer,
+        method: LogText::new(method.as_str()),
+        path: LogText::new(uri.path()),
+        identity: LogText::new(&state.identity),
+        outcome: Outcome::default(),
+        started: Instant::now(),
+        written: false,
+    };
+    match answer(&state, &method, &headers, &uri, &mut line.outcome).await {
         Ok(response) => {
-            tracing::info!(
-                target: crate::logging::SERVED_TARGET,
-                %peer, %method, %path, identity = %state.identity, audience, cache,
-                latency_us, status = response.status().as_u16(), "metadata endpoint"
-            );
+            line.write(response.status().as_u16(), None);
             response
         }
         Err(refusal) => {
-            tracing::info!(
-                %peer, %method, %path, identity = %state.identity, audience, cache,
-                latency_us, status = refusal.status.as_u16(), error = %refusal.message,
-                "metadata endpoint"
-            );
+            line.write(refusal.status.as_u16(), Some(&refusal.message));
             let mut message = refusal.message;
             message.push('\n');
             respond(refusal.status, TEXT, message)
@@ -440,6 +493,13 @@ async fn answer(
 impl EndpointState {
     /// `default`, or the identity's own email, names the served account.
     async fn check_account(&self, account: &str) -> Result<(), Refusal> {
+        // Checked as gRPC checks a requested identity, before it is echoed.
+        crate::domain::validate_requested_identity(account).map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("the service account named in the path is not a valid name: {e}"),
+            )
+        })?;
         if account == "default" {
             return Ok(());
         }
@@ -450,9 +510,9 @@ impl EndpointState {
         Err(Refusal::new(
             StatusCode::NOT_FOUND,
             format!(
-                "Service account {:?} is not available on this endpoint: it serves token-broker \
+                "Service account {} is not available on this endpoint: it serves token-broker \
                  identity {:?} as \"default\"",
-                truncate(account),
+                LogText::new(account),
                 self.identity
             ),
         ))
@@ -491,9 +551,9 @@ impl EndpointState {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "audience {:?} is not on this endpoint's allow-list \
+                    "audience {} is not on this endpoint's allow-list \
                      (metadata_endpoint.audiences); ask the operator to add it",
-                    truncate(audience)
+                    LogText::new(audience)
                 ),
             ));
         }
@@ -553,10 +613,10 @@ fn not_served(path: &str) -> Refusal {
     Refusal::new(
         StatusCode::NOT_FOUND,
         format!(
-            "{:?} is not served by token-broker's metadata endpoint; it serves /, \
+            "{} is not served by token-broker's metadata endpoint; it serves /, \
              {SERVICE_ACCOUNTS}default/identity?audience=..., .../default/email and \
              .../default/?recursive=true",
-            truncate(path)
+            LogText::new(path)
         ),
     )
 }
@@ -573,16 +633,6 @@ fn respond(status: StatusCode, content_type: HeaderValue, body: String) -> Respo
         body,
     )
         .into_response()
-}
-
-/// Client input echoed into answers is cut short.
-fn truncate(text: &str) -> String {
-    text.chars().take(256).collect()
-}
-
-/// Client input echoed into logs: cut short, `{:?}` escapes the rest.
-fn loggable(text: &str) -> String {
-    format!("{:?}", truncate(text))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! bind the socket, serve gRPC (TokenBroker, health, reflection) until told
 //! to stop, then drain and remove the socket.
 
+mod audit;
 pub mod grpc;
 mod listing;
 mod live;
@@ -12,6 +13,7 @@ mod reload;
 pub mod socket;
 pub mod systemd;
 pub mod telemetry;
+mod watch_stream;
 
 use std::{
     collections::HashMap,
