@@ -302,18 +302,23 @@ fn check_plausible(
     Ok(())
 }
 
-/// RFC 3339 for logs and `Debug`, or the raw seconds when the time lies
-/// outside what RFC 3339 can write (year 0000..=9999).
-pub fn display_time(time: SystemTime) -> String {
+/// `time` in RFC 3339 (UTC, whole seconds), or `None` when RFC 3339 cannot
+/// write it (before 1970 as `SystemTime` arithmetic goes here, or after 9999).
+pub fn rfc3339(time: SystemTime) -> Option<String> {
     // 9999-12-31T23:59:59Z
     const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(since) if since.as_secs() <= LAST_RFC3339_SECOND => {
-            humantime::format_rfc3339_seconds(time).to_string()
-        }
+    let since = time.duration_since(UNIX_EPOCH).ok()?;
+    (since.as_secs() <= LAST_RFC3339_SECOND)
+        .then(|| humantime::format_rfc3339_seconds(time).to_string())
+}
+
+/// RFC 3339 for logs and `Debug`, or the raw seconds when the time lies
+/// outside what RFC 3339 can write.
+pub fn display_time(time: SystemTime) -> String {
+    rfc3339(time).unwrap_or_else(|| match time.duration_since(UNIX_EPOCH) {
         Ok(since) => format!("{}s after the Unix epoch", since.as_secs()),
         Err(before) => format!("{}s before the Unix epoch", before.duration().as_secs()),
-    }
+    })
 }
 
 fn decode_segment(segment: &str) -> Option<Vec<u8>> {
