@@ -33,7 +33,8 @@ use tonic::{transport::Channel, Request, Response, Status};
 
 use token_broker::{
     clock::Clock,
-    config::{IdentitySettings, Settings, SourceKind},
+    config::{IdentitySettings, Settings},
+    domain::SourceKind,
     emulator::{Emulator, EmulatorOptions},
     proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest, ListTokensRequest},
     server::{Prepared, Server},

@@ -86,7 +86,7 @@ pub struct TokenArgs {
     #[arg(long, short)]
     pub audience: String,
     /// The configured identity to use.
-    #[arg(long, short, default_value = config::DEFAULT_IDENTITY)]
+    #[arg(long, short, default_value = crate::domain::DEFAULT_IDENTITY)]
     pub identity: String,
     /// Minimum life the token must have left, e.g. 10m.
     #[arg(long, value_parser = humantime::parse_duration)]

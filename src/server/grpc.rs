@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use super::{live::Live, peer::PeerCredentials};
 use crate::{
     cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
-    config::DEFAULT_IDENTITY,
+    domain::DEFAULT_IDENTITY,
     policy::Decision,
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,

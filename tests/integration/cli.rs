@@ -155,6 +155,36 @@ fn check_config_prints_what_it_would_run_and_names_bad_keys() {
 }
 
 #[test]
+fn check_config_refuses_an_empty_file_and_reports_config_and_policy_problems_together() {
+    let dir = support::workdir();
+    let config = dir.path().join("empty.toml");
+    std::fs::write(&config, "# nothing but a comment\n").unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("empty.toml") && stderr.contains("has no settings"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &config,
+        "[refresh]\nmax_entries = 0\n[[policy]]\nuids = [\"no-such-user-xyz\"]\nidentities = [\"*\"]\naudiences = [\"https://**.x\"]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    for key in [
+        "refresh.max_entries",
+        "policy[0].uids[0]",
+        "policy[0].audiences[0]",
+    ] {
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
+}
+
+#[test]
 fn without_a_config_the_metadata_server_is_the_default_identity() {
     let (code, stdout, _) = support::run_cli(&["check-config"]);
     assert_eq!(code, 0, "{stdout}");
