@@ -511,12 +511,20 @@ mod tests {
 
     #[test]
     fn extreme_timestamps_are_named_not_formatted() {
-        for (seconds, nanos) in [(i64::MAX, i32::MAX), (i64::MIN, i32::MIN), (-1, 0), (253_402_300_800, 0)] {
+        for (seconds, nanos) in [
+            (i64::MAX, i32::MAX),
+            (i64::MIN, i32::MIN),
+            (-1, 0),
+            (253_402_300_800, 0),
+        ] {
             let ts = prost_types::Timestamp { seconds, nanos };
             assert_eq!(rfc3339(Some(&ts)), None, "{ts:?}");
             assert!(table_time(Some(&ts)).starts_with("out of range"), "{ts:?}");
         }
-        let ts = prost_types::Timestamp { seconds: 1_800_000_000, nanos: 0 };
+        let ts = prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 0,
+        };
         assert_eq!(rfc3339(Some(&ts)).as_deref(), Some("2027-01-15T08:00:00Z"));
     }
 }

@@ -394,8 +394,14 @@ mod tests {
                 json!({"exp": now_secs + 60, "iat": 9_300_000_000_000_000_000u64}),
                 "`iat` claim is 9300000000000000000, beyond",
             ),
-            (json!({"exp": now_secs + 60, "iat": "x"}), "`iat` claim is a string"),
-            (json!({"exp": now_secs + 60, "iat": -1}), "`iat` claim is -1"),
+            (
+                json!({"exp": now_secs + 60, "iat": "x"}),
+                "`iat` claim is a string",
+            ),
+            (
+                json!({"exp": now_secs + 60, "iat": -1}),
+                "`iat` claim is -1",
+            ),
             // Implausible: ten years, or issued a day ahead.
             (
                 json!({"exp": now_secs + 10 * 365 * 86_400, "iat": now_secs}),
@@ -424,7 +430,10 @@ mod tests {
             json!({"aud": "https://a", "iat": now_secs + 300, "exp": now_secs + 3900}),
             json!({"aud": "https://a", "exp": 1_800_003_600.0}),
         ] {
-            assert!(IdToken::parse(&jwt(claims.clone()), "https://a", now()).is_ok(), "{claims}");
+            assert!(
+                IdToken::parse(&jwt(claims.clone()), "https://a", now()).is_ok(),
+                "{claims}"
+            );
         }
     }
 

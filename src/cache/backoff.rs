@@ -83,9 +83,10 @@ impl Backoff {
                     let delay = jittered.max(asked.min(max));
                     (delay, delay)
                 }
-                (SourceError::Unavailable { .. }, None) => {
-                    (jittered, jittered.min(ON_DEMAND_RETRY_CAP.max(initial).min(max)))
-                }
+                (SourceError::Unavailable { .. }, None) => (
+                    jittered,
+                    jittered.min(ON_DEMAND_RETRY_CAP.max(initial).min(max)),
+                ),
                 // Junk answers (bad or too short-lived tokens) come back fast
                 // and will again: everyone waits the full backoff.
                 _ => (jittered, jittered),

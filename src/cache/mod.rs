@@ -46,8 +46,8 @@ use crate::{
     source::{IdTokenSource, SourceError, ATTEMPT_TIMEOUT},
     token::IdToken,
 };
-pub use backoff::ON_DEMAND_RETRY_CAP;
 use backoff::Backoff;
+pub use backoff::ON_DEMAND_RETRY_CAP;
 
 /// A token with less life than this is treated as expired (clock skew).
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
@@ -344,20 +344,30 @@ impl TokenCache {
                 } else {
                     slot.backoff.ready(now)
                 };
+                if waited && !cold {
+                    // One attempt completed since we began waiting and it gave
+                    // nothing usable: answer with what it said, never loop.
+                    return Err(self.failure(&slot, min_valid));
+                }
                 if slot.fetching {
                     Next::Join(entry.attempts.subscribe(), slot.generation)
-                } else if may_start && !(waited && !cold) {
+                } else if may_start {
                     let attempts = entry.attempts.subscribe();
                     started = true;
                     self.start_fetch(&entry, &mut slot);
                     Next::Join(attempts, slot.generation)
                 } else {
                     let retry_at = slot.backoff.on_demand_at().unwrap_or(now);
-                    let permanent = slot.last_error.as_ref().is_some_and(SourceError::is_permanent);
-                    if cold && !permanent && retry_at + ATTEMPT_TIMEOUT <= arrived + COLD_WAIT_BUDGET {
+                    let permanent = slot
+                        .last_error
+                        .as_ref()
+                        .is_some_and(SourceError::is_permanent);
+                    if cold
+                        && !permanent
+                        && retry_at + ATTEMPT_TIMEOUT <= arrived + COLD_WAIT_BUDGET
+                    {
                         Next::Sleep(retry_at)
                     } else {
-                        // Answer with what the last attempt said, never loop.
                         return Err(self.failure(&slot, min_valid));
                     }
                 }
@@ -762,16 +772,17 @@ impl TokenCache {
             .map_or(Duration::ZERO, |t| t.remaining(self.inner.clock.now()));
         match &slot.last_error {
             Some(err) => CacheError::Upstream(err.clone()),
-            None if min_valid > EXPIRY_MARGIN && left > EXPIRY_MARGIN => CacheError::TooShortLived {
-                wanted: min_valid,
-                available: left,
-            },
+            None if min_valid > EXPIRY_MARGIN && left > EXPIRY_MARGIN => {
+                CacheError::TooShortLived {
+                    wanted: min_valid,
+                    available: left,
+                }
+            }
             None => CacheError::NoFreshToken {
                 left,
-                retry_in: slot
-                    .backoff
-                    .retry_at()
-                    .map_or(Duration::ZERO, |at| at.saturating_duration_since(Instant::now())),
+                retry_in: slot.backoff.retry_at().map_or(Duration::ZERO, |at| {
+                    at.saturating_duration_since(Instant::now())
+                }),
             },
         }
     }

@@ -170,10 +170,7 @@ impl ActiveFaults {
     /// Whether a 200 answer carries something other than a correct token
     /// delivered in time.
     fn corrupts_tokens(&self) -> bool {
-        self.malformed
-            || self.bends_tokens()
-            || self.stall_after_headers
-            || self.trickle.is_some()
+        self.malformed || self.bends_tokens() || self.stall_after_headers || self.trickle.is_some()
     }
 }
 

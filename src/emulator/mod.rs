@@ -296,7 +296,10 @@ impl ActiveFaults {
 
     /// Whether issued tokens are bent (never kept by the metadata cache).
     pub(crate) fn bends_tokens(&self) -> bool {
-        self.expired || self.wrong_audience || self.override_claims.is_some() || self.huge_body.is_some()
+        self.expired
+            || self.wrong_audience
+            || self.override_claims.is_some()
+            || self.huge_body.is_some()
     }
 
     /// Delivers `response` as the transport faults say: `Retry-After` on an

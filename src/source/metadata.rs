@@ -40,13 +40,12 @@ impl MetadataSource {
 
     /// One call: the token, or why not (with any `Retry-After`).
     async fn call(&self, audience: &str) -> Result<IdToken, SourceError> {
-        let unavailable = |message: String, retry_after: Option<std::time::Duration>| {
-            SourceError::Unavailable {
+        let unavailable =
+            |message: String, retry_after: Option<std::time::Duration>| SourceError::Unavailable {
                 upstream: self.upstream.clone(),
                 message,
                 retry_after,
-            }
-        };
+            };
         let response = self
             .client
             .get(self.identity_url.clone())

@@ -186,7 +186,11 @@ pub(crate) fn retry_after(
     {
         return None;
     }
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
@@ -250,13 +254,25 @@ mod tests {
             headers
         };
         let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        for status in [StatusCode::TOO_MANY_REQUESTS, StatusCode::SERVICE_UNAVAILABLE] {
-            assert_eq!(retry_after(status, &with("30"), now), Some(Duration::from_secs(30)));
-            assert_eq!(retry_after(status, &with(&date), now), Some(Duration::from_secs(90)));
+        for status in [
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert_eq!(
+                retry_after(status, &with("30"), now),
+                Some(Duration::from_secs(30))
+            );
+            assert_eq!(
+                retry_after(status, &with(&date), now),
+                Some(Duration::from_secs(90))
+            );
             assert_eq!(retry_after(status, &with("soon"), now), None);
             assert_eq!(retry_after(status, &HeaderMap::new(), now), None);
         }
-        assert_eq!(retry_after(StatusCode::INTERNAL_SERVER_ERROR, &with("30"), now), None);
+        assert_eq!(
+            retry_after(StatusCode::INTERNAL_SERVER_ERROR, &with("30"), now),
+            None
+        );
         let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
         assert_eq!(
             retry_after(StatusCode::SERVICE_UNAVAILABLE, &with(&past), now),

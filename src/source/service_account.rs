@@ -88,13 +88,12 @@ impl ServiceAccountSource {
 
     /// One call: the token, or why not (with any `Retry-After`).
     async fn call(&self, audience: &str) -> Result<IdToken, SourceError> {
-        let unavailable = |message: String, retry_after: Option<Duration>| {
-            SourceError::Unavailable {
+        let unavailable =
+            |message: String, retry_after: Option<Duration>| SourceError::Unavailable {
                 upstream: self.upstream.clone(),
                 message,
                 retry_after,
-            }
-        };
+            };
         // A fresh assertion each attempt: its iat/exp track the clock.
         let assertion = self.assertion(audience)?;
         let response = self

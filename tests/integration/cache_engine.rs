@@ -30,8 +30,7 @@ async fn engine(settings: RefreshSettings) -> Engine {
     })
     .await
     .unwrap();
-    let source =
-        MetadataSource::new(&emulator.metadata_host(), clock.clone()).unwrap();
+    let source = MetadataSource::new(&emulator.metadata_host(), clock.clone()).unwrap();
     let cache = TokenCache::new(
         [(
             "default".to_owned(),
@@ -324,7 +323,8 @@ async fn min_valid_for_forces_a_fetch_and_expiring_tokens_are_not_served() {
         .unwrap_err();
     assert!(matches!(err, CacheError::Upstream(_)), "{err}");
     assert!(
-        err.to_string().contains("s of life; the broker serves a token only while more than 30s"),
+        err.to_string()
+            .contains("s of life; the broker serves a token only while more than 30s"),
         "{err}"
     );
     assert!(!err.to_string().contains("min_valid_for"), "{err}");
@@ -380,10 +380,7 @@ async fn random_concurrent_requests_never_get_another_keys_token() {
     let dir = crate::support::workdir();
     let mut sources: Vec<(String, Arc<dyn IdTokenSource>)> = vec![(
         "default".into(),
-        Arc::new(
-            MetadataSource::new(&emulator.metadata_host(), clock.clone())
-                .unwrap(),
-        ),
+        Arc::new(MetadataSource::new(&emulator.metadata_host(), clock.clone()).unwrap()),
     )];
     let mut emails = std::collections::HashMap::from([(
         "default".to_owned(),

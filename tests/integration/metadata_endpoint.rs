@@ -337,7 +337,10 @@ async fn upstream_failures_become_statuses_clients_act_on() {
     });
     let (status, _, body) = get(&base, &identity_path("https://down.example.com", "full")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body.contains("is unavailable; last error: HTTP 503"), "{body}");
+    assert!(
+        body.contains("is unavailable; last error: HTTP 503"),
+        "{body}"
+    );
     // The email probe fails the same way while upstream is down.
     let (status, _, body) = get(&base, &format!("{SA}/default/email")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");

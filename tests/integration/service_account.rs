@@ -247,7 +247,11 @@ async fn persistent_503s_are_unavailable_after_bounded_retries() {
     );
     assert!(err.message().contains("503"), "{}", err.message());
     // One call per attempt: the cache's backoff is the only retry layer.
-    assert_eq!(emulator.stats().token.total, 1, "one call, not a retry loop");
+    assert_eq!(
+        emulator.stats().token.total,
+        1,
+        "one call, not a retry loop"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
