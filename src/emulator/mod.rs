@@ -163,9 +163,10 @@ pub struct Faults {
     /// Answer this HTTP status: a JSON OAuth error body on `/token`
     /// (`internal_failure` for 5xx), a text body on the metadata server.
     pub status: Option<u16>,
-    /// Only the next N matching calls get the failure faults (status, delay,
-    /// malformed, missing_id_token, non_json, expired, wrong_audience); later
-    /// calls are answered normally. Without it the faults last until cleared.
+    /// Only the next N matching calls get the failure faults (every field
+    /// but `token_lifetime_secs`, `metadata_cache_secs`, `endpoint` and
+    /// `flap_secs`); later calls are answered normally. Without it the
+    /// faults last until cleared.
     pub fail_next: Option<u64>,
     /// Sleep this long (tokio time, so paused clocks apply) before answering.
     pub delay_ms: Option<u64>,
@@ -957,6 +958,89 @@ mod tests {
         assert_eq!(response.status(), 204);
         assert_eq!(emulator.stats(), Stats::default());
         emulator.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hostile_upstream_faults() {
+        let emulator = Emulator::start(EmulatorOptions {
+            clock: Clock::tokio(),
+            ..EmulatorOptions::default()
+        })
+        .await
+        .expect("start");
+        let client = client();
+        let send = || {
+            client
+                .get(identity_url(&emulator, "aud", "full"))
+                .header("Metadata-Flavor", "Google")
+                .send()
+        };
+
+        emulator.set_faults(Faults {
+            status: Some(429),
+            retry_after_secs: Some(30),
+            ..Faults::default()
+        });
+        let response = send().await.expect("send");
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "30");
+
+        // Claims written over, signed as usual; padding to a huge size.
+        emulator.set_faults(Faults {
+            override_claims: serde_json::json!({"exp": 9.3e18, "iat": "soon"})
+                .as_object()
+                .cloned(),
+            huge_body_bytes: Some(100_000),
+            ..Faults::default()
+        });
+        let jwt = get_identity(&client, &emulator, "aud", "full").await;
+        assert!(jwt.len() >= 99_000, "{}", jwt.len());
+        let claims = unverified(&jwt);
+        assert_eq!(claims["exp"], 9.3e18);
+        assert_eq!(claims["iat"], "soon");
+
+        // Flapping: down for 20 s, up for 20 s, down again.
+        emulator.set_faults(Faults {
+            status: Some(503),
+            flap_secs: Some(20),
+            ..Faults::default()
+        });
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(send().await.expect("send").status().as_u16());
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        }
+        assert_eq!(seen, [503, 200, 503]);
+
+        // A trickle delivers the whole body, slowly.
+        emulator.set_faults(Faults {
+            trickle_bytes_per_sec: Some(100),
+            ..Faults::default()
+        });
+        let started = tokio::time::Instant::now();
+        let jwt = get_identity(&client, &emulator, "aud", "full").await;
+        assert!(started.elapsed() >= Duration::from_secs(jwt.len() as u64 / 100 - 1));
+        verify(&jwt, &emulator.issuer_decoding_key(), "aud");
+
+        // Headers, then nothing; and no answer at all.
+        emulator.set_faults(Faults {
+            stall_after_headers: true,
+            ..Faults::default()
+        });
+        let response = send().await.expect("headers arrive");
+        assert_eq!(response.status(), 200);
+        let body = tokio::time::timeout(Duration::from_secs(600), response.text()).await;
+        assert!(body.is_err(), "the body never comes");
+        emulator.set_faults(Faults {
+            hang: true,
+            ..Faults::default()
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_secs(600), send())
+                .await
+                .is_err(),
+            "no answer"
+        );
     }
 
     #[tokio::test]

@@ -309,7 +309,7 @@ async fn near_expiry_a_looping_client_does_not_drive_a_caching_metadata_server()
         run.failed_while_valid
     );
     assert!(
-        busiest <= 20,
+        busiest <= 30,
         "{busiest} upstream calls in one minute: {run:?}"
     );
     assert_eq!(run.failed_while_valid, 0, "{:?}", run.errors);
@@ -333,13 +333,14 @@ async fn tokens_shorter_lived_than_the_margin_back_off_and_idle_keys_are_evicted
     });
     let k = key("https://short-lived.example.com");
     let run = e.client(&k, Duration::from_secs(1), 5 * MIN).await;
-    // Backing off to retry_max (60 s): the last minutes see one or two calls.
-    let late = &run.calls_per_minute[2..];
+    // Backing off to retry_max (60 s, full jitter: 30 s on average): about
+    // two calls a minute once the backoff is capped.
+    let late: u64 = run.calls_per_minute[2..].iter().sum();
     println!(
         "25 s tokens: calls per minute while asked {:?}",
         run.calls_per_minute
     );
-    assert!(late.iter().all(|&n| n <= 3), "{:?}", run.calls_per_minute);
+    assert!(late <= 15, "{:?}", run.calls_per_minute);
     assert_eq!(run.served, 0);
     for err in &run.errors {
         assert!(
@@ -530,7 +531,7 @@ async fn a_flapping_upstream_fails_no_request_while_a_valid_token_is_cached() {
     );
     assert_eq!(run.failed, 0, "{:?}", run.errors);
     assert!(run.tokens.len() >= 3, "refreshes still succeed");
-    assert!(run.busiest_minute() <= 6, "{:?}", run.calls_per_minute);
+    assert!(run.busiest_minute() <= 10, "{:?}", run.calls_per_minute);
 }
 
 #[tokio::test(start_paused = true)]
@@ -563,12 +564,12 @@ async fn after_an_outage_a_key_that_never_held_a_token_recovers_within_seconds()
     // The cost: at most one attempt per 5 s while a client keeps asking
     // (a few more in the first minute, while the backoff is under 5 s).
     assert!(
-        outage.busiest_minute() <= 20,
+        outage.busiest_minute() <= 24,
         "{:?}",
         outage.calls_per_minute
     );
     assert!(
-        outage.calls_per_minute[1..].iter().all(|&n| n <= 13),
+        outage.calls_per_minute[1..].iter().all(|&n| n <= 15),
         "{:?}",
         outage.calls_per_minute
     );
@@ -710,16 +711,18 @@ mod extreme_timestamps {
             &self,
             _request: Request<proto::ListTokensRequest>,
         ) -> Result<Response<proto::ListTokensResponse>, Status> {
-            Ok(Response::new(proto::ListTokensResponse {
-                tokens: vec![proto::TokenInfo {
-                    identity: "default".into(),
-                    audience: "https://a.example.com".into(),
-                    expire_time: Some(self.0),
-                    issue_time: Some(self.0),
-                    state: proto::TokenState::Fresh as i32,
-                    last_error: String::new(),
-                }],
-            }))
+            // Built from the default so fields added to the message later
+            // (paging) keep their defaults here.
+            let mut response = proto::ListTokensResponse::default();
+            response.tokens.push(proto::TokenInfo {
+                identity: "default".into(),
+                audience: "https://a.example.com".into(),
+                expire_time: Some(self.0),
+                issue_time: Some(self.0),
+                state: proto::TokenState::Fresh as i32,
+                last_error: String::new(),
+            });
+            Ok(Response::new(response))
         }
     }
 
