@@ -808,10 +808,12 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.recorded {
-            tracing::error!(
+            // A panic under the fetch (a bug), or the runtime dropping the
+            // task as the broker stops.
+            tracing::warn!(
                 identity = self.entry.key.identity(),
                 audience = self.entry.key.audience(),
-                "an upstream fetch ended without an answer (a bug); the key backs off and retries"
+                "an upstream fetch ended without an answer (it panicked, or the broker is stopping); the key backs off and retries"
             );
             let upstream = self
                 .cache
