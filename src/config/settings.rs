@@ -109,7 +109,7 @@ pub struct RefreshSettings {
     /// First backoff after an upstream failure.
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
-    /// Backoff ceiling.
+    /// Backoff ceiling; also caps the wait an upstream asks for (`Retry-After`).
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
     /// Keys nobody asked for this long stop being refreshed and are dropped.

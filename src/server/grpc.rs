@@ -303,6 +303,7 @@ pub fn to_status(err: CacheError) -> Status {
         }
         CacheError::UnknownIdentity(_) => Status::not_found(err.to_string()),
         CacheError::TooShortLived { .. } => Status::failed_precondition(err.to_string()),
+        CacheError::NoFreshToken { .. } => Status::unavailable(err.to_string()),
         CacheError::Upstream(source) => match source {
             SourceError::Rejected { .. } => Status::failed_precondition(err.to_string()),
             _ => Status::unavailable(err.to_string()),

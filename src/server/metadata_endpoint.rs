@@ -577,6 +577,9 @@ impl EndpointState {
             }
             CacheError::UnknownIdentity(identity) => unknown_identity(identity),
             CacheError::Upstream(source) => upstream_failure(source, ""),
+            CacheError::NoFreshToken { .. } => {
+                Refusal::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
+            }
             _ => Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
         }
     }
@@ -708,8 +711,8 @@ mod tests {
         );
         let down = SourceError::Unavailable {
             upstream: "u".into(),
-            attempts: 3,
             message: "refused".into(),
+            retry_after: None,
         };
         assert_eq!(
             upstream_failure(&down, "").status,

@@ -71,6 +71,15 @@ retry_max = "1h"
     )
 }
 
+/// A config file's text with the default retry settings (`1s` backing off
+/// to `60s`), for tests of the cache's own retries.
+pub fn config_text_default_retries(socket: &Path, identities: &str) -> String {
+    format!(
+        "[server]\nsocket_path = \"{}\"\n\n{identities}\n",
+        socket.display()
+    )
+}
+
 pub fn metadata_identity(name: &str, emulator: &Emulator) -> String {
     format!(
         "[[identities]]\nname = \"{name}\"\nsource = \"metadata\"\nmetadata_host = \"{}\"\n",
