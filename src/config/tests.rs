@@ -207,6 +207,8 @@ fn every_key_present() -> Settings {
     s.telemetry = Some(TelemetrySettings {
         listen: "127.0.0.1:9464".parse().unwrap(),
     });
+    s.sinks
+        .push(toml::from_str("audience = \"https://a\"\npath = \"/run/t/a.jwt\"\n").unwrap());
     s
 }
 
