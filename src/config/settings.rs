@@ -31,6 +31,8 @@ pub struct Settings {
     pub telemetry: Option<TelemetrySettings>,
     /// Logging format and filter.
     pub log: LogSettings,
+    /// Tokens kept in files for programs that can only read a file.
+    pub sinks: Vec<SinkSettings>,
 }
 
 /// `[server]`: the Unix socket.
@@ -242,4 +244,74 @@ pub struct RuleSettings {
     /// Audiences granted: exact strings, or patterns where `*` matches
     /// within one DNS label (`https://*.a.run.app`); `"*"` alone grants any.
     pub audiences: Vec<String>,
+}
+
+/// What a sink file holds.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    /// The bare token, no newline.
+    #[default]
+    Jwt,
+    /// `{"token", "expire_time", "issue_time", "identity", "audience"}`.
+    Json,
+    /// `NAME=token`, for systemd's `EnvironmentFile=`.
+    Env,
+    /// `Authorization: Bearer token`.
+    Header,
+}
+
+/// One `[[sinks]]` table: an ID token kept fresh in a file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// The identity whose token is written.
+    #[serde(default = "default_identity_name")]
+    pub identity: String,
+    /// The audience of the ID token written.
+    pub audience: String,
+    /// The file, written atomically (a temporary file in the same directory,
+    /// then a rename) at every refresh. Absolute.
+    pub path: PathBuf,
+    /// `jwt`, `json`, `env` or `header`.
+    #[serde(default)]
+    pub format: SinkFormat,
+    /// The variable name for `format = "env"`.
+    #[serde(default = "default_env_name")]
+    pub env_name: String,
+    /// The file's owner (name or id); unset: the daemon's user.
+    #[serde(default)]
+    pub owner: Option<Principal>,
+    /// The file's group (name or id); unset: the daemon's group.
+    #[serde(default)]
+    pub group: Option<Principal>,
+    /// Permission bits as an octal string.
+    #[serde(default = "default_sink_mode")]
+    pub mode: String,
+    /// A command run after each write: an argv array, no shell, the program
+    /// as an absolute path.
+    #[serde(default)]
+    pub on_refresh: Vec<String>,
+    /// Longest `on_refresh` may run before it is killed.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub on_refresh_timeout: Duration,
+    /// A signal (e.g. `"SIGHUP"`) sent after each write to the process whose
+    /// pid is in `pid_file`; instead of `on_refresh`.
+    #[serde(default)]
+    pub signal: Option<String>,
+    /// The pid file read for `signal`.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+}
+
+fn default_env_name() -> String {
+    "ID_TOKEN".into()
+}
+
+fn default_sink_mode() -> String {
+    "0600".into()
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(30)
 }

@@ -208,6 +208,8 @@ fn every_key_present() -> Settings {
         listen: "127.0.0.1:9464".parse().unwrap(),
         allow_non_loopback: false,
     });
+    s.sinks
+        .push(toml::from_str("audience = \"https://a\"\npath = \"/run/t/a.jwt\"\n").unwrap());
     s
 }
 

@@ -86,27 +86,23 @@ impl Prepared {
                 Err(problem) => problems.push(problem),
             }
         }
-        for (i, prefetch) in settings.prefetch.iter().enumerate() {
-            if !identities
-                .iter()
-                .any(|(id, _)| id.name == prefetch.identity)
-            {
+        let configured = |name: &str| identities.iter().any(|(id, _)| id.name == name);
+        let mut require = |key: String, name: &str| {
+            if !configured(name) {
                 problems.push(Problem::new(
-                    format!("prefetch[{i}].identity"),
-                    format!("no identity named {:?} is configured", prefetch.identity),
+                    key,
+                    format!("no identity named {name:?} is configured"),
                 ));
             }
+        };
+        for (i, prefetch) in settings.prefetch.iter().enumerate() {
+            require(format!("prefetch[{i}].identity"), &prefetch.identity);
         }
         if let Some(endpoint) = &settings.metadata_endpoint {
-            if !identities
-                .iter()
-                .any(|(id, _)| id.name == endpoint.identity)
-            {
-                problems.push(Problem::new(
-                    "metadata_endpoint.identity",
-                    format!("no identity named {:?} is configured", endpoint.identity),
-                ));
-            }
+            require("metadata_endpoint.identity".into(), &endpoint.identity);
+        }
+        for (i, sink) in settings.sinks.iter().enumerate() {
+            require(format!("sinks[{i}].identity"), &sink.identity);
         }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
@@ -245,6 +241,8 @@ pub struct Server {
     reload: Option<Reload>,
     /// Installed at bind so a SIGHUP never hits the default action (exit).
     hangup: Option<tokio::signal::unix::Signal>,
+    /// The clock token files are timed by.
+    clock: crate::clock::Clock,
 }
 
 pub use reload::Reload;
@@ -311,6 +309,7 @@ impl Server {
             },
             reload: None,
             hangup,
+            clock: prepared.clock,
         })
     }
 
@@ -361,7 +360,15 @@ impl Server {
             running,
             reload,
             hangup,
+            clock,
         } = self;
+        // Token files, kept from the same cache; a reload applies `[[sinks]]`.
+        let mut sinks = Some(crate::sink::SinkSet::start(
+            cache.clone(),
+            clock,
+            &running.settings.refresh,
+            &running.settings.sinks,
+        ));
         let readiness = Arc::new(telemetry::Readiness::default());
         readiness
             .prefetch_pending
@@ -380,6 +387,7 @@ impl Server {
                 running,
                 cache.clone(),
                 live.clone(),
+                sinks.take(),
             ));
         }
         let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -9,6 +9,7 @@ use super::{live, systemd, warn_if_open, Prepared};
 use crate::{
     cache::TokenCache,
     config::{ConfigError, Settings},
+    sink::SinkSet,
 };
 
 /// Re-reads and validates the configuration for a SIGHUP reload.
@@ -29,6 +30,7 @@ pub(crate) async fn reload_on_hangup(
     mut running: Running,
     cache: TokenCache,
     live: Arc<live::Live>,
+    mut sinks: Option<SinkSet>,
 ) {
     while hangup.recv().await.is_some() {
         let Some(reload) = reload.as_mut() else {
@@ -38,7 +40,13 @@ pub(crate) async fn reload_on_hangup(
         tracing::info!("SIGHUP received: reloading the configuration");
         systemd::notify("RELOADING=1");
         match reload() {
-            Ok(prepared) => apply(&mut running, prepared, &cache, &live),
+            Ok(prepared) => {
+                apply(&mut running, prepared, &cache, &live);
+                // After the identities, so a sink of a new identity finds it.
+                if let Some(sinks) = sinks.as_mut() {
+                    sinks.reload(&running.settings.refresh, &running.settings.sinks);
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reload rejected; the running configuration stays in force")
             }

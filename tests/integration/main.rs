@@ -17,4 +17,5 @@ mod operations;
 mod properties;
 mod server;
 mod service_account;
+mod sinks;
 mod streaming;
