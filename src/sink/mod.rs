@@ -22,6 +22,7 @@ use crate::{
     cache::{CacheKey, TokenCache},
     clock::Clock,
     config::{RefreshSettings, SinkSettings},
+    domain::LogText,
     token::IdToken,
 };
 pub use file::{render, write_atomically, Ownership};
@@ -84,7 +85,16 @@ impl Sink {
         let content = render(s.format, &s.env_name, &s.identity, token);
         let (path, mode, owner) = (s.path.clone(), self.settings.mode_bits(), self.owner);
         tokio::task::spawn_blocking(move || {
-            write_atomically(&path, content.as_bytes(), mode, owner)
+            // Checked at every write, like the socket's directory: no user
+            // but root and the daemon's may own or write any directory on the
+            // way, or they could swap the file its reader trusts.
+            let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err("not a file path".to_owned());
+            };
+            let dir = crate::domain::trusted_path::resolve(dir)
+                .map_err(|e| format!("the directory is not safe for a token file: {e}"))?;
+            write_atomically(&dir.join(name), content.as_bytes(), mode, owner)
+                .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| format!("writer task failed: {e}"))?
@@ -96,8 +106,13 @@ impl Sink {
         );
         match self.hook.run(&s.path).await {
             Ok(done) if done.is_empty() => {}
-            Ok(done) => tracing::info!(sink = %s.path.display(), hook = %done, "sink hook ran"),
-            Err(why) => tracing::warn!(sink = %s.path.display(), error = %why, "sink hook failed"),
+            // The hook's own stderr is foreign text: quoted and capped.
+            Ok(done) => tracing::info!(
+                sink = %s.path.display(), hook = LogText::new(&done).as_str(), "sink hook ran"
+            ),
+            Err(why) => tracing::warn!(
+                sink = %s.path.display(), error = LogText::new(&why).as_str(), "sink hook failed"
+            ),
         }
         Ok(())
     }

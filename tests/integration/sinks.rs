@@ -359,3 +359,38 @@ fn check_config_names_every_bad_sink_key() {
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
 }
+
+/// A token file is never written where another user could swap it: a
+/// directory others may write (without the sticky bit) is refused until it
+/// is fixed, then the file appears at the next retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_others_can_write_gets_no_token_file() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let clock = Clock::system();
+    let emulator = support::emulator().await;
+    let refresh = RefreshSettings::default();
+    let cache = cache_with(&emulator, &clock, refresh.clone()).await;
+    let dir = support::workdir();
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = open_dir.join("token.jwt");
+    let _sinks = SinkSet::start(cache, clock, &refresh, &[sink(&path, "")]);
+    // The token is in the cache well within this; the file must not be.
+    wait_for("the token fetched", || {
+        (emulator.stats().identity.total >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !path.exists(),
+        "a token file was written into a world-writable directory"
+    );
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let token = wait_for("the file once the directory is safe", || {
+        std::fs::read_to_string(&path).ok()
+    })
+    .await;
+    claims(&token).unwrap();
+}
