@@ -4,6 +4,7 @@
 
 pub mod grpc;
 mod live;
+pub mod loopback_peer;
 pub mod metadata_endpoint;
 pub mod peer;
 mod rate_limit;
