@@ -96,6 +96,41 @@ pub struct MetadataEndpointSettings {
     /// Permit a non-loopback `listen` address (anyone who can reach it gets tokens).
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Most connections open at once; more are closed at accept.
+    #[serde(default = "default_endpoint_max_connections")]
+    pub max_connections: usize,
+    /// Most connections one uid may hold open at once.
+    #[serde(default = "default_endpoint_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Longest a client may take to send a request's headers, counted from
+    /// when the connection is ready for a request (so also the longest an
+    /// idle keep-alive connection stays open).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a connection may stay open with no request being answered
+    /// (a client that stops reading its answer, or trickles a body).
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+fn default_endpoint_max_connections() -> usize {
+    256
+}
+
+fn default_endpoint_max_connections_per_uid() -> usize {
+    64
+}
+
+fn default_telemetry_max_connections() -> usize {
+    32
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_http_idle_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Audiences of one identity to fetch at startup and keep fresh, so the
@@ -157,6 +192,16 @@ pub struct TelemetrySettings {
     /// e.g. "127.0.0.1:9464". Metrics name identities and counts; they
     /// carry no secrets, but keep it off public interfaces.
     pub listen: std::net::SocketAddr,
+    /// Most connections open at once; more are closed at accept.
+    #[serde(default = "default_telemetry_max_connections")]
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers (also the
+    /// longest an idle keep-alive connection stays open).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a connection may stay open with no request being answered.
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 /// Limits on what clients can make the daemon do. Each has a safe default.
@@ -174,6 +219,14 @@ pub struct LimitSettings {
     pub max_connections: usize,
     /// Most `WatchIdToken` streams open at once.
     pub max_streams: usize,
+    /// Most client connections one uid may hold open at once.
+    pub max_connections_per_uid: usize,
+    /// Most `WatchIdToken` streams one uid may hold open at once.
+    pub max_streams_per_uid: usize,
+    /// A connection with no call open this long is closed (clients
+    /// reconnect on their next call).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for LimitSettings {
@@ -184,6 +237,9 @@ impl Default for LimitSettings {
             new_audience_burst: 30,
             max_connections: 1024,
             max_streams: 1024,
+            max_connections_per_uid: 256,
+            max_streams_per_uid: 256,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -506,6 +562,37 @@ impl Settings {
         if l.max_streams == 0 {
             problems.push(Problem::new("limits.max_streams", "must be at least 1"));
         }
+        share_problems(
+            "limits.max_connections_per_uid",
+            l.max_connections_per_uid,
+            l.max_connections,
+            &mut problems,
+        );
+        share_problems(
+            "limits.max_streams_per_uid",
+            l.max_streams_per_uid,
+            l.max_streams,
+            &mut problems,
+        );
+        timeout_problems("limits.idle_timeout", l.idle_timeout, &mut problems);
+        if let Some(telemetry) = &self.telemetry {
+            if telemetry.max_connections == 0 {
+                problems.push(Problem::new(
+                    "telemetry.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            timeout_problems(
+                "telemetry.header_read_timeout",
+                telemetry.header_read_timeout,
+                &mut problems,
+            );
+            timeout_problems(
+                "telemetry.idle_timeout",
+                telemetry.idle_timeout,
+                &mut problems,
+            );
+        }
         if let Some(endpoint) = &self.metadata_endpoint {
             if !endpoint.listen.ip().is_loopback() && !endpoint.allow_non_loopback {
                 problems.push(Problem::new(
@@ -517,6 +604,28 @@ impl Settings {
                     ),
                 ));
             }
+            if endpoint.max_connections == 0 {
+                problems.push(Problem::new(
+                    "metadata_endpoint.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            share_problems(
+                "metadata_endpoint.max_connections_per_uid",
+                endpoint.max_connections_per_uid,
+                endpoint.max_connections,
+                &mut problems,
+            );
+            timeout_problems(
+                "metadata_endpoint.header_read_timeout",
+                endpoint.header_read_timeout,
+                &mut problems,
+            );
+            timeout_problems(
+                "metadata_endpoint.idle_timeout",
+                endpoint.idle_timeout,
+                &mut problems,
+            );
             for (j, audience) in endpoint.audiences.iter().enumerate() {
                 if let Err(e) = crate::cache::validate_audience(audience) {
                     problems.push(Problem::new(
@@ -608,6 +717,24 @@ fn default_socket_path(env: &HashMap<String, String>) -> PathBuf {
             "token-broker-{}.sock",
             nix::unistd::geteuid().as_raw()
         )),
+    }
+}
+
+/// A per-uid share must be at least 1 and at most its total.
+fn share_problems(key: &str, share: usize, total: usize, problems: &mut Vec<Problem>) {
+    if share == 0 || share > total {
+        let total_key = key.trim_end_matches("_per_uid");
+        problems.push(Problem::new(
+            key,
+            format!("must be between 1 and {total_key} ({total})"),
+        ));
+    }
+}
+
+/// A connection timeout must leave a client time to talk.
+fn timeout_problems(key: &str, timeout: Duration, problems: &mut Vec<Problem>) {
+    if timeout < Duration::from_millis(100) {
+        problems.push(Problem::new(key, "must be at least 100ms"));
     }
 }
 

@@ -13,7 +13,11 @@ use tokio::{
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::{live::Live, peer::PeerCredentials};
+use super::{
+    admission::{self, Refused},
+    live::Live,
+    peer::PeerCredentials,
+};
 use crate::{
     cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
     config::DEFAULT_IDENTITY,
@@ -204,51 +208,19 @@ impl TokenBroker for BrokerService {
 
 impl BrokerService {
     /// Validates, checks the policy and the rate limit: the key to look up.
-    fn admit<'a>(&self, audit: &mut Audit<'a>) -> Result<CacheKey, Status> {
-        let known = self.cache.knows(audit.identity);
-        if known {
+    fn admit(&self, audit: &mut Audit<'_>) -> Result<CacheKey, Status> {
+        if self.cache.knows(audit.identity) {
             audit.metric_identity = audit.identity;
         }
-        let key = CacheKey::new(audit.identity, audit.audience).map_err(|e| to_status(e.into()))?;
-        let decision =
-            self.live
-                .policy()
-                .decide(audit.peer.caller(), audit.identity, audit.audience);
-        audit.decision = Some(decision);
-        if !decision.allowed() {
-            // Name the caller and the request, and nothing about the rules.
-            return Err(Status::permission_denied(format!(
-                "uid {} may not use identity {:?} for audience {:?}",
-                audit
-                    .peer
-                    .uid
-                    .map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
-                audit.identity,
-                audit.audience
-            )));
-        }
-        if !known {
-            return Err(to_status(CacheError::UnknownIdentity(
-                audit.identity.to_owned(),
-            )));
-        }
-        // Only the request that brings a new audience into the cache spends
-        // from its uid's bucket; concurrent askers of that key join it.
-        if let Some(uid) = audit.peer.uid {
-            if self.cache.reserve(&key) {
-                let (limits, limiter) = self.live.limits();
-                if let Err(retry_in) = limiter.check(uid) {
-                    self.cache.release_unused(&key);
-                    return Err(Status::resource_exhausted(format!(
-                        "uid {uid} asked for too many new audiences (limit {} per minute, burst {}); retry in {}s",
-                        limits.new_audiences_per_minute,
-                        limits.new_audience_burst,
-                        retry_in.as_secs().max(1)
-                    )));
-                }
-            }
-        }
-        Ok(key)
+        admission::admit(
+            &self.cache,
+            &self.live,
+            audit.peer,
+            audit.identity,
+            audit.audience,
+            &mut audit.decision,
+        )
+        .map_err(|refused| refused_status(&refused))
     }
 
     async fn get(
@@ -396,8 +368,20 @@ fn deadline_exceeded(identity: &str, wait: Duration) -> Status {
 }
 
 /// The one mapping from broker errors to gRPC statuses (DESIGN.md).
+fn refused_status(refused: &Refused) -> Status {
+    match refused {
+        Refused::Cache(err) => cache_status(err),
+        Refused::Denied { .. } => Status::permission_denied(refused.to_string()),
+        Refused::TooManyNewAudiences { .. } => Status::resource_exhausted(refused.to_string()),
+    }
+}
+
 pub fn to_status(err: CacheError) -> Status {
-    match &err {
+    cache_status(&err)
+}
+
+fn cache_status(err: &CacheError) -> Status {
+    match err {
         CacheError::InvalidAudience(_) => Status::invalid_argument(err.to_string()),
         CacheError::UnknownIdentity(_) => Status::not_found(err.to_string()),
         CacheError::TooShortLived { .. } => Status::failed_precondition(err.to_string()),

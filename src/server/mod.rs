@@ -2,13 +2,18 @@
 //! bind the socket, serve gRPC (TokenBroker, health, reflection) until told
 //! to stop, then drain and remove the socket.
 
+mod accept;
+mod admission;
 pub mod grpc;
+pub mod http_listener;
+mod idle;
 mod live;
 pub mod loopback_peer;
 pub mod metadata_endpoint;
 pub mod peer;
 mod rate_limit;
 mod reload;
+mod share;
 pub mod socket;
 pub mod systemd;
 pub mod telemetry;
@@ -257,20 +262,28 @@ impl Server {
             prepared.socket_mode,
             prepared.socket_group,
         )?;
+        let live = Arc::new(live::Live::new(
+            prepared.policy.clone(),
+            prepared.settings.limits.clone(),
+        ));
         // Bound now, so a busy port fails startup rather than the first client.
         let metadata_endpoint = prepared
             .settings
             .metadata_endpoint
             .as_ref()
-            .map(|settings| metadata_endpoint::MetadataEndpoint::bind(settings, cache.clone()))
+            .map(|settings| {
+                metadata_endpoint::MetadataEndpoint::bind(settings, cache.clone(), live.clone())
+            })
             .transpose()?;
         let telemetry = match &prepared.settings.telemetry {
-            Some(t) => Some(telemetry::Telemetry::bind(t.listen).map_err(|source| {
-                ServeError::Telemetry {
-                    addr: t.listen,
-                    source,
-                }
-            })?),
+            Some(t) => {
+                Some(
+                    telemetry::Telemetry::bind(t).map_err(|source| ServeError::Telemetry {
+                        addr: t.listen,
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         warn_if_open(&prepared.policy, &prepared.socket_path);
@@ -287,10 +300,7 @@ impl Server {
             ready_after_prefetch: prepared.settings.server.ready_after_prefetch,
             metadata_endpoint,
             telemetry,
-            live: Arc::new(live::Live::new(
-                prepared.policy.clone(),
-                prepared.settings.limits.clone(),
-            )),
+            live,
             limits: prepared.settings.limits.clone(),
             running: Running {
                 fingerprints: prepared

@@ -55,11 +55,29 @@ impl PeerCredentials {
         }
     }
 
+    /// A TCP peer whose socket the kernel says `uid` owns. The kernel
+    /// records no group for it; the uid's primary group from the user
+    /// database stands in (a group the user always holds), so `gids` rules
+    /// apply as they do to that user's processes on the socket. A uid with
+    /// no entry has no group: only `uids` rules can match it.
+    pub fn of_uid(uid: u32) -> Self {
+        let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|user| user.gid.as_raw());
+        PeerCredentials {
+            uid: Some(uid),
+            gid,
+            pid: None,
+            exe: None,
+        }
+    }
+
     /// The identity policy decisions are made on.
     pub fn caller(&self) -> Option<Caller> {
         Some(Caller {
             uid: self.uid?,
-            gid: self.gid?,
+            gid: self.gid,
         })
     }
 

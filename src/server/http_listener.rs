@@ -1,0 +1,163 @@
+//! Serving an HTTP router on a TCP listener so that no client can starve it
+//! or the daemon: HTTP/1.1 only (no h2c, no prior-knowledge HTTP/2), a
+//! header-read timeout, an idle timeout ([`super::idle`]), a cap on open
+//! connections (and, when the peer's uid is resolved, a per-uid share of
+//! it), connections over the cap closed at accept, and an accept loop that
+//! backs off when descriptors run out. Used by the metadata endpoint and the
+//! telemetry listener.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
+
+use axum::{extract::ConnectInfo, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, task::JoinSet};
+use tower::ServiceExt;
+
+use super::{
+    accept::{AcceptBackoff, RefusalLog},
+    idle::{Activity, IdleTimeout, Tracked},
+    loopback_peer::{self, Unresolved},
+    share::{Full, Shares},
+};
+
+/// Bounds on one listener's connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    /// Per resolved uid; equal to `max_connections` for no share.
+    pub max_connections_per_uid: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// One accepted connection, in every request's extensions.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// The uid owning the client's socket, when the listener resolves it.
+    pub owner: Option<Result<u32, Unresolved>>,
+}
+
+/// A listener's name (for logs), its router, its limits, and whether each
+/// peer's owning uid is resolved at accept.
+pub struct HttpListener {
+    pub name: &'static str,
+    pub listener: TcpListener,
+    pub router: Router,
+    pub limits: ConnectionLimits,
+    pub resolve_owner: bool,
+}
+
+impl HttpListener {
+    /// Serves until `stop` resolves, then lets open requests finish.
+    pub async fn serve(self, stop: impl Future<Output = ()>) {
+        let HttpListener {
+            name,
+            listener,
+            router,
+            limits,
+            resolve_owner,
+        } = self;
+        let shares = Shares::new(limits.max_connections, limits.max_connections_per_uid);
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
+        let mut connections = JoinSet::new();
+        let mut backoff = AcceptBackoff::new(name);
+        let mut refusals = RefusalLog::default();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            backoff.failed(&error).await;
+                            continue;
+                        }
+                    };
+                    backoff.accepted();
+                    let Ok(local) = stream.local_addr() else { continue };
+                    let owner = resolve_owner.then(|| loopback_peer::owner_uid(peer, local));
+                    let uid = owner.as_ref().and_then(|o| o.as_ref().ok().copied());
+                    let place = match shares.take(uid) {
+                        Ok(place) => place,
+                        Err(full) => {
+                            if refusals.due() {
+                                let (limit, key) = match full {
+                                    Full::Total(n) => (n, "max_connections"),
+                                    Full::Share(n) => (n, "max_connections_per_uid"),
+                                };
+                                tracing::warn!(
+                                    listener = name, %peer, peer_uid = uid, limit,
+                                    refused = refusals.take(),
+                                    "connections refused: {name}.{key} reached"
+                                );
+                            }
+                            continue;
+                        }
+                    };
+                    let connection = Connection { peer, local, owner };
+                    connections.spawn(serve_connection(
+                        stream,
+                        connection,
+                        router.clone(),
+                        limits.clone(),
+                        closing.clone(),
+                        place,
+                    ));
+                }
+            }
+        }
+        drop(listener);
+        let _ = closing_tx.send(true);
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    connection: Connection,
+    router: Router,
+    limits: ConnectionLimits,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    _place: super::share::Place,
+) {
+    let activity = Activity::new();
+    let io = IdleTimeout::new(stream, activity.clone(), limits.idle_timeout);
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let busy = activity.begin();
+            let mut request = request.map(axum::body::Body::new);
+            request
+                .extensions_mut()
+                .insert(ConnectInfo(connection.peer));
+            request.extensions_mut().insert(connection.clone());
+            let router = router.clone();
+            async move {
+                let response = router.oneshot(request).await?;
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, Some(busy))))
+            }
+        });
+    let serving = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(serving);
+    let finished = tokio::select! {
+        result = serving.as_mut() => Some(result),
+        _ = closing.wait_for(|closing| *closing) => None,
+    };
+    let result = match finished {
+        Some(result) => result,
+        None => {
+            serving.as_mut().graceful_shutdown();
+            serving.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection closed");
+    }
+}
