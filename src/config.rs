@@ -99,7 +99,7 @@ pub struct MetadataEndpointSettings {
     /// Most connections open at once; more are closed at accept.
     #[serde(default = "default_endpoint_max_connections")]
     pub max_connections: usize,
-    /// Most connections one uid may hold open at once.
+    /// Most connections one uid may hold open at once (at most `max_connections`).
     #[serde(default = "default_endpoint_max_connections_per_uid")]
     pub max_connections_per_uid: usize,
     /// Longest a client may take to send a request's headers, counted from
@@ -219,9 +219,11 @@ pub struct LimitSettings {
     pub max_connections: usize,
     /// Most `WatchIdToken` streams open at once.
     pub max_streams: usize,
-    /// Most client connections one uid may hold open at once.
+    /// Most client connections one uid may hold open at once (at most
+    /// `max_connections`), so no user can take them all.
     pub max_connections_per_uid: usize,
-    /// Most `WatchIdToken` streams one uid may hold open at once.
+    /// Most `WatchIdToken` streams one uid may hold open at once (at most
+    /// `max_streams`).
     pub max_streams_per_uid: usize,
     /// A connection with no call open this long is closed (clients
     /// reconnect on their next call).
@@ -565,13 +567,11 @@ impl Settings {
         share_problems(
             "limits.max_connections_per_uid",
             l.max_connections_per_uid,
-            l.max_connections,
             &mut problems,
         );
         share_problems(
             "limits.max_streams_per_uid",
             l.max_streams_per_uid,
-            l.max_streams,
             &mut problems,
         );
         timeout_problems("limits.idle_timeout", l.idle_timeout, &mut problems);
@@ -613,7 +613,6 @@ impl Settings {
             share_problems(
                 "metadata_endpoint.max_connections_per_uid",
                 endpoint.max_connections_per_uid,
-                endpoint.max_connections,
                 &mut problems,
             );
             timeout_problems(
@@ -720,14 +719,11 @@ fn default_socket_path(env: &HashMap<String, String>) -> PathBuf {
     }
 }
 
-/// A per-uid share must be at least 1 and at most its total.
-fn share_problems(key: &str, share: usize, total: usize, problems: &mut Vec<Problem>) {
-    if share == 0 || share > total {
-        let total_key = key.trim_end_matches("_per_uid");
-        problems.push(Problem::new(
-            key,
-            format!("must be between 1 and {total_key} ({total})"),
-        ));
+/// A per-uid share must be at least 1; above its total it is the total
+/// (so lowering a total alone stays valid).
+fn share_problems(key: &str, share: usize, problems: &mut Vec<Problem>) {
+    if share == 0 {
+        problems.push(Problem::new(key, "must be at least 1"));
     }
 }
 

@@ -6,10 +6,7 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use prost_types::Timestamp;
-use tokio::{
-    sync::{watch, Semaphore},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -17,10 +14,11 @@ use super::{
     admission::{self, Refused},
     live::Live,
     peer::PeerCredentials,
+    share::{Full, Shares},
 };
 use crate::{
     cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
-    config::DEFAULT_IDENTITY,
+    config::{LimitSettings, DEFAULT_IDENTITY},
     policy::Decision,
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
@@ -35,8 +33,8 @@ const MAX_MIN_VALID: Duration = Duration::from_secs(3600);
 pub struct BrokerService {
     cache: TokenCache,
     live: Arc<Live>,
-    streams: Arc<Semaphore>,
-    max_streams: usize,
+    /// Open `WatchIdToken` streams, in total and per uid.
+    streams: Arc<Shares>,
     /// Becomes true when the daemon begins to stop: open watch streams end
     /// with UNAVAILABLE so clients reconnect to the next instance.
     stopping: watch::Receiver<bool>,
@@ -46,14 +44,13 @@ impl BrokerService {
     pub fn new(
         cache: TokenCache,
         live: Arc<Live>,
-        max_streams: usize,
+        limits: &LimitSettings,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             cache,
             live,
-            streams: Arc::new(Semaphore::new(max_streams)),
-            max_streams,
+            streams: Shares::new(limits.max_streams, limits.max_streams_per_uid),
             stopping,
         }
     }
@@ -253,12 +250,10 @@ impl BrokerService {
     > {
         let min_valid = min_valid(min_valid_for)?;
         let key = self.admit(audit)?;
-        let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "too many open WatchIdToken streams (limits.max_streams = {})",
-                self.max_streams
-            ))
-        })?;
+        let slot = self
+            .streams
+            .take(audit.peer.uid)
+            .map_err(|full| streams_full_status(full, audit.peer.uid))?;
         let (first, receiver) = tokio::time::timeout(wait, self.cache.watch(&key, min_valid))
             .await
             .map_err(|_| deadline_exceeded(audit.identity, wait))?
@@ -374,6 +369,18 @@ fn refused_status(refused: &Refused) -> Status {
         Refused::Denied { .. } => Status::permission_denied(refused.to_string()),
         Refused::TooManyNewAudiences { .. } => Status::resource_exhausted(refused.to_string()),
     }
+}
+
+fn streams_full_status(full: Full, uid: Option<u32>) -> Status {
+    Status::resource_exhausted(match full {
+        Full::Total(limit) => {
+            format!("too many open WatchIdToken streams (limits.max_streams = {limit})")
+        }
+        Full::Share(limit) => format!(
+            "uid {} has too many open WatchIdToken streams (limits.max_streams_per_uid = {limit})",
+            uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
+        ),
+    })
 }
 
 pub fn to_status(err: CacheError) -> Status {

@@ -21,6 +21,8 @@ use std::{
 };
 
 use bytes::Bytes;
+
+use super::peer::PeerCredentials;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
@@ -90,10 +92,6 @@ impl<S> IdleTimeout<S> {
             limit,
             timer,
         }
-    }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
     }
 
     /// Whether the connection has been idle too long; if not, arranges a
@@ -209,6 +207,53 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for Tracked<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Marks each gRPC call busy on its connection until its response (a
+/// stream included) ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InFlightLayer;
+
+impl<S> tower::Layer<S> for InFlightLayer {
+    type Service = InFlight<S>;
+
+    fn layer(&self, inner: S) -> InFlight<S> {
+        InFlight { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InFlight<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> tower::Service<axum::http::Request<ReqBody>> for InFlight<S>
+where
+    S: tower::Service<axum::http::Request<ReqBody>, Response = axum::http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = axum::http::Response<Tracked<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<ReqBody>) -> Self::Future {
+        let busy = request
+            .extensions()
+            .get::<PeerCredentials>()
+            .and_then(|peer| peer.activity.as_ref())
+            .map(Activity::begin);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| Tracked::new(body, busy)))
+        })
     }
 }
 

@@ -243,6 +243,7 @@ pub struct Server {
     hangup: Option<tokio::signal::unix::Signal>,
 }
 
+pub use accept::raise_descriptor_limit;
 pub use reload::Reload;
 use reload::Running;
 
@@ -434,25 +435,22 @@ impl Server {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let max_connections = limits.max_connections;
-        let broker = TokenBrokerServer::new(grpc::BrokerService::new(
-            cache,
-            live,
-            limits.max_streams,
-            stopping,
-        ))
-        .max_decoding_message_size(limits.max_request_bytes);
+        let broker =
+            TokenBrokerServer::new(grpc::BrokerService::new(cache, live, &limits, stopping))
+                .max_decoding_message_size(limits.max_request_bytes);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(
             tonic::transport::Server::builder()
                 // Bounds each connection's concurrent calls (HTTP/2 streams).
                 .max_concurrent_streams(128)
+                // Each call keeps its connection from the idle timeout.
+                .layer(idle::InFlightLayer)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(broker)
-                .serve_with_incoming_shutdown(peer::incoming(listener, max_connections), async {
+                .serve_with_incoming_shutdown(peer::incoming(listener, &limits), async {
                     let _ = stop_rx.await;
                 }),
         );

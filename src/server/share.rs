@@ -66,6 +66,7 @@ impl Shares {
     }
 
     /// Places `uid` holds now.
+    #[cfg(test)]
     pub fn held_by(&self, uid: Option<u32>) -> usize {
         let taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         taken.by_uid.get(&uid).copied().unwrap_or(0)
