@@ -123,7 +123,7 @@ async fn serve_connection(
     router: Router,
     limits: ConnectionLimits,
     mut closing: tokio::sync::watch::Receiver<bool>,
-    _place: super::share::Place,
+    place: super::share::Place,
 ) {
     let activity = Activity::new();
     let io = IdleTimeout::new(stream, activity.clone(), limits.idle_timeout);
@@ -145,7 +145,7 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(serving);
+    let mut serving = Box::pin(serving);
     let finished = tokio::select! {
         result = serving.as_mut() => Some(result),
         _ = closing.wait_for(|closing| *closing) => None,
@@ -154,10 +154,14 @@ async fn serve_connection(
         Some(result) => result,
         None => {
             serving.as_mut().graceful_shutdown();
-            serving.await
+            serving.as_mut().await
         }
     };
     if let Err(error) = result {
         tracing::debug!(%error, "connection closed");
     }
+    // The place first, then the socket: a client that sees its connection
+    // close can connect again at once.
+    drop(place);
+    drop(serving);
 }

@@ -103,9 +103,11 @@ impl PeerCredentials {
 /// `max_connections` and its uid's share (released when the connection
 /// closes), closed once idle for `limits.idle_timeout`.
 pub struct PeerStream {
+    // Declared first so it is released before the socket closes: a client
+    // that sees its connection close can connect again at once.
+    _place: Place,
     stream: IdleTimeout<UnixStream>,
     credentials: PeerCredentials,
-    _place: Place,
 }
 
 impl Drop for PeerStream {

@@ -6,6 +6,7 @@ mod access_control;
 mod cache_engine;
 mod cli;
 mod clients;
+mod doors;
 mod key_files;
 mod metadata_endpoint;
 mod metadata_source;
