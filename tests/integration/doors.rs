@@ -900,9 +900,10 @@ async fn out_of_descriptors_the_accept_loop_waits_instead_of_spinning() {
     let before = cpu_ticks(pid);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let used = cpu_ticks(pid) - before;
-    // A spinning accept loop burns a core: ~200 ticks in 2 s.
+    // The old spinning accept loop burned 49 to 80 ticks (of 200) in 2 s
+    // here on a shared machine; waiting takes 0 or 1.
     assert!(
-        used < 40,
+        used < 20,
         "broker used {used} ticks in 2 s while out of descriptors"
     );
     let log = broker.log();
