@@ -8,7 +8,7 @@
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
 
-use axum::{extract::ConnectInfo, Router};
+use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, task::JoinSet};
 use tower::ServiceExt;
@@ -131,9 +131,6 @@ async fn serve_connection(
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let busy = activity.begin();
             let mut request = request.map(axum::body::Body::new);
-            request
-                .extensions_mut()
-                .insert(ConnectInfo(connection.peer));
             request.extensions_mut().insert(connection.clone());
             let router = router.clone();
             async move {

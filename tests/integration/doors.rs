@@ -638,16 +638,21 @@ async fn slowloris_on_the_http_listeners_neither_starves_the_socket_nor_exhausts
     drop(held_telemetry);
 }
 
-/// python3 as `uid` opening `count` connections to `socket` and reporting
-/// how many the broker kept open; it holds them until stdin closes.
-fn hold_connections(uid: u32, socket: &std::path::Path, count: usize) -> std::process::Child {
+/// python3 as `uid` opening `count` connections to `target` (a socket path,
+/// or `tcp:HOST:PORT`) and reporting how many the broker kept open; it
+/// holds them until stdin closes.
+fn hold_connections(uid: u32, target: &str, count: usize) -> std::process::Child {
     const SCRIPT: &str = r#"
 import socket, sys, time
-path, n = sys.argv[1], int(sys.argv[2])
+target, n = sys.argv[1], int(sys.argv[2])
 held = []
 for _ in range(n):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
+    if target.startswith("tcp:"):
+        _, host, port = target.split(":")
+        s = socket.create_connection((host, int(port)))
+    else:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(target)
     held.append(s)
 time.sleep(1.5)
 kept = 0
@@ -664,7 +669,7 @@ print(kept, flush=True)
 sys.stdin.read()
 "#;
     Command::new("/usr/bin/python3")
-        .args(["-c", SCRIPT, socket.to_str().unwrap(), &count.to_string()])
+        .args(["-c", SCRIPT, target, &count.to_string()])
         .gid(uid)
         .uid(uid)
         .stdin(Stdio::piped())
@@ -691,7 +696,7 @@ async fn one_uid_opening_max_connections_connections_cannot_block_another_uid() 
     )
     .await;
     // Eve, whom the policy denies everything, tries to take all 12.
-    let mut eve = hold_connections(EVE, &broker.socket, 12);
+    let mut eve = hold_connections(EVE, broker.socket.to_str().unwrap(), 12);
     let mut line = String::new();
     std::io::BufReader::new(eve.stdout.as_mut().unwrap())
         .read_line(&mut line)
@@ -718,6 +723,51 @@ async fn one_uid_opening_max_connections_connections_cannot_block_another_uid() 
     let log = broker.log();
     assert!(
         log.contains("connections refused: limits.max_connections_per_uid reached")
+            && log.contains(&format!("peer_uid={EVE}")),
+        "{log}"
+    );
+    drop(eve.stdin.take());
+    let _ = eve.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_uid_cannot_take_every_metadata_endpoint_connection() {
+    use std::io::BufRead;
+    if !std::path::Path::new("/usr/bin/python3").exists() {
+        eprintln!("skipping: /usr/bin/python3 is needed to hold connections as another uid");
+        return;
+    }
+    let emulator = support::emulator().await;
+    let (broker, endpoint) = start(
+        &emulator,
+        Parts {
+            endpoint: "max_connections = 8\nmax_connections_per_uid = 3\n".into(),
+            ..Parts::default()
+        },
+    )
+    .await;
+    let target = format!("tcp:{}:{}", endpoint.ip(), endpoint.port());
+    let mut eve = hold_connections(EVE, &target, 8);
+    let mut line = String::new();
+    std::io::BufReader::new(eve.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "3",
+        "endpoint connections the broker kept for eve"
+    );
+    // ALLOWED, another uid, is served while eve holds her share.
+    let url = format!(
+        "http://{endpoint}{}",
+        identity_path("https://shared.a.run.app")
+    );
+    let allowed = curl(ALLOWED, None, &url, &[]);
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    broker.served.lock().unwrap().push(allowed.body.clone());
+    let log = broker.log();
+    assert!(
+        log.contains("metadata_endpoint.max_connections_per_uid reached")
             && log.contains(&format!("peer_uid={EVE}")),
         "{log}"
     );
