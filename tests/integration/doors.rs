@@ -594,6 +594,12 @@ async fn slowloris_on_the_http_listeners_neither_starves_the_socket_nor_exhausts
         "broker descriptors: {baseline} before, {during} during the attack"
     );
     let attack_took = attack_started.elapsed();
+    eprintln!(
+        "slowloris: {} connections opened in {attack_took:?}; broker descriptors {baseline} \
+         before, {during} during; cached GetIdToken p50 {median:?}, max {:?}",
+        held.len() + held_telemetry.len(),
+        latencies[9]
+    );
 
     // The header-read timeout (2s) closes the connections the caps kept;
     // the rest were closed at accept (end of stream or reset, either way).
