@@ -379,6 +379,7 @@ async fn handle(
     match result {
         Ok(response) => {
             tracing::info!(
+                target: crate::logging::SERVED_TARGET,
                 %peer, peer_uid, %method, %path, identity = %state.identity, audience,
                 decision, rule, cache, latency_us, status = response.status().as_u16(),
                 "metadata endpoint"
@@ -655,7 +656,7 @@ impl EndpointState {
                 ))
             }
         }
-        crate::cache::validate_audience(audience)
+        crate::domain::validate_audience(audience)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("invalid audience: {e}")))?;
         if !self.audiences.is_empty() && !self.audiences.iter().any(|a| a == audience) {
             return Err(Refusal::new(

@@ -8,6 +8,8 @@ mod cli;
 mod clients;
 mod doors;
 mod key_files;
+mod layering;
+mod log_output;
 mod metadata_endpoint;
 mod metadata_source;
 mod operations;
