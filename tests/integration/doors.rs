@@ -166,6 +166,20 @@ fn get_request(target: &str, host: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The broker's log once `ready` holds for it, or after 10 s: the daemon
+/// writes its log from a queue, so a line can land a moment after its
+/// request. The assertions that follow say what is missing.
+async fn log_when(broker: &Broker, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = broker.log();
+        if ready(&log) || Instant::now() >= deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn audit_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
     log.lines()
         .filter(|l| l.contains("metadata endpoint") && l.contains(needle))
@@ -213,7 +227,11 @@ async fn eve_through_the_metadata_endpoint_gets_403_and_an_audit_line_with_her_u
     assert_eq!(stats[audience], 1);
     assert!(!stats.contains_key("https://api.example.com"));
 
-    let log = broker.log();
+    let log = log_when(&broker, |log| {
+        audit_lines(log, &format!("peer_uid={EVE}")).len() >= 2
+            && audit_lines(log, &format!("peer_uid={ALLOWED}")).len() >= 2
+    })
+    .await;
     let eves = audit_lines(&log, &format!("peer_uid={EVE}"));
     assert_eq!(eves.len(), 2, "{log}");
     for line in eves {
@@ -401,7 +419,10 @@ async fn a_peer_whose_uid_cannot_be_resolved_is_refused_even_with_no_policy() {
         "{stranger:?}"
     );
     assert!(!stranger.body.contains("eyJ"), "{stranger:?}");
-    let log = broker.log();
+    let log = log_when(&broker, |log| {
+        log.contains("cannot tell which local user owns the connection")
+    })
+    .await;
     assert!(
         audit_lines(&log, "status=403")
             .iter()
@@ -494,7 +515,7 @@ async fn rebinding_proxy_and_http2_requests_are_refused() {
         &answer[..answer.len().min(32)]
     );
     // Every refusal above is one audit line, none a token.
-    let log = broker.log();
+    let log = log_when(&broker, |log| audit_lines(log, "status=403").len() >= 8).await;
     assert!(audit_lines(&log, "status=403").len() >= 8, "{log}");
 }
 
@@ -634,7 +655,7 @@ async fn slowloris_on_the_http_listeners_neither_starves_the_socket_nor_exhausts
     broker.served.lock().unwrap().push(answer.body.clone());
     let health = parse_answer(&raw(telemetry, &get_request("/healthz", "localhost", "")).await);
     assert_eq!(health.status, 200, "{health:?}");
-    let log = broker.log();
+    let log = log_when(&broker, |log| log.contains("connections refused")).await;
     let refusal_warnings = log.matches("connections refused").count();
     assert!(
         (1..=10).contains(&refusal_warnings),
@@ -726,7 +747,10 @@ async fn one_uid_opening_max_connections_connections_cannot_block_another_uid() 
     .output()
     .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let log = broker.log();
+    let log = log_when(&broker, |log| {
+        log.contains("connections refused: limits.max_connections_per_uid reached")
+    })
+    .await;
     assert!(
         log.contains("connections refused: limits.max_connections_per_uid reached")
             && log.contains(&format!("peer_uid={EVE}")),
@@ -771,7 +795,10 @@ async fn one_uid_cannot_take_every_metadata_endpoint_connection() {
     let allowed = curl(ALLOWED, None, &url, &[]);
     assert_eq!(allowed.status, 200, "{allowed:?}");
     broker.served.lock().unwrap().push(allowed.body.clone());
-    let log = broker.log();
+    let log = log_when(&broker, |log| {
+        log.contains("metadata_endpoint.max_connections_per_uid reached")
+    })
+    .await;
     assert!(
         log.contains("metadata_endpoint.max_connections_per_uid reached")
             && log.contains(&format!("peer_uid={EVE}")),
@@ -962,7 +989,7 @@ async fn out_of_descriptors_the_accept_loop_waits_instead_of_spinning() {
         used < 20,
         "broker used {used} ticks in 2 s while out of descriptors"
     );
-    let log = broker.log();
+    let log = log_when(&broker, |log| log.contains("cannot accept connections")).await;
     let warnings = log.matches("cannot accept connections").count();
     assert!(
         (1..=3).contains(&warnings),
@@ -1008,7 +1035,7 @@ async fn serve_raises_the_soft_descriptor_limit_to_the_hard_limit_and_logs_both(
     )
     .await;
     assert_eq!(max_open_files(broker.child.id()), (4096, 4096));
-    let log = broker.log();
+    let log = log_when(&broker, |log| log.contains("raised the open-file limit")).await;
     let line = log
         .lines()
         .find(|l| l.contains("raised the open-file limit"))
