@@ -80,7 +80,9 @@ impl HttpListener {
                     };
                     backoff.accepted();
                     let Ok(local) = stream.local_addr() else { continue };
-                    let owner = resolve_owner.then(|| loopback_peer::owner_uid(peer, local));
+                    // Over the cap nobody is served: skip asking the kernel.
+                    let owner = (resolve_owner && !shares.full())
+                        .then(|| loopback_peer::owner_uid(peer, local));
                     let uid = owner.as_ref().and_then(|o| o.as_ref().ok().copied());
                     let place = match shares.take(uid) {
                         Ok(place) => place,

@@ -839,6 +839,42 @@ mod tests {
     }
 
     #[test]
+    fn only_names_for_this_endpoint_are_accepted_as_host() {
+        let v4: SocketAddr = "127.0.0.1:8181".parse().unwrap();
+        for host in [
+            "localhost",
+            "LOCALHOST:8181",
+            "metadata",
+            "metadata:8181",
+            "metadata.google.internal",
+            "metadata.google.internal.:8181",
+            "127.0.0.1",
+            "127.0.0.1:8181",
+        ] {
+            assert!(host_names_endpoint(host, v4), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:8181",
+            "localhost:8182",
+            "localhost:",
+            "127.0.0.2:8181",
+            "127.0.0.1.nip.io",
+            "metadata.google.internal.attacker.example",
+            "[::1]:8181",
+            "",
+        ] {
+            assert!(!host_names_endpoint(host, v4), "{host}");
+        }
+        let v6: SocketAddr = "[::1]:8181".parse().unwrap();
+        assert!(host_names_endpoint("[::1]:8181", v6));
+        assert!(host_names_endpoint("[::1]", v6));
+        assert!(!host_names_endpoint("[::1]x", v6));
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:8181".parse().unwrap();
+        assert!(host_names_endpoint("127.0.0.1:8181", mapped));
+    }
+
+    #[test]
     fn rejections_are_bad_gateway_and_outages_unavailable() {
         let rejected = SourceError::Rejected {
             upstream: "u".into(),

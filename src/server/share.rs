@@ -65,6 +65,12 @@ impl Shares {
         })
     }
 
+    /// Whether every place is taken (whoever asks next is refused).
+    pub fn full(&self) -> bool {
+        let taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        taken.total >= self.total
+    }
+
     /// Places `uid` holds now.
     #[cfg(test)]
     pub fn held_by(&self, uid: Option<u32>) -> usize {
@@ -99,7 +105,9 @@ mod tests {
         let _b1 = shares.take(Some(2)).unwrap();
         let _c1 = shares.take(None).unwrap();
         assert_eq!(shares.take(Some(3)).unwrap_err(), Full::Total(4));
+        assert!(shares.full());
         drop(a1);
+        assert!(!shares.full());
         assert_eq!(shares.held_by(Some(1)), 1);
         let _a3 = shares.take(Some(1)).unwrap();
         assert_eq!(shares.take(Some(1)).unwrap_err(), Full::Total(4));
