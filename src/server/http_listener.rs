@@ -1,6 +1,7 @@
 //! Serving an HTTP router on a TCP listener so that no client can starve it
 //! or the daemon: HTTP/1.1 only (no h2c, no prior-knowledge HTTP/2), a
-//! header-read timeout, an idle timeout ([`super::idle`]), a cap on open
+//! header-read timeout, a 16 KiB cap on a request's head, an idle timeout
+//! ([`super::idle`]), a cap on open
 //! connections (and, when the peer's uid is resolved, a per-uid share of
 //! it), connections over the cap closed at accept, and an accept loop that
 //! backs off when descriptors run out. Used by the metadata endpoint and the
@@ -19,6 +20,9 @@ use super::{
     loopback_peer::{self, Unresolved},
     share::{Full, Shares},
 };
+
+/// Largest request head (request line and headers) read, in bytes.
+pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// Bounds on one listener's connections.
 #[derive(Debug, Clone)]
@@ -143,6 +147,9 @@ async fn serve_connection(
     let serving = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        // Requests here are a line and a few headers: a head larger than
+        // this is refused (431), so each connection holds little memory.
+        .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(TokioIo::new(io), service);
     let mut serving = Box::pin(serving);
     let finished = tokio::select! {
