@@ -18,6 +18,7 @@ use super::{
     accept::{AcceptBackoff, RefusalLog},
     idle::{Activity, IdleTimeout, Tracked},
     loopback_peer::{self, Unresolved},
+    peer::PeerCredentials,
     share::{Full, Shares},
 };
 
@@ -40,8 +41,9 @@ pub struct Connection {
     pub peer: SocketAddr,
     /// The address the client connected to.
     pub local: SocketAddr,
-    /// The uid owning the client's socket, when the listener resolves it.
-    pub owner: Option<Result<u32, Unresolved>>,
+    /// The client as policy decisions see it (the uid owning its socket and
+    /// that uid's primary group), when the listener resolves it.
+    pub owner: Option<Result<PeerCredentials, Unresolved>>,
 }
 
 /// A listener's name (for logs), its router, its limits, and whether each
@@ -105,10 +107,9 @@ impl HttpListener {
                             continue;
                         }
                     };
-                    let connection = Connection { peer, local, owner };
                     connections.spawn(serve_connection(
                         stream,
-                        connection,
+                        (peer, local, owner),
                         router.clone(),
                         limits.clone(),
                         closing.clone(),
@@ -125,12 +126,24 @@ impl HttpListener {
 
 async fn serve_connection(
     stream: tokio::net::TcpStream,
-    connection: Connection,
+    (peer, local, owner): (SocketAddr, SocketAddr, Option<Result<u32, Unresolved>>),
     router: Router,
     limits: ConnectionLimits,
     mut closing: tokio::sync::watch::Receiver<bool>,
     place: super::share::Place,
 ) {
+    // The user database may be remote (LDAP, sssd): look the group up once
+    // per connection, off the async workers.
+    let owner = match owner {
+        Some(Ok(uid)) => Some(Ok(tokio::task::spawn_blocking(move || {
+            PeerCredentials::of_uid(uid)
+        })
+        .await
+        .unwrap_or_else(|_| PeerCredentials::of_uid_without_group(uid)))),
+        Some(Err(unresolved)) => Some(Err(unresolved)),
+        None => None,
+    };
+    let connection = Connection { peer, local, owner };
     let activity = Activity::new();
     let io = IdleTimeout::new(stream, activity.clone(), limits.idle_timeout);
     let service =

@@ -356,10 +356,9 @@ async fn handle(
 ) -> Response {
     let started = Instant::now();
     let mut outcome = Outcome::default();
-    let peer_uid = connection
-        .owner
-        .as_ref()
-        .and_then(|o| o.as_ref().ok().copied());
+    let resolved = connection.owner.as_ref().and_then(|o| o.as_ref().ok());
+    let peer_uid = resolved.and_then(|peer| peer.uid);
+    let peer_gid = resolved.and_then(|peer| peer.gid);
     let result = match admit_connection(&connection, &headers, &uri) {
         Ok(peer) => answer(&state, &peer, &method, &headers, &uri, &mut outcome).await,
         Err(refusal) => Err(refusal),
@@ -380,7 +379,7 @@ async fn handle(
         Ok(response) => {
             tracing::info!(
                 target: crate::logging::SERVED_TARGET,
-                %peer, peer_uid, %method, %path, identity = %state.identity, audience,
+                %peer, peer_uid, peer_gid, %method, %path, identity = %state.identity, audience,
                 decision, rule, cache, latency_us, status = response.status().as_u16(),
                 "metadata endpoint"
             );
@@ -388,7 +387,7 @@ async fn handle(
         }
         Err(refusal) => {
             tracing::info!(
-                %peer, peer_uid, %method, %path, identity = %state.identity, audience,
+                %peer, peer_uid, peer_gid, %method, %path, identity = %state.identity, audience,
                 decision, rule, cache, latency_us, status = refusal.status.as_u16(),
                 error = %refusal.message, "metadata endpoint"
             );
@@ -460,7 +459,7 @@ fn admit_connection(
         }
     }
     match &connection.owner {
-        Some(Ok(uid)) => Ok(PeerCredentials::of_uid(*uid)),
+        Some(Ok(peer)) => Ok(peer.clone()),
         Some(Err(unresolved)) => Err(Refusal::new(
             StatusCode::FORBIDDEN,
             format!(

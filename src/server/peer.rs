@@ -67,14 +67,24 @@ impl PeerCredentials {
     /// database stands in (a group the user always holds), so `gids` rules
     /// apply as they do to that user's processes on the socket. A uid with
     /// no entry has no group: only `uids` rules can match it.
+    /// Blocks on the user database.
     pub fn of_uid(uid: u32) -> Self {
         let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
             .ok()
             .flatten()
             .map(|user| user.gid.as_raw());
         PeerCredentials {
-            uid: Some(uid),
             gid,
+            ..Self::of_uid_without_group(uid)
+        }
+    }
+
+    /// A TCP peer whose group could not be looked up: only `uids` rules
+    /// can match it.
+    pub fn of_uid_without_group(uid: u32) -> Self {
+        PeerCredentials {
+            uid: Some(uid),
+            gid: None,
             pid: None,
             exe: None,
             activity: None,
