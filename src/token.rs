@@ -63,6 +63,8 @@ pub enum TokenError {
     MissingExpiry,
     #[error("the token expired {0}s ago")]
     Expired(u64),
+    /// Both are foreign text (upstream's claim, the client's audience):
+    /// each is cut to [`MAX_SHOWN_AUD_BYTES`] and shown quoted and escaped.
     #[error("the token's `aud` is {actual:?}, not the audience asked for ({expected:?})")]
     AudienceMismatch { expected: String, actual: String },
 }
@@ -142,8 +144,8 @@ impl IdToken {
         };
         if !audiences.iter().any(|aud| aud == expected_audience) {
             return Err(TokenError::AudienceMismatch {
-                expected: expected_audience.to_owned(),
-                actual: audiences.join(","),
+                expected: shown(expected_audience),
+                actual: shown(&audiences.join(",")),
             });
         }
         let issued_at = claims
@@ -276,21 +278,43 @@ mod tests {
     }
 }
 
-/// Replaces anything shaped like a compact JWT (`eyJ…​.…​.…`) in `text` with
-/// `[redacted-jwt]`, so upstream error text can be passed on safely.
+/// Most bytes of an audience an error shows (as a log field would).
+pub const MAX_SHOWN_AUD_BYTES: usize = 256;
+
+/// `text` cut to [`MAX_SHOWN_AUD_BYTES`] at a character boundary, marked
+/// when cut; the error's `{:?}` quotes and escapes it.
+fn shown(text: &str) -> String {
+    if text.len() <= MAX_SHOWN_AUD_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_SHOWN_AUD_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[{} more bytes cut]", &text[..end], text.len() - end)
+}
+
+/// Replaces anything shaped like a compact JWS or JWE (three or more
+/// dot-separated base64url segments, such as an ID token or an access
+/// token an upstream echoes back) in `text` with `[redacted-jws]`, so
+/// upstream error text can be passed on safely.
+///
+/// A word qualifies whatever its first characters are (a JWS header need
+/// not encode as `eyJ`), when it is at least [`MIN_JWS_LEN`] long: shorter
+/// dotted words (versions, IP addresses, short host names) stay. A long
+/// dotted host name in upstream text is redacted too; erring that way costs
+/// an operator a detail, erring the other way would leak a credential.
 pub fn redact_jwts(text: &str) -> String {
-    let is_b64 = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '=';
+    let is_word = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(start) = rest.find("eyJ") {
+    while let Some(start) = rest.find(is_word) {
         out.push_str(&rest[..start]);
         let candidate = &rest[start..];
-        let end = candidate
-            .find(|c: char| !(is_b64(c) || c == '.'))
-            .unwrap_or(candidate.len());
+        let end = candidate.find(|c| !is_word(c)).unwrap_or(candidate.len());
         let word = &candidate[..end];
-        if word.split('.').count() >= 2 && word.len() > 16 {
-            out.push_str("[redacted-jwt]");
+        if is_jws_shaped(word) {
+            out.push_str("[redacted-jws]");
         } else {
             out.push_str(word);
         }
@@ -300,17 +324,53 @@ pub fn redact_jwts(text: &str) -> String {
     out
 }
 
+/// Shortest word [`redact_jwts`] treats as a token: shorter than any signed
+/// token (a JWS header alone is about 20 characters), longer than a dotted
+/// version or an IPv4 address.
+pub const MIN_JWS_LEN: usize = 16;
+
+/// Three or more segments, the first two non-empty (the third is empty for
+/// an unsigned `alg: none` token, and there are five in a JWE).
+fn is_jws_shaped(word: &str) -> bool {
+    let word = word.trim_start_matches('.');
+    let segments: Vec<&str> = word.split('.').collect();
+    word.len() >= MIN_JWS_LEN
+        && segments.len() >= 3
+        && !segments[0].is_empty()
+        && !segments[1].is_empty()
+}
+
 #[cfg(test)]
 mod redact_tests {
     use super::redact_jwts;
 
     #[test]
-    fn removes_jwt_shaped_text_only() {
+    fn removes_jws_shaped_text_only() {
         let text = "bad token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln here; eyJ alone";
         assert_eq!(
             redact_jwts(text),
-            "bad token [redacted-jwt] here; eyJ alone"
+            "bad token [redacted-jws] here; eyJ alone"
         );
         assert_eq!(redact_jwts("plain"), "plain");
+        // A header with whitespace before its first key encodes as `eyAi`,
+        // and nothing requires a JSON header to be recognisable at all.
+        let spaced = "token=eyAiYWxnIjogIlJTMjU2IiB9.eyAic3ViIjogIjEiIH0.c2lnbmF0dXJl.";
+        assert_eq!(redact_jwts(spaced), "token=[redacted-jws]");
+        assert_eq!(
+            redact_jwts("got aGVhZGVyaGVhZGVy.cGF5bG9hZA.c2lnbmF0dXJl (invalid)"),
+            "got [redacted-jws] (invalid)"
+        );
+        // Unsigned and encrypted forms.
+        assert_eq!(redact_jwts("eyJhbGciOiJub25lIn0.e30."), "[redacted-jws]");
+        assert_eq!(
+            redact_jwts("a.eyJhbGciOiJSU0EifQ.key.iv.cipher.tag"),
+            "[redacted-jws]"
+        );
+        // Short dotted words stay.
+        assert_eq!(
+            redact_jwts("version 1.2.3 at 10.0.0.1 (a.b.c)"),
+            "version 1.2.3 at 10.0.0.1 (a.b.c)"
+        );
+        assert_eq!(redact_jwts("invalid_grant: bad"), "invalid_grant: bad");
     }
 }

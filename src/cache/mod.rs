@@ -37,7 +37,7 @@ pub use key::CacheKey;
 use crate::{
     clock::Clock,
     config::RefreshSettings,
-    domain::AudienceError,
+    domain::{AudienceError, IdentityError},
     source::{IdTokenSource, SourceError},
     token::IdToken,
 };
@@ -85,6 +85,8 @@ pub enum CacheError {
     UnknownIdentity(String),
     #[error(transparent)]
     InvalidAudience(#[from] AudienceError),
+    #[error(transparent)]
+    InvalidIdentity(#[from] IdentityError),
     #[error(transparent)]
     Upstream(#[from] SourceError),
     #[error(
@@ -501,7 +503,7 @@ impl TokenCache {
             }
             tracing::debug!(
                 identity = key.identity(),
-                audience = key.audience(),
+                audience = crate::domain::LogText::new(key.audience()).as_str(),
                 "evicted least recently used entry"
             );
         }
@@ -548,7 +550,7 @@ impl TokenCache {
                         // success, but the next try waits for a new token.
                         tracing::debug!(
                             identity = entry.key.identity(),
-                            audience = entry.key.audience(),
+                            audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
                             "upstream returned the same token"
                         );
                     } else {
@@ -570,8 +572,8 @@ impl TokenCache {
                     }
                     tracing::warn!(
                         identity = entry.key.identity(),
-                        audience = entry.key.audience(),
-                        error = %err,
+                        audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
+                        error = err.to_string(),
                         "upstream fetch failed"
                     );
                     slot.backoff.failed(
@@ -631,7 +633,7 @@ impl TokenCache {
             .inc();
         tracing::debug!(
             identity = key.identity(),
-            audience = key.audience(),
+            audience = crate::domain::LogText::new(key.audience()).as_str(),
             upstream = upstream.source.upstream(),
             ok = result.is_ok(),
             latency_ms = started.elapsed().as_millis() as u64,

@@ -174,9 +174,13 @@ impl Default for RefreshSettings {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
-    /// e.g. "127.0.0.1:9464". Metrics name identities and counts; they
-    /// carry no secrets, but keep it off public interfaces.
+    /// e.g. "127.0.0.1:9464". Loopback only unless `allow_non_loopback`.
+    /// Metrics name identities and counts; they carry no secrets, but
+    /// describe what runs here to anyone who can reach them.
     pub listen: std::net::SocketAddr,
+    /// Permit a non-loopback `listen` address (for a scraper on another host).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
     /// Most connections open at once; more are closed at accept.
     #[serde(default = "default_telemetry_max_connections")]
     pub max_connections: usize,

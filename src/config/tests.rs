@@ -210,6 +210,7 @@ fn every_key_present() -> Settings {
     });
     s.telemetry = Some(TelemetrySettings {
         listen: "127.0.0.1:9464".parse().unwrap(),
+        allow_non_loopback: false,
         max_connections: 32,
         header_read_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(30),

@@ -229,6 +229,18 @@ impl Settings {
                 }
             }
         }
+        if let Some(telemetry) = &self.telemetry {
+            if !telemetry.listen.ip().is_loopback() && !telemetry.allow_non_loopback {
+                problems.push(Problem::new(
+                    "telemetry.listen",
+                    format!(
+                        "{} is not a loopback address; anyone who can reach it reads the metrics. \
+                         Use 127.0.0.1, or set telemetry.allow_non_loopback = true",
+                        telemetry.listen
+                    ),
+                ));
+            }
+        }
         if self.server.ready_after_prefetch && self.prefetch.is_empty() {
             problems.push(Problem::new(
                 "server.ready_after_prefetch",

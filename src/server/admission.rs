@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::{live::Live, peer::PeerCredentials};
 use crate::{
     cache::{CacheError, CacheKey, TokenCache},
+    domain::LogText,
     policy::Decision,
 };
 
@@ -20,8 +21,14 @@ pub enum Refused {
     /// Invalid audience or unknown identity.
     #[error(transparent)]
     Cache(#[from] CacheError),
-    /// Names the caller and the request, and nothing about the rules.
-    #[error("uid {} may not use identity {identity:?} for audience {audience:?}", uid_text(*.uid))]
+    /// Names the caller and the request (quoted, escaped and capped), and
+    /// nothing about the rules.
+    #[error(
+        "uid {} may not use identity {} for audience {}",
+        uid_text(*.uid),
+        LogText::new(.identity),
+        LogText::new(.audience)
+    )]
     Denied {
         uid: Option<u32>,
         identity: String,
@@ -54,18 +61,7 @@ pub fn admit(
     decision: &mut Option<Decision>,
 ) -> Result<CacheKey, Refused> {
     let key = CacheKey::new(identity, audience).map_err(CacheError::from)?;
-    let decided = live.policy().decide(peer.caller(), identity, audience);
-    *decision = Some(decided);
-    if !decided.allowed() {
-        return Err(Refused::Denied {
-            uid: peer.uid,
-            identity: identity.to_owned(),
-            audience: audience.to_owned(),
-        });
-    }
-    if !cache.knows(identity) {
-        return Err(CacheError::UnknownIdentity(identity.to_owned()).into());
-    }
+    grant(cache, live, peer, identity, audience, decision)?;
     // Only the request that brings a new audience into the cache spends
     // from its uid's bucket; concurrent askers of that key join it.
     if let Some(uid) = peer.uid {
@@ -83,4 +79,30 @@ pub fn admit(
         }
     }
     Ok(key)
+}
+
+/// Whether the policy in force now lets `peer` have (`identity`,
+/// `audience`), and the identity exists: checked on admission and again
+/// before each delivery on an open stream.
+pub fn grant(
+    cache: &TokenCache,
+    live: &Live,
+    peer: &PeerCredentials,
+    identity: &str,
+    audience: &str,
+    decision: &mut Option<Decision>,
+) -> Result<(), Refused> {
+    let decided = live.policy().decide(peer.caller(), identity, audience);
+    *decision = Some(decided);
+    if !decided.allowed() {
+        return Err(Refused::Denied {
+            uid: peer.uid,
+            identity: identity.to_owned(),
+            audience: audience.to_owned(),
+        });
+    }
+    if !cache.knows(identity) {
+        return Err(CacheError::UnknownIdentity(identity.to_owned()).into());
+    }
+    Ok(())
 }

@@ -68,6 +68,7 @@ use super::{
 use crate::{
     cache::{CacheError, CacheOutcome, TokenCache},
     config::MetadataEndpointSettings,
+    domain::LogText,
     metadata_protocol::{account_and_leaf, Leaf, Query},
     policy::Decision,
     source::SourceError,
@@ -346,6 +347,79 @@ struct Outcome {
     decision: Option<Decision>,
 }
 
+/// Status logged for a request whose client went away before the answer
+/// (nginx's "client closed request"); nothing is sent.
+const CLIENT_CLOSED: u16 = 499;
+
+/// One request's log line, written once: by [`RequestLine::write`] with the
+/// answer, or on drop, when the client went away first and hyper dropped
+/// the handler mid-fetch. Every field a client or upstream wrote is capped
+/// and quoted ([`LogText`]).
+struct RequestLine {
+    peer: SocketAddr,
+    /// The uid owning the client's socket and its group, when resolved.
+    peer_uid: Option<u32>,
+    peer_gid: Option<u32>,
+    method: LogText,
+    path: LogText,
+    identity: LogText,
+    outcome: Outcome,
+    started: Instant,
+    written: bool,
+}
+
+impl RequestLine {
+    fn write(&mut self, status: u16, error: Option<&str>) {
+        if self.written {
+            return;
+        }
+        self.written = true;
+        let latency_us = self.started.elapsed().as_micros() as u64;
+        let audience = self.outcome.audience.as_deref().map(LogText::new);
+        let error = error.map(LogText::new);
+        let decision = self
+            .outcome
+            .decision
+            .map(|d| if d.allowed() { "allowed" } else { "denied" });
+        let rule = self.outcome.decision.map(Decision::rule);
+        // Served lines have a target of their own: the only info lines a
+        // full log queue may drop (logging::pipe).
+        macro_rules! line {
+            ($($target:tt)*) => { tracing::info!(
+            $($target)*
+            peer = %self.peer,
+            peer_uid = self.peer_uid,
+            peer_gid = self.peer_gid,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
+            identity = self.identity.as_str(),
+            audience = audience.as_ref().map(LogText::as_str),
+            decision,
+            rule,
+            cache = self.outcome.cache.map(CacheOutcome::as_str),
+            latency_us,
+            status,
+            error = error.as_ref().map(LogText::as_str),
+            "metadata endpoint"
+        ) };
+        }
+        if status < 300 {
+            line!(target: crate::logging::SERVED_TARGET,);
+        } else {
+            line!();
+        }
+    }
+}
+
+impl Drop for RequestLine {
+    fn drop(&mut self) {
+        self.write(
+            CLIENT_CLOSED,
+            Some("the client went away before the answer"),
+        );
+    }
+}
+
 /// Every request: checks, routing, one log line.
 async fn handle(
     State(state): State<Arc<EndpointState>>,
@@ -354,43 +428,29 @@ async fn handle(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let started = Instant::now();
-    let mut outcome = Outcome::default();
     let resolved = connection.owner.as_ref().and_then(|o| o.as_ref().ok());
-    let peer_uid = resolved.and_then(|peer| peer.uid);
-    let peer_gid = resolved.and_then(|peer| peer.gid);
+    let mut line = RequestLine {
+        peer: connection.peer,
+        peer_uid: resolved.and_then(|peer| peer.uid),
+        peer_gid: resolved.and_then(|peer| peer.gid),
+        method: LogText::new(method.as_str()),
+        path: LogText::new(uri.path()),
+        identity: LogText::new(&state.identity),
+        outcome: Outcome::default(),
+        started: Instant::now(),
+        written: false,
+    };
     let result = match admit_connection(&connection, &headers, &uri) {
-        Ok(peer) => answer(&state, &peer, &method, &headers, &uri, &mut outcome).await,
+        Ok(peer) => answer(&state, &peer, &method, &headers, &uri, &mut line.outcome).await,
         Err(refusal) => Err(refusal),
     };
-    let latency_us = started.elapsed().as_micros() as u64;
-    let peer = connection.peer;
-    let path = loggable(uri.path());
-    let audience = outcome
-        .audience
-        .as_deref()
-        .map(|a| tracing::field::display(loggable(a)));
-    let cache = outcome.cache.map(CacheOutcome::as_str);
-    let decision = outcome
-        .decision
-        .map(|d| if d.allowed() { "allowed" } else { "denied" });
-    let rule = outcome.decision.map(Decision::rule);
     match result {
         Ok(response) => {
-            tracing::info!(
-                target: crate::logging::SERVED_TARGET,
-                %peer, peer_uid, peer_gid, %method, %path, identity = %state.identity, audience,
-                decision, rule, cache, latency_us, status = response.status().as_u16(),
-                "metadata endpoint"
-            );
+            line.write(response.status().as_u16(), None);
             response
         }
         Err(refusal) => {
-            tracing::info!(
-                %peer, peer_uid, peer_gid, %method, %path, identity = %state.identity, audience,
-                decision, rule, cache, latency_us, status = refusal.status.as_u16(),
-                error = %refusal.message, "metadata endpoint"
-            );
+            line.write(refusal.status.as_u16(), Some(&refusal.message));
             let mut message = refusal.message;
             message.push('\n');
             let mut response = respond(refusal.status, TEXT, message);
@@ -421,10 +481,10 @@ fn admit_connection(
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "Host {:?} does not name this metadata endpoint and was rejected: use \
+                    "Host {} does not name this metadata endpoint and was rejected: use \
                      localhost, metadata.google.internal, metadata or {} (DNS-rebinding \
                      protection)",
-                    truncate(host),
+                    LogText::new(host),
                     connection.local.ip()
                 ),
             ))
@@ -609,6 +669,13 @@ async fn answer(
 impl EndpointState {
     /// `default`, or the identity's own email, names the served account.
     async fn check_account(&self, account: &str) -> Result<(), Refusal> {
+        // Checked as gRPC checks a requested identity, before it is echoed.
+        crate::domain::validate_requested_identity(account).map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("the service account named in the path is not a valid name: {e}"),
+            )
+        })?;
         if account == "default" {
             return Ok(());
         }
@@ -619,9 +686,9 @@ impl EndpointState {
         Err(Refusal::new(
             StatusCode::NOT_FOUND,
             format!(
-                "Service account {:?} is not available on this endpoint: it serves token-broker \
+                "Service account {} is not available on this endpoint: it serves token-broker \
                  identity {:?} as \"default\"",
-                truncate(account),
+                LogText::new(account),
                 self.identity
             ),
         ))
@@ -661,9 +728,9 @@ impl EndpointState {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "audience {:?} is not on this endpoint's allow-list \
+                    "audience {} is not on this endpoint's allow-list \
                      (metadata_endpoint.audiences); ask the operator to add it",
-                    truncate(audience)
+                    LogText::new(audience)
                 ),
             ));
         }
@@ -745,10 +812,10 @@ fn not_served(path: &str) -> Refusal {
     Refusal::new(
         StatusCode::NOT_FOUND,
         format!(
-            "{:?} is not served by token-broker's metadata endpoint; it serves /, \
+            "{} is not served by token-broker's metadata endpoint; it serves /, \
              {SERVICE_ACCOUNTS}default/identity?audience=..., .../default/email and \
              .../default/?recursive=true",
-            truncate(path)
+            LogText::new(path)
         ),
     )
 }
@@ -765,16 +832,6 @@ fn respond(status: StatusCode, content_type: HeaderValue, body: String) -> Respo
         body,
     )
         .into_response()
-}
-
-/// Client input echoed into answers is cut short.
-fn truncate(text: &str) -> String {
-    text.chars().take(256).collect()
-}
-
-/// Client input echoed into logs: cut short, `{:?}` escapes the rest.
-fn loggable(text: &str) -> String {
-    format!("{:?}", truncate(text))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 mod accept;
 mod admission;
+mod audit;
 pub mod grpc;
 pub mod http_listener;
 mod idle;
@@ -18,6 +19,7 @@ mod share;
 pub mod socket;
 pub mod systemd;
 pub mod telemetry;
+mod watch_stream;
 
 use std::{
     collections::HashMap,

@@ -103,6 +103,8 @@ fn apply(running: &mut Running, new: Prepared, cache: &TokenCache, live: &live::
     for name in &removed {
         cache.remove_identity(name);
     }
+    // Open watch streams re-check their grant against all of the above.
+    live.reloaded();
     if let Err(e) = crate::logging::set_filter(&new.settings.log.filter) {
         tracing::error!(error = %e, "log.filter not applied");
     }

@@ -53,7 +53,8 @@ pub trait IdTokenSource: Send + Sync + 'static {
 }
 
 /// Why a source could not produce a token. Messages never carry token or
-/// key text; upstream text is passed through with JWT-looking strings removed.
+/// key text; upstream text is passed through quoted, capped, and with
+/// token-shaped strings removed ([`sanitize_upstream_text`]).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SourceError {
@@ -144,18 +145,12 @@ pub(crate) fn http_client() -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
-/// Upstream text fit to pass on: JWT-looking strings removed, length capped.
+/// Upstream text fit to pass on: anything shaped like a token removed, then
+/// capped and quoted with its quotes, backslashes and control characters
+/// escaped ([`LogText`](crate::domain::LogText)), so an upstream's body
+/// can neither forge a log line nor leak a token into one.
 pub(crate) fn sanitize_upstream_text(text: &str) -> String {
-    const MAX: usize = 512;
-    let redacted = crate::token::redact_jwts(text.trim());
-    if redacted.len() <= MAX {
-        return redacted;
-    }
-    let mut end = MAX;
-    while !redacted.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &redacted[..end])
+    crate::domain::LogText::new(&crate::token::redact_jwts(text.trim())).to_string()
 }
 
 /// Describes a reqwest failure without its URL's query (which holds the audience

@@ -69,7 +69,12 @@ impl RetryPolicy {
                 Attempt::Done(value) => return Ok(value),
                 Attempt::Fail(err) => return Err(err),
                 Attempt::Retry(message) => {
-                    tracing::debug!(upstream, attempt = n + 1, error = %message, "transient upstream failure");
+                    tracing::debug!(
+                        upstream,
+                        attempt = n + 1,
+                        error = message.as_str(),
+                        "transient upstream failure"
+                    );
                     last = message;
                 }
             }

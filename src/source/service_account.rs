@@ -124,11 +124,10 @@ impl ServiceAccountSource {
             .is_some_and(|e| TRANSIENT_ERRORS.contains(&e.error.as_str()));
         let message = match &error {
             Some(e) if !e.error.is_empty() => {
-                let description = sanitize_upstream_text(&e.error_description);
-                if description.is_empty() {
+                if e.error_description.trim().is_empty() {
                     sanitize_upstream_text(&e.error)
                 } else {
-                    format!("{}: {description}", sanitize_upstream_text(&e.error))
+                    sanitize_upstream_text(&format!("{}: {}", e.error, e.error_description))
                 }
             }
             _ => sanitize_upstream_text(&String::from_utf8_lossy(&body)),

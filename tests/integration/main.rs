@@ -7,6 +7,7 @@ mod cache_engine;
 mod cli;
 mod clients;
 mod doors;
+mod hostile_client;
 mod key_files;
 mod layering;
 mod log_output;
