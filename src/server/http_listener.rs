@@ -1,6 +1,6 @@
 //! Serving an HTTP router on a TCP listener so that no client can starve it
 //! or the daemon: HTTP/1.1 only (no h2c, no prior-knowledge HTTP/2), a
-//! header-read timeout, a 16 KiB cap on a request's head, an idle timeout
+//! header-read timeout, a 64 KiB cap on a request's head, an idle timeout
 //! ([`super::idle`]), a cap on open
 //! connections (and, when the peer's uid is resolved, a per-uid share of
 //! it), connections over the cap closed at accept, and an accept loop that
@@ -23,7 +23,7 @@ use super::{
 };
 
 /// Largest request head (request line and headers) read, in bytes.
-pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 /// Bounds on one listener's connections.
 #[derive(Debug, Clone)]

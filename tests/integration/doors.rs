@@ -493,8 +493,8 @@ async fn rebinding_proxy_and_http2_requests_are_refused() {
         assert!(answer.body.contains(why), "{why}: {answer:?}");
         assert!(!answer.body.contains("eyJ"), "{answer:?}");
     }
-    // A 64 KiB header: refused before it is buffered whole (431 or closed).
-    let huge = format!("X-Pad: {}\r\n", "a".repeat(64 * 1024));
+    // A 128 KiB header: refused before it is buffered whole (431 or closed).
+    let huge = format!("X-Pad: {}\r\n", "a".repeat(128 * 1024));
     let answer = parse_answer(&raw(endpoint, &get_request(&target, "localhost", &huge)).await);
     assert_ne!(answer.status, 200, "{answer:?}");
     assert!(!answer.body.contains("eyJ"), "{answer:?}");
