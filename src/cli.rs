@@ -212,6 +212,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    server::raise_descriptor_limit();
     let server = match Server::bind(prepared) {
         Ok(s) => s,
         Err(e) => {

@@ -23,7 +23,9 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
-    pub gid: u32,
+    /// `None` when no group is known (a TCP peer whose uid has no entry in
+    /// the user database): only `uids` rules can match it.
+    pub gid: Option<u32>,
 }
 
 /// What the policy decided, and by which rule (for the audit line).
@@ -134,7 +136,8 @@ impl Policy {
         self.rules
             .iter()
             .position(|rule| {
-                (rule.uids.contains(&caller.uid) || rule.gids.contains(&caller.gid))
+                (rule.uids.contains(&caller.uid)
+                    || caller.gid.is_some_and(|gid| rule.gids.contains(&gid)))
                     && rule.identities.iter().any(|i| i == "*" || i == identity)
                     && rule.audiences.iter().any(|p| p.matches(audience))
             })
@@ -332,11 +335,11 @@ mod tests {
         let policy = Policy::compile(&rules()).unwrap();
         let alice = Some(Caller {
             uid: 1000,
-            gid: 1000,
+            gid: Some(1000),
         });
         let team = Some(Caller {
             uid: 1500,
-            gid: 2000,
+            gid: Some(2000),
         });
         assert_eq!(
             policy.decide(alice, "default", "https://svc.a.run.app"),
@@ -380,7 +383,10 @@ mod tests {
         let policy = Policy::compile(&r).unwrap();
         assert!(policy
             .decide(
-                Some(Caller { uid: 0, gid: 5 }),
+                Some(Caller {
+                    uid: 0,
+                    gid: Some(5)
+                }),
                 "default",
                 "https://a.a.run.app"
             )

@@ -80,6 +80,41 @@ pub struct MetadataEndpointSettings {
     /// Permit a non-loopback `listen` address (anyone who can reach it gets tokens).
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Most connections open at once; more are closed at accept.
+    #[serde(default = "default_endpoint_max_connections")]
+    pub max_connections: usize,
+    /// Most connections one uid may hold open at once (at most `max_connections`).
+    #[serde(default = "default_endpoint_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Longest a client may take to send a request's headers, counted from
+    /// when the connection is ready for a request (so also the longest an
+    /// idle keep-alive connection stays open).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a connection may stay open with no request being answered
+    /// (a client that stops reading its answer, or trickles a body).
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+fn default_endpoint_max_connections() -> usize {
+    256
+}
+
+fn default_endpoint_max_connections_per_uid() -> usize {
+    64
+}
+
+fn default_telemetry_max_connections() -> usize {
+    32
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_http_idle_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Audiences of one identity to fetch at startup and keep fresh, so the
@@ -148,6 +183,16 @@ pub struct TelemetrySettings {
     /// Permit a non-loopback `listen` address (for a scraper on another host).
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Most connections open at once; more are closed at accept.
+    #[serde(default = "default_telemetry_max_connections")]
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers (also the
+    /// longest an idle keep-alive connection stays open).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a connection may stay open with no request being answered.
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 /// Limits on what clients can make the daemon do. Each has a safe default.
@@ -165,6 +210,16 @@ pub struct LimitSettings {
     pub max_connections: usize,
     /// Most `WatchIdToken` streams open at once.
     pub max_streams: usize,
+    /// Most client connections one uid may hold open at once (at most
+    /// `max_connections`), so no user can take them all.
+    pub max_connections_per_uid: usize,
+    /// Most `WatchIdToken` streams one uid may hold open at once (at most
+    /// `max_streams`).
+    pub max_streams_per_uid: usize,
+    /// A connection with no call open this long is closed (clients
+    /// reconnect on their next call).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for LimitSettings {
@@ -175,6 +230,9 @@ impl Default for LimitSettings {
             new_audience_burst: 30,
             max_connections: 1024,
             max_streams: 1024,
+            max_connections_per_uid: 256,
+            max_streams_per_uid: 256,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }

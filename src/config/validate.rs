@@ -159,6 +159,35 @@ impl Settings {
         if l.max_streams == 0 {
             problems.push(Problem::new("limits.max_streams", "must be at least 1"));
         }
+        share_problems(
+            "limits.max_connections_per_uid",
+            l.max_connections_per_uid,
+            &mut problems,
+        );
+        share_problems(
+            "limits.max_streams_per_uid",
+            l.max_streams_per_uid,
+            &mut problems,
+        );
+        timeout_problems("limits.idle_timeout", l.idle_timeout, &mut problems);
+        if let Some(telemetry) = &self.telemetry {
+            if telemetry.max_connections == 0 {
+                problems.push(Problem::new(
+                    "telemetry.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            timeout_problems(
+                "telemetry.header_read_timeout",
+                telemetry.header_read_timeout,
+                &mut problems,
+            );
+            timeout_problems(
+                "telemetry.idle_timeout",
+                telemetry.idle_timeout,
+                &mut problems,
+            );
+        }
         if let Some(endpoint) = &self.metadata_endpoint {
             if !endpoint.listen.ip().is_loopback() && !endpoint.allow_non_loopback {
                 problems.push(Problem::new(
@@ -170,6 +199,27 @@ impl Settings {
                     ),
                 ));
             }
+            if endpoint.max_connections == 0 {
+                problems.push(Problem::new(
+                    "metadata_endpoint.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            share_problems(
+                "metadata_endpoint.max_connections_per_uid",
+                endpoint.max_connections_per_uid,
+                &mut problems,
+            );
+            timeout_problems(
+                "metadata_endpoint.header_read_timeout",
+                endpoint.header_read_timeout,
+                &mut problems,
+            );
+            timeout_problems(
+                "metadata_endpoint.idle_timeout",
+                endpoint.idle_timeout,
+                &mut problems,
+            );
             for (j, audience) in endpoint.audiences.iter().enumerate() {
                 if let Err(e) = validate_audience(audience) {
                     problems.push(Problem::new(
@@ -327,6 +377,21 @@ impl Settings {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+}
+
+/// A per-uid share must be at least 1; above its total it is the total
+/// (so lowering a total alone stays valid).
+fn share_problems(key: &str, share: usize, problems: &mut Vec<Problem>) {
+    if share == 0 {
+        problems.push(Problem::new(key, "must be at least 1"));
+    }
+}
+
+/// A connection timeout must leave a client time to talk.
+fn timeout_problems(key: &str, timeout: Duration, problems: &mut Vec<Problem>) {
+    if timeout < Duration::from_millis(100) {
+        problems.push(Problem::new(key, "must be at least 100ms"));
     }
 }
 

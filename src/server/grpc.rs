@@ -7,13 +7,21 @@
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use prost_types::Timestamp;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{audit::Audit, live::Live, peer::PeerCredentials, watch_stream::WatchFeed};
+use super::{
+    admission::{self, Refused},
+    audit::Audit,
+    live::Live,
+    peer::PeerCredentials,
+    share::{Full, Place, Shares},
+    watch_stream::WatchFeed,
+};
 use crate::{
     cache::{CacheError, CacheKey, EntryState, TokenCache},
+    config::LimitSettings,
     domain::{validate_requested_identity, LogText},
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
@@ -28,8 +36,8 @@ const MAX_MIN_VALID: Duration = Duration::from_secs(3600);
 pub struct BrokerService {
     cache: TokenCache,
     live: Arc<Live>,
-    streams: Arc<Semaphore>,
-    max_streams: usize,
+    /// Open `WatchIdToken` streams, in total and per uid.
+    streams: Arc<Shares>,
     /// Becomes true when the daemon begins to stop: open watch streams end
     /// with UNAVAILABLE so clients reconnect to the next instance.
     stopping: watch::Receiver<bool>,
@@ -39,14 +47,13 @@ impl BrokerService {
     pub fn new(
         cache: TokenCache,
         live: Arc<Live>,
-        max_streams: usize,
+        limits: &LimitSettings,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             cache,
             live,
-            streams: Arc::new(Semaphore::new(max_streams)),
-            max_streams,
+            streams: Shares::new(limits.max_streams, limits.max_streams_per_uid),
             stopping,
         }
     }
@@ -150,8 +157,9 @@ struct OpenWatch {
     first: proto::IdToken,
     key: CacheKey,
     tokens: watch::Receiver<Option<IdToken>>,
-    /// Its place under `limits.max_streams`, released when the stream ends.
-    slot: OwnedSemaphorePermit,
+    /// Its place under `limits.max_streams` and its uid's share, released
+    /// when the stream ends.
+    slot: Place,
 }
 
 impl BrokerService {
@@ -159,26 +167,15 @@ impl BrokerService {
     fn admit(&self, audit: &mut Audit) -> Result<CacheKey, Status> {
         validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
         audit.known = self.cache.knows(&audit.identity);
-        let key =
-            CacheKey::new(&audit.identity, &audit.audience).map_err(|e| to_status(e.into()))?;
-        check_grant(&self.live, &self.cache, audit)?;
-        // Only the request that brings a new audience into the cache spends
-        // from its uid's bucket; concurrent askers of that key join it.
-        if let Some(uid) = audit.peer.uid {
-            if self.cache.reserve(&key) {
-                let (limits, limiter) = self.live.limits();
-                if let Err(retry_in) = limiter.check(uid) {
-                    self.cache.release_unused(&key);
-                    return Err(Status::resource_exhausted(format!(
-                        "uid {uid} asked for too many new audiences (limit {} per minute, burst {}); retry in {}s",
-                        limits.new_audiences_per_minute,
-                        limits.new_audience_burst,
-                        retry_in.as_secs().max(1)
-                    )));
-                }
-            }
-        }
-        Ok(key)
+        admission::admit(
+            &self.cache,
+            &self.live,
+            &audit.peer,
+            &audit.identity,
+            &audit.audience,
+            &mut audit.decision,
+        )
+        .map_err(|refused| refused_status(&refused))
     }
 
     async fn get(
@@ -205,12 +202,10 @@ impl BrokerService {
     ) -> Result<OpenWatch, Status> {
         let min_valid = min_valid(min_valid_for)?;
         let key = self.admit(audit)?;
-        let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "too many open WatchIdToken streams (limits.max_streams = {})",
-                self.max_streams
-            ))
-        })?;
+        let slot = self
+            .streams
+            .take(audit.peer.uid)
+            .map_err(|full| streams_full_status(full, audit.peer.uid))?;
         let (first, tokens) = tokio::time::timeout(wait, self.cache.watch(&key, min_valid))
             .await
             .map_err(|_| deadline_exceeded(key.identity(), wait))?
@@ -234,28 +229,15 @@ pub(super) fn check_grant(
     audit: &mut Audit,
 ) -> Result<(), Status> {
     audit.known = cache.knows(&audit.identity);
-    let decision = live
-        .policy()
-        .decide(audit.peer.caller(), &audit.identity, &audit.audience);
-    audit.decision = Some(decision);
-    if !decision.allowed() {
-        // Name the caller and the request, and nothing about the rules.
-        return Err(Status::permission_denied(format!(
-            "uid {} may not use identity {} for audience {}",
-            audit
-                .peer
-                .uid
-                .map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
-            LogText::new(&audit.identity),
-            LogText::new(&audit.audience)
-        )));
-    }
-    if !audit.known {
-        return Err(to_status(CacheError::UnknownIdentity(
-            audit.identity.clone(),
-        )));
-    }
-    Ok(())
+    admission::grant(
+        cache,
+        live,
+        &audit.peer,
+        &audit.identity,
+        &audit.audience,
+        &mut audit.decision,
+    )
+    .map_err(|refused| refused_status(&refused))
 }
 
 /// A token request's caller, deadline and message.
@@ -296,8 +278,32 @@ fn deadline_exceeded(identity: &str, wait: Duration) -> Status {
 }
 
 /// The one mapping from broker errors to gRPC statuses (DESIGN.md).
+fn refused_status(refused: &Refused) -> Status {
+    match refused {
+        Refused::Cache(err) => cache_status(err),
+        Refused::Denied { .. } => Status::permission_denied(refused.to_string()),
+        Refused::TooManyNewAudiences { .. } => Status::resource_exhausted(refused.to_string()),
+    }
+}
+
+fn streams_full_status(full: Full, uid: Option<u32>) -> Status {
+    Status::resource_exhausted(match full {
+        Full::Total(limit) => {
+            format!("too many open WatchIdToken streams (limits.max_streams = {limit})")
+        }
+        Full::Share(limit) => format!(
+            "uid {} has too many open WatchIdToken streams (limits.max_streams_per_uid = {limit})",
+            uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
+        ),
+    })
+}
+
 pub fn to_status(err: CacheError) -> Status {
-    match &err {
+    cache_status(&err)
+}
+
+fn cache_status(err: &CacheError) -> Status {
+    match err {
         CacheError::InvalidAudience(_) | CacheError::InvalidIdentity(_) => {
             Status::invalid_argument(err.to_string())
         }

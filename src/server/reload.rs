@@ -69,10 +69,14 @@ fn apply(running: &mut Running, new: Prepared, cache: &TokenCache, live: &live::
         ("telemetry", old.telemetry != new.settings.telemetry),
         ("log.format", old.log.format != new.settings.log.format),
         (
-            "limits.max_connections/max_streams/max_request_bytes",
+            "limits.max_connections/max_streams/max_request_bytes/*_per_uid/idle_timeout",
             old.limits.max_connections != new.settings.limits.max_connections
                 || old.limits.max_streams != new.settings.limits.max_streams
-                || old.limits.max_request_bytes != new.settings.limits.max_request_bytes,
+                || old.limits.max_request_bytes != new.settings.limits.max_request_bytes
+                || old.limits.max_connections_per_uid
+                    != new.settings.limits.max_connections_per_uid
+                || old.limits.max_streams_per_uid != new.settings.limits.max_streams_per_uid
+                || old.limits.idle_timeout != new.settings.limits.idle_timeout,
         ),
     ];
     for (section, changed) in needs_restart {

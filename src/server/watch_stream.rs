@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tonic::Status;
 
 use super::{
@@ -44,7 +44,7 @@ pub(super) struct WatchFeed {
     pub(super) sender: tokio::sync::mpsc::Sender<Result<proto::IdToken, Status>>,
     /// Held (with the receiver, which keeps the key from idle eviction)
     /// until the stream ends.
-    pub(super) _slot: OwnedSemaphorePermit,
+    pub(super) _slot: super::share::Place,
 }
 
 impl WatchFeed {

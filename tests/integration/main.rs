@@ -6,6 +6,7 @@ mod access_control;
 mod cache_engine;
 mod cli;
 mod clients;
+mod doors;
 mod faults;
 mod hostile_client;
 mod key_files;
