@@ -40,11 +40,8 @@ impl Demo {
             .map_err(|e| e.to_string())?;
         emulator.register_service_account(registration);
         settings.identities = vec![IdentitySettings {
-            name: DEFAULT_IDENTITY.into(),
-            source: SourceKind::ServiceAccountKey,
             key_file: Some(key_file),
-            metadata_host: None,
-            allow_insecure_key_permissions: false,
+            ..IdentitySettings::new(DEFAULT_IDENTITY, SourceKind::ServiceAccountKey)
         }];
         if settings.server.socket_path.is_none() {
             settings.server.socket_path = Some(dir.path().join("broker.sock"));

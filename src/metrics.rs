@@ -54,6 +54,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub upstream_duration: Family<SourceLabels, Histogram>,
+    /// Each upstream call made for an identity built on others, by hop.
+    pub upstream_hops: Family<UpstreamLabels, Counter>,
     pub refresh_failures: Family<IdentityLabels, Counter>,
     pub policy_denials: Family<IdentityLabels, Counter>,
     pub cache_entries: Gauge,
@@ -92,6 +94,7 @@ pub fn get() -> &'static Metrics {
             requests: Family::default(),
             upstream_requests: Family::default(),
             upstream_duration: Family::new_with_constructor(upstream_histogram),
+            upstream_hops: Family::default(),
             refresh_failures: Family::default(),
             policy_denials: Family::default(),
             cache_entries: Gauge::default(),
@@ -113,6 +116,11 @@ pub fn get() -> &'static Metrics {
             "upstream_request_duration_seconds",
             "Latency of upstream token fetches, retries included",
             m.upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_hops",
+            "Upstream calls by identity, hop (metadata, service_account_key, sts, iam) and outcome, access tokens for chained identities included",
+            m.upstream_hops.clone(),
         );
         registry.register(
             "refresh_failures",

@@ -19,15 +19,15 @@ impl Settings {
         }
         let adc = env.get(CREDENTIALS_ENV).filter(|path| !path.is_empty());
         vec![IdentitySettings {
-            name: DEFAULT_IDENTITY.into(),
-            source: if adc.is_some() {
-                SourceKind::ServiceAccountKey
-            } else {
-                SourceKind::Metadata
-            },
             key_file: adc.map(PathBuf::from),
-            metadata_host: None,
-            allow_insecure_key_permissions: false,
+            ..IdentitySettings::new(
+                DEFAULT_IDENTITY,
+                if adc.is_some() {
+                    SourceKind::ServiceAccountKey
+                } else {
+                    SourceKind::Metadata
+                },
+            )
         }]
     }
 

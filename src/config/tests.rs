@@ -182,11 +182,8 @@ fn an_empty_or_comment_only_file_is_refused() {
 fn every_key_present() -> Settings {
     let mut s = Settings::default();
     s.identities.push(IdentitySettings {
-        name: "default".into(),
-        source: SourceKind::Metadata,
-        key_file: None,
-        metadata_host: None,
-        allow_insecure_key_permissions: false,
+        delegates: vec!["d@p.iam.gserviceaccount.com".into()],
+        ..IdentitySettings::new("default", SourceKind::Metadata)
     });
     s.prefetch.push(PrefetchSettings {
         identity: "default".into(),

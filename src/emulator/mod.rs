@@ -12,11 +12,13 @@
 //! Every timestamp comes from the injected [`Clock`], so a test running on
 //! tokio's paused clock moves the emulator's notion of "now" too.
 
+mod iam;
 mod keys;
 mod metadata;
+mod sts;
 mod token_endpoint;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -33,9 +35,11 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 
+pub use iam::Permission;
 pub use keys::{
     generate_service_account_key, write_key_file, GeneratedKey, ServiceAccountRegistration,
 };
+pub use sts::{SubjectTokenIssuer, WorkloadProvider};
 
 /// The metadata server's default service account unless configured otherwise.
 pub const DEFAULT_ACCOUNT_EMAIL: &str = "default@token-broker-emulator.iam.gserviceaccount.com";
@@ -134,6 +138,17 @@ pub struct Stats {
     pub token: EndpointStats,
     /// Metadata server `.../email` and `.../?recursive=true` calls.
     pub email: u64,
+    /// Metadata server `.../token` calls (access tokens).
+    pub metadata_token: u64,
+    /// `POST /token` calls asking for an access token (`scope`); also
+    /// counted in `token`, under audience `""`.
+    pub token_access: u64,
+    /// IAM Credentials `generateIdToken` calls, by audience.
+    pub iam: EndpointStats,
+    /// IAM Credentials `generateAccessToken` calls.
+    pub iam_access: u64,
+    /// STS token exchanges, by workload provider audience.
+    pub sts: EndpointStats,
 }
 
 /// Counters of one token-issuing endpoint.
@@ -185,9 +200,11 @@ pub struct Faults {
     /// Emulate the metadata server's own cache: answer the SAME token for an
     /// audience until it has fewer than this many seconds left (GCE: 300).
     pub metadata_cache_secs: Option<u64>,
-    /// `"identity"` or `"token"`: the only endpoint the faults apply to.
-    /// `None`: both.
+    /// `"identity"`, `"token"`, `"iam"` or `"sts"`: the only endpoint the
+    /// faults apply to. `None`: all.
     pub endpoint: Option<String>,
+    /// Lifetime of issued access tokens (default 3599 s).
+    pub access_token_lifetime_secs: Option<u64>,
 }
 
 impl Faults {
@@ -203,7 +220,7 @@ impl Faults {
         if let Some(endpoint) = self.endpoint.as_deref() {
             if Endpoint::from_name(endpoint).is_none() {
                 problems.push(format!(
-                    "endpoint {endpoint:?} is unknown; use \"identity\" or \"token\""
+                    "endpoint {endpoint:?} is unknown; use \"identity\", \"token\", \"iam\" or \"sts\""
                 ));
             }
         }
@@ -216,6 +233,8 @@ impl Faults {
 pub(crate) enum Endpoint {
     Identity,
     Token,
+    Iam,
+    Sts,
 }
 
 impl Endpoint {
@@ -223,6 +242,8 @@ impl Endpoint {
         match name {
             "identity" => Some(Self::Identity),
             "token" => Some(Self::Token),
+            "iam" => Some(Self::Iam),
+            "sts" => Some(Self::Sts),
             _ => None,
         }
     }
@@ -231,6 +252,8 @@ impl Endpoint {
         match self {
             Self::Identity => "identity",
             Self::Token => "token",
+            Self::Iam => "iam",
+            Self::Sts => "sts",
         }
     }
 }
@@ -311,6 +334,21 @@ pub(crate) struct Shared {
     stats: Mutex<Stats>,
     faults: Mutex<FaultState>,
     pub(crate) metadata_cache: Mutex<HashMap<MetadataCacheKey, MintedTokenEntry>>,
+    /// Access tokens issued and not revoked: token → what it stands for.
+    pub(crate) access_tokens: Mutex<HashMap<String, IssuedAccessToken>>,
+    /// IAM grants: (caller principal, target account, permission).
+    pub(crate) grants: Mutex<HashSet<(String, String, Permission)>>,
+    /// Workload identity providers STS accepts subject tokens from.
+    pub(crate) providers: Mutex<Vec<WorkloadProvider>>,
+}
+
+/// What an issued access token stands for.
+#[derive(Clone, Debug)]
+pub(crate) struct IssuedAccessToken {
+    /// An account email, or a federated `principal://...`.
+    pub(crate) principal: String,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) exp: u64,
 }
 
 /// A token held by the emulated metadata-server cache.
@@ -349,6 +387,36 @@ impl Shared {
 
     pub(crate) fn count_email(&self) {
         lock(&self.stats).email += 1;
+    }
+
+    /// Updates the call counters.
+    pub(crate) fn count(&self, update: impl FnOnce(&mut Stats)) {
+        update(&mut lock(&self.stats));
+    }
+
+    /// Issues an access token for `principal`: (token, lifetime in seconds).
+    pub(crate) fn issue_access_token(
+        &self,
+        principal: &str,
+        scopes: Vec<String>,
+        lifetime: Option<Duration>,
+    ) -> (String, u64) {
+        let forced = lock(&self.faults).faults.access_token_lifetime_secs;
+        let lifetime = forced
+            .map(Duration::from_secs)
+            .or(lifetime)
+            .unwrap_or(Duration::from_secs(3599))
+            .as_secs();
+        let token = format!("ya29.emulator-{}", keys::random_key_id());
+        lock(&self.access_tokens).insert(
+            token.clone(),
+            IssuedAccessToken {
+                principal: principal.to_owned(),
+                scopes,
+                exp: self.clock.unix_seconds().saturating_add(lifetime),
+            },
+        );
+        (token, lifetime)
     }
 
     /// The faults for one call to `endpoint`, using up one `fail_next` unit.
@@ -461,6 +529,8 @@ impl Stats {
         match endpoint {
             Endpoint::Identity => &mut self.identity,
             Endpoint::Token => &mut self.token,
+            Endpoint::Iam => &mut self.iam,
+            Endpoint::Sts => &mut self.sts,
         }
     }
 }
@@ -541,6 +611,9 @@ impl Emulator {
             stats: Mutex::new(Stats::default()),
             faults: Mutex::new(FaultState::default()),
             metadata_cache: Mutex::new(HashMap::new()),
+            access_tokens: Mutex::new(HashMap::new()),
+            grants: Mutex::new(HashSet::new()),
+            providers: Mutex::new(Vec::new()),
         });
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -587,6 +660,38 @@ impl Emulator {
     /// Accepts a service-account key at the token endpoint from now on.
     pub fn register_service_account(&self, reg: ServiceAccountRegistration) {
         lock(&self.shared.accounts).register(reg);
+    }
+
+    /// Creates a service account without a key (one that is only ever
+    /// impersonated). Accounts with a registered key exist already.
+    pub fn create_service_account(&self, email: &str) {
+        lock(&self.shared.accounts).register_keyless(email);
+    }
+
+    /// Lets `caller` (an account email, or a federated `principal://...`)
+    /// use `permission` on the account `target`.
+    pub fn grant(&self, caller: &str, target: &str, permission: Permission) {
+        lock(&self.shared.grants).insert((caller.to_owned(), target.to_owned(), permission));
+    }
+
+    /// Takes back a grant made with [`Emulator::grant`].
+    pub fn revoke_grant(&self, caller: &str, target: &str, permission: Permission) {
+        lock(&self.shared.grants).remove(&(caller.to_owned(), target.to_owned(), permission));
+    }
+
+    /// Revokes every access token issued so far: IAM answers 401 to them.
+    pub fn revoke_access_tokens(&self) {
+        lock(&self.shared.access_tokens).clear();
+    }
+
+    /// Makes STS accept subject tokens of `provider`.
+    pub fn add_workload_provider(&self, provider: WorkloadProvider) {
+        lock(&self.shared.providers).push(provider);
+    }
+
+    /// `http://127.0.0.1:PORT/v1/token`, the STS `token_url`.
+    pub fn sts_token_url(&self) -> String {
+        format!("{}/v1/token", self.base_url())
     }
 
     /// A snapshot of the call counters.
@@ -660,6 +765,11 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/computeMetadata/", get(metadata::handle))
         .route("/computeMetadata/{*path}", get(metadata::handle))
         .route("/token", post(token_endpoint::handle))
+        .route("/v1/token", post(sts::handle))
+        .route(
+            "/v1/projects/{project}/serviceAccounts/{method}",
+            post(iam::handle),
+        )
         .route("/oauth2/v1/certs", get(certs_v1))
         .route("/oauth2/v3/certs", get(certs_v3))
         .route("/emulator/stats", get(get_stats))

@@ -212,8 +212,25 @@ fn answer(
         }))
         .into_response());
     }
+    let target_audience = match verified.grant {
+        Granted::IdToken(audience) => audience,
+        Granted::AccessToken(scopes) => {
+            shared.count(|stats| stats.token_access += 1);
+            let (token, expires_in) =
+                shared.issue_access_token(&verified.client_email, scopes, None);
+            return Ok((
+                [(header::CACHE_CONTROL, "no-store")],
+                Json(serde_json::json!({
+                    "access_token": token,
+                    "expires_in": expires_in,
+                    "token_type": "Bearer",
+                })),
+            )
+                .into_response());
+        }
+    };
     let request = IdTokenRequest {
-        audience: &verified.target_audience,
+        audience: &target_audience,
         subject: &verified.client_id,
         email: Some(&verified.client_email),
         google: None,
@@ -240,7 +257,16 @@ fn answer(
 struct VerifiedAssertion {
     client_email: String,
     client_id: String,
-    target_audience: String,
+    grant: Granted,
+}
+
+/// What a valid assertion asked for.
+#[derive(Debug)]
+enum Granted {
+    /// `target_audience`: an ID token.
+    IdToken(String),
+    /// `scope` (space-separated): an access token.
+    AccessToken(Vec<String>),
 }
 
 /// Checks an assertion as Google does, in Google's order: algorithm, account,
@@ -324,8 +350,14 @@ fn verify_assertion(
         return Err(OAuthError::invalid_grant(SHORT_LIVED));
     }
 
-    let target_audience = match claims.get("target_audience").and_then(Value::as_str) {
-        Some(t) if !t.is_empty() => t.to_owned(),
+    let scope = claims
+        .get("scope")
+        .and_then(Value::as_str)
+        .map(|s| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .filter(|scopes| !scopes.is_empty());
+    let grant = match (claims.get("target_audience").and_then(Value::as_str), scope) {
+        (Some(t), _) if !t.is_empty() => Granted::IdToken(t.to_owned()),
+        (_, Some(scopes)) => Granted::AccessToken(scopes),
         // Google's answer when an assertion asks for neither an access token
         // (scope) nor an ID token (target_audience).
         _ => {
@@ -340,7 +372,7 @@ fn verify_assertion(
     Ok(VerifiedAssertion {
         client_email: issuer.to_owned(),
         client_id: account.client_id,
-        target_audience,
+        grant,
     })
 }
 

@@ -1,16 +1,22 @@
 //! Service-account key identities (PROTOCOLS.md §2): a self-signed JWT
 //! assertion carrying `target_audience`, exchanged at the key's `token_uri`
-//! for a Google-signed ID token.
+//! for a Google-signed ID token; and, for identities built on this one, the
+//! same grant with a `scope` claim for an access token (§4).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use jsonwebtoken::{Algorithm, Header};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    describe_http_error, http_client, retry::Attempt, sanitize_upstream_text, FetchFuture,
-    IdTokenSource, RetryPolicy, ServiceAccountKey, SourceError,
+    access::{
+        parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
+    },
+    describe_http_error, http_client, record_hop,
+    retry::Attempt,
+    sanitize_upstream_text, FetchFuture, IdTokenSource, RetryPolicy, ServiceAccountKey,
+    SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -28,11 +34,30 @@ const TRANSIENT_ERRORS: [&str; 3] = [
 
 /// Mints ID tokens with a service-account key.
 pub struct ServiceAccountSource {
+    inner: Arc<KeyGrant>,
+    access: AccessTokenCache,
+}
+
+/// The key and what it takes to use it; shared with the access-token cache.
+struct KeyGrant {
     key: ServiceAccountKey,
     client: reqwest::Client,
     upstream: String,
     clock: Clock,
     retry: RetryPolicy,
+    identity: &'static str,
+}
+
+/// How an exchange that gave no 200 ended.
+enum Ended {
+    Retry(String),
+    Fail(SourceError),
+}
+
+/// What a signed assertion asks for.
+enum Grant<'a> {
+    IdToken { audience: &'a str },
+    AccessToken { scopes: &'a str },
 }
 
 #[derive(Serialize)]
@@ -40,7 +65,10 @@ struct AssertionClaims<'a> {
     iss: &'a str,
     sub: &'a str,
     aud: &'a str,
-    target_audience: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_audience: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
     iat: u64,
     exp: u64,
 }
@@ -55,17 +83,35 @@ struct ErrorBody {
 
 impl ServiceAccountSource {
     pub fn new(key: ServiceAccountKey, clock: Clock, retry: RetryPolicy) -> Result<Self, String> {
-        Ok(Self {
+        Self::for_identity(key, clock, retry, "unknown")
+    }
+
+    /// Like [`ServiceAccountSource::new`], naming the identity served in
+    /// the metrics of its hops.
+    pub fn for_identity(
+        key: ServiceAccountKey,
+        clock: Clock,
+        retry: RetryPolicy,
+        identity: &str,
+    ) -> Result<Self, String> {
+        let inner = Arc::new(KeyGrant {
             upstream: format!("token endpoint {}", key.token_uri),
             client: http_client()?,
             key,
-            clock,
+            clock: clock.clone(),
             retry,
+            identity: crate::metrics::identity_label(identity),
+        });
+        Ok(Self {
+            access: AccessTokenCache::new(inner.clone(), clock),
+            inner,
         })
     }
+}
 
-    /// The signed assertion for one audience.
-    fn assertion(&self, audience: &str) -> Result<String, SourceError> {
+impl KeyGrant {
+    /// The signed assertion for one grant.
+    fn assertion(&self, grant: &Grant<'_>) -> Result<String, SourceError> {
         let iat = self
             .clock
             .unix_seconds()
@@ -74,7 +120,14 @@ impl ServiceAccountSource {
             iss: &self.key.client_email,
             sub: &self.key.client_email,
             aud: self.key.token_uri.as_str(),
-            target_audience: audience,
+            target_audience: match grant {
+                Grant::IdToken { audience } => Some(audience),
+                Grant::AccessToken { .. } => None,
+            },
+            scope: match grant {
+                Grant::IdToken { .. } => None,
+                Grant::AccessToken { scopes } => Some(scopes),
+            },
             iat,
             exp: iat + ASSERTION_LIFETIME.as_secs(),
         };
@@ -89,10 +142,33 @@ impl ServiceAccountSource {
     }
 
     async fn attempt(&self, audience: &str) -> Attempt<IdToken> {
+        match self.exchange(&Grant::IdToken { audience }).await {
+            Ok(body) => self.read_success(&body, audience),
+            Err(Ended::Retry(m)) => Attempt::Retry(m),
+            Err(Ended::Fail(e)) => Attempt::Fail(e),
+        }
+    }
+
+    async fn attempt_access(&self, scopes: &str) -> Attempt<AccessToken> {
+        match self.exchange(&Grant::AccessToken { scopes }).await {
+            Ok(body) => match parse_oauth_access_token(&body, self.clock.now()) {
+                Ok(token) => Attempt::Done(token),
+                Err(message) => Attempt::Fail(SourceError::InvalidResponse {
+                    upstream: self.upstream.clone(),
+                    message: format!("access token: {message}"),
+                }),
+            },
+            Err(Ended::Retry(m)) => Attempt::Retry(m),
+            Err(Ended::Fail(e)) => Attempt::Fail(e),
+        }
+    }
+
+    /// Posts one assertion; the 200 body, or how the attempt ended.
+    async fn exchange(&self, grant: &Grant<'_>) -> Result<Vec<u8>, Ended> {
         // A fresh assertion each attempt: its iat/exp track the clock.
-        let assertion = match self.assertion(audience) {
+        let assertion = match self.assertion(grant) {
             Ok(a) => a,
-            Err(e) => return Attempt::Fail(e),
+            Err(e) => return Err(Ended::Fail(e)),
         };
         let response = self
             .client
@@ -105,15 +181,15 @@ impl ServiceAccountSource {
             .await;
         let response = match response {
             Ok(r) => r,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
+            Err(e) => return Err(Ended::Retry(describe_http_error(&e))),
         };
         let status = response.status();
         let body = match response.bytes().await {
             Ok(body) => body,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
+            Err(e) => return Err(Ended::Retry(describe_http_error(&e))),
         };
         if status == StatusCode::OK {
-            return self.read_success(&body, audience);
+            return Ok(body.to_vec());
         }
         let error: Option<ErrorBody> = serde_json::from_slice(&body).ok();
         let transient_status = status.is_server_error()
@@ -134,13 +210,13 @@ impl ServiceAccountSource {
             _ => sanitize_upstream_text(&String::from_utf8_lossy(&body)),
         };
         if transient_status || transient_error {
-            return Attempt::Retry(format!("HTTP {status}: {message}"));
+            return Err(Ended::Retry(format!("HTTP {status}: {message}")));
         }
-        Attempt::Fail(SourceError::Rejected {
+        Err(Ended::Fail(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: format!("{message} (account {})", self.key.client_email),
-        })
+        }))
     }
 
     fn read_success(&self, body: &[u8], audience: &str) -> Attempt<IdToken> {
@@ -165,9 +241,11 @@ impl ServiceAccountSource {
 
 impl IdTokenSource for ServiceAccountSource {
     fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a> {
+        let inner = &self.inner;
         Box::pin(
-            self.retry
-                .run(&self.upstream, move || self.attempt(audience)),
+            inner
+                .retry
+                .run(&inner.upstream, move || inner.attempt(audience)),
         )
     }
 
@@ -176,18 +254,36 @@ impl IdTokenSource for ServiceAccountSource {
     }
 
     fn upstream(&self) -> &str {
-        &self.upstream
+        &self.inner.upstream
     }
 
     fn account(&self) -> Option<&str> {
-        Some(&self.key.client_email)
+        Some(&self.inner.key.client_email)
     }
 
     /// A rotated key (new `private_key_id`) at the same path is a change.
     fn fingerprint(&self) -> String {
+        let key = &self.inner.key;
         format!(
             "service_account_key|{}|{}|{}",
-            self.key.token_uri, self.key.client_email, self.key.private_key_id
+            key.token_uri, key.client_email, key.private_key_id
         )
+    }
+
+    fn access_tokens(&self) -> Option<&AccessTokenCache> {
+        Some(&self.access)
+    }
+}
+
+impl AccessFetcher for KeyGrant {
+    fn fetch_access<'a>(&'a self, scopes: &'a str) -> AccessFuture<'a> {
+        Box::pin(async move {
+            let result = self
+                .retry
+                .run(&self.upstream, move || self.attempt_access(scopes))
+                .await;
+            record_hop(self.identity, "service_account_key", &result);
+            result
+        })
     }
 }
