@@ -349,7 +349,10 @@ fn validate_base_url(text: &str) -> Result<(), String> {
             ))
         }
     }
-    if url.query().is_some() || url.fragment().is_some() || url.path().trim_end_matches('/') != "" {
+    if url.query().is_some()
+        || url.fragment().is_some()
+        || !url.path().trim_end_matches('/').is_empty()
+    {
         return Err(format!(
             "{text:?} must be a base URL like \"https://iamcredentials.googleapis.com\", without path or query"
         ));

@@ -221,13 +221,22 @@ fn exchange(
             "The \"scope\" parameter is required",
         ));
     }
+    // google-auth percent-encodes the JSON once more inside the form.
     let options = field("options");
-    if !options.is_empty() && serde_json::from_str::<Map<String, Value>>(options).is_err() {
-        return Err(oauth(
-            "invalid_request",
-            "The \"options\" parameter is not a JSON object",
-        ));
-    }
+    let options: Map<String, Value> = if options.is_empty() {
+        Map::new()
+    } else {
+        let decoded: String = url::form_urlencoded::parse(format!("o={options}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        serde_json::from_str(&decoded).map_err(|_| {
+            oauth(
+                "invalid_request",
+                "The \"options\" parameter is not URL-encoded JSON",
+            )
+        })?
+    };
     let audience = field("audience");
     let provider = lock(&shared.providers)
         .iter()
@@ -239,6 +248,23 @@ fn exchange(
                 format!("The target service indicated by the \"audience\" parameters is invalid. This might either be because the pool or provider is disabled or deleted or because it doesn't exist. ({audience})"),
             )
         })?;
+    let workforce = audience.contains("/workforcePools/");
+    if options.contains_key("userProject") && !workforce {
+        return Err(oauth(
+            "invalid_request",
+            "userProject is only valid for workforce pools",
+        ));
+    }
+    let client_auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Basic "));
+    if workforce && !client_auth && !options.contains_key("userProject") {
+        return Err(oauth(
+            "invalid_request",
+            "Workforce pool requests need a user project (options.userProject) or client authentication",
+        ));
+    }
     let subject = verify_subject_token(shared, &provider, field("subject_token"))?;
     let principal = provider.principal(&subject);
     let (token, expires_in) = shared.issue_access_token(&principal, scopes, None);

@@ -6,6 +6,7 @@
 //! the cache, not here.
 
 pub mod access;
+mod external_account;
 mod impersonate;
 mod key_file;
 mod metadata;
@@ -14,6 +15,7 @@ mod service_account;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
 
+pub use external_account::{ExternalAccountFile, ExternalAccountSource, ALLOW_EXECUTABLES_ENV};
 pub use impersonate::{ImpersonateOptions, ImpersonateSource, DEFAULT_IAM_ENDPOINT};
 pub use key_file::{KeyFileError, ServiceAccountKey};
 pub use metadata::MetadataSource;
@@ -130,16 +132,16 @@ impl SourceError {
     }
 }
 
+/// An identity's settings and the source built from them.
+pub type BuiltIdentity = (IdentitySettings, Arc<dyn IdTokenSource>);
+
 /// Builds every identity's source, bases before the identities built on
 /// them, and returns them in the order given, with every problem found.
 pub fn build_sources(
     identities: &[IdentitySettings],
     env: &HashMap<String, String>,
     clock: &Clock,
-) -> (
-    Vec<(IdentitySettings, Arc<dyn IdTokenSource>)>,
-    Vec<Problem>,
-) {
+) -> (Vec<BuiltIdentity>, Vec<Problem>) {
     let mut built: HashMap<String, Arc<dyn IdTokenSource>> = HashMap::new();
     let mut failed: Vec<String> = Vec::new();
     let mut problems = Vec::new();
@@ -248,10 +250,25 @@ fn build_one(
             .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
             .map_err(|message| Problem::new(key("base"), message))
         }
-        SourceKind::ExternalAccount => Err(Problem::new(
-            key("source"),
-            "external_account is not supported yet",
-        )),
+        SourceKind::ExternalAccount => {
+            let Some(path) = &identity.credential_file else {
+                return Err(Problem::new(
+                    key("credential_file"),
+                    "required when source = \"external_account\"",
+                ));
+            };
+            let file = ExternalAccountFile::load(path, env)
+                .map_err(|message| Problem::new(key("credential_file"), message))?;
+            ExternalAccountSource::new(
+                &identity.name,
+                file,
+                identity.iam_endpoint.as_deref(),
+                clock.clone(),
+                RetryPolicy::default(),
+            )
+            .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
+            .map_err(|message| Problem::new(key("credential_file"), message))
+        }
         SourceKind::Metadata => {
             let host = identity
                 .metadata_host

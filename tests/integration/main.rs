@@ -6,6 +6,7 @@ mod access_control;
 mod cache_engine;
 mod cli;
 mod clients;
+mod external_account;
 mod impersonation;
 mod key_files;
 mod layering;

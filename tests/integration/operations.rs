@@ -262,7 +262,11 @@ async fn an_emptied_config_is_rejected_on_reload_and_the_policy_stays_closed() {
             .get("default", "https://b.example.com")
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied, "the policy stayed closed");
+        assert_eq!(
+            err.code(),
+            Code::PermissionDenied,
+            "the policy stayed closed"
+        );
         broker
             .get("default", "https://a.example.com")
             .await

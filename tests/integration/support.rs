@@ -120,9 +120,21 @@ impl Broker {
         args: &[&str],
         log_filter: &str,
     ) -> Broker {
+        Self::spawn_with_env(dir, socket, args, log_filter, &[])
+    }
+
+    /// [`Broker::spawn`] with `env` added to the clean environment.
+    pub fn spawn_with_env(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[&str],
+        log_filter: &str,
+        env: &[(&str, &str)],
+    ) -> Broker {
         let log_path = dir.path().join("broker.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = base_command(args);
+        command.envs(env.iter().copied());
         // An empty filter leaves the config's log.filter in charge. Otherwise
         // the broker's own code logs at TRACE in every test, so the secret
         // check on drop covers the whole suite at the most verbose level.
@@ -248,6 +260,7 @@ pub fn base_command(args: &[&str]) -> Command {
     cmd.args(args)
         .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
         .env_remove("GCE_METADATA_HOST")
+        .env_remove("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES")
         .env_remove("TOKEN_BROKER_SOCKET")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
