@@ -192,7 +192,8 @@ pub struct IdentitySettings {
     #[serde(default)]
     pub allow_insecure_key_permissions: bool,
     /// The identity whose credential impersonates `service_account`
-    /// (`impersonate` only); any other identity, chains allowed.
+    /// (`impersonate` without `credential_file`); any other identity,
+    /// chains allowed.
     #[serde(default)]
     pub base: Option<String>,
     /// The account to mint ID tokens for (`impersonate` only).
@@ -212,9 +213,11 @@ pub struct IdentitySettings {
     /// `external_account` the origin of `service_account_impersonation_url`.
     #[serde(default)]
     pub iam_endpoint: Option<String>,
-    /// The workload identity federation credential file, as written by
-    /// `gcloud iam workload-identity-pools create-cred-config`
-    /// (`external_account` only).
+    /// `external_account`: the workload identity federation credential
+    /// file, as written by `gcloud iam workload-identity-pools
+    /// create-cred-config`. `impersonate`: an `impersonated_service_account`
+    /// file, which names the source credential, the account and the
+    /// delegates itself.
     #[serde(default)]
     pub credential_file: Option<PathBuf>,
 }

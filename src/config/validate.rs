@@ -113,8 +113,13 @@ impl Settings {
                     "\"impersonate\" or \"external_account\"",
                 ));
             }
-            if identity.credential_file.is_some() && kind != SourceKind::ExternalAccount {
-                problems.push(only("credential_file", "\"external_account\""));
+            if identity.credential_file.is_some()
+                && !matches!(kind, SourceKind::Impersonate | SourceKind::ExternalAccount)
+            {
+                problems.push(only(
+                    "credential_file",
+                    "\"impersonate\" or \"external_account\"",
+                ));
             }
             if let Some(endpoint) = &identity.iam_endpoint {
                 if let Err(message) = validate_base_url(endpoint) {
@@ -135,6 +140,20 @@ impl Settings {
                             key("key_file"),
                             "required when source = \"service_account_key\"",
                         ));
+                    }
+                }
+                SourceKind::Impersonate if identity.credential_file.is_some() => {
+                    for (field, set) in [
+                        ("base", identity.base.is_some()),
+                        ("service_account", identity.service_account.is_some()),
+                        ("delegates", !identity.delegates.is_empty()),
+                    ] {
+                        if set {
+                            problems.push(Problem::new(
+                                key(field),
+                                "not with credential_file: the impersonated_service_account file names the source, the account and the delegates",
+                            ));
+                        }
                     }
                 }
                 SourceKind::Impersonate => {
@@ -282,7 +301,10 @@ impl Settings {
             let Some(base) = identity.base.as_deref() else {
                 continue;
             };
-            if identity.source != SourceKind::Impersonate || base == identity.name {
+            if identity.source != SourceKind::Impersonate
+                || identity.credential_file.is_some()
+                || base == identity.name
+            {
                 continue;
             }
             if !self.identities.iter().any(|other| other.name == base) {

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use super::{lock, log_call, Endpoint, IdTokenRequest, Shared};
 
-const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+pub(super) const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 const IAM_SCOPE: &str = "https://www.googleapis.com/auth/iam";
 const DELEGATE_PREFIX: &str = "projects/-/serviceAccounts/";
 const UNAUTHENTICATED: &str = "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.";
@@ -363,4 +363,207 @@ fn account_id(shared: &Shared, email: &str) -> Option<String> {
     lock(&shared.accounts)
         .get(email)
         .map(|a| a.client_id.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::super::{Faults, DEFAULT_ACCOUNT_EMAIL};
+    use super::*;
+
+    const TARGET: &str = "target@p.iam.gserviceaccount.com";
+    const HOP: &str = "hop@p.iam.gserviceaccount.com";
+
+    async fn metadata_access_token(
+        emulator: &super::super::Emulator,
+        scopes: Option<&str>,
+    ) -> String {
+        let mut url = format!(
+            "{}/computeMetadata/v1/instance/service-accounts/default/token",
+            emulator.base_url()
+        );
+        if let Some(scopes) = scopes {
+            url.push_str(&format!("?scopes={scopes}"));
+        }
+        let body: Value = client()
+            .get(url)
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["token_type"], "Bearer");
+        assert!(body["expires_in"].as_u64().unwrap() > 3000);
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn call(
+        emulator: &super::super::Emulator,
+        bearer: Option<&str>,
+        target: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let mut request = client()
+            .post(format!(
+                "{}/v1/projects/-/serviceAccounts/{target}",
+                emulator.base_url()
+            ))
+            .json(&body);
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn iam_is_strict_and_answers_like_google() {
+        let emulator = start().await;
+        emulator.create_service_account(HOP);
+        emulator.create_service_account(TARGET);
+        emulator.grant(DEFAULT_ACCOUNT_EMAIL, HOP, Permission::OpenIdToken);
+        emulator.grant(HOP, TARGET, Permission::OpenIdToken);
+        emulator.grant(DEFAULT_ACCOUNT_EMAIL, TARGET, Permission::AccessToken);
+        let bearer = metadata_access_token(&emulator, None).await;
+        let id = |body: Value| (format!("{TARGET}:generateIdToken"), body);
+        let delegate = format!("projects/-/serviceAccounts/{HOP}");
+
+        // Granted hop by hop.
+        let (path, body) = id(serde_json::json!({
+            "audience": "https://a", "includeEmail": true, "delegates": [delegate]
+        }));
+        let (status, answer) = call(&emulator, Some(&bearer), &path, body).await;
+        assert_eq!(status, 200, "{answer}");
+        let claims = verify(
+            answer["token"].as_str().unwrap(),
+            &emulator.issuer_decoding_key(),
+            "https://a",
+        );
+        assert_eq!(claims["email"], TARGET);
+
+        let cases: Vec<(Option<String>, String, Value, u16, &str)> = vec![
+            (
+                None,
+                path.clone(),
+                serde_json::json!({"audience": "a"}),
+                401,
+                "UNAUTHENTICATED",
+            ),
+            (
+                Some("ya29.forged".into()),
+                path.clone(),
+                serde_json::json!({"audience": "a"}),
+                401,
+                "UNAUTHENTICATED",
+            ),
+            // No delegate: the default account has no grant on the target.
+            (
+                Some(bearer.clone()),
+                path.clone(),
+                serde_json::json!({"audience": "a"}),
+                403,
+                "Permission 'iam.serviceAccounts.getOpenIdToken' denied",
+            ),
+            (
+                Some(bearer.clone()),
+                path.clone(),
+                serde_json::json!({"audience": "a", "delegates": [HOP]}),
+                400,
+                "projects/-/serviceAccounts/",
+            ),
+            (
+                Some(bearer.clone()),
+                path.clone(),
+                serde_json::json!({"audience": "a", "extra": 1}),
+                400,
+                "Cannot find field",
+            ),
+            (
+                Some(bearer.clone()),
+                path.clone(),
+                serde_json::json!({"delegates": [delegate]}),
+                400,
+                "audience",
+            ),
+            (
+                Some(bearer.clone()),
+                "nobody@p.iam.gserviceaccount.com:generateIdToken".into(),
+                serde_json::json!({"audience": "a"}),
+                404,
+                "NOT_FOUND",
+            ),
+            (
+                Some(bearer.clone()),
+                format!("{TARGET}:generateAccessToken"),
+                serde_json::json!({"scope": ["s"], "lifetime": "7200s"}),
+                400,
+                "at most 3600s",
+            ),
+            (
+                Some(bearer.clone()),
+                format!("{TARGET}:signBlob"),
+                serde_json::json!({}),
+                404,
+                "Method not found",
+            ),
+        ];
+        for (bearer, path, body, expected, text) in cases {
+            let (status, answer) = call(&emulator, bearer.as_deref(), &path, body.clone()).await;
+            assert_eq!(status, expected, "{path} {body}: {answer}");
+            assert!(answer.to_string().contains(text), "{path} {body}: {answer}");
+            assert_eq!(answer["error"]["code"], expected);
+        }
+
+        // A token without a scope that reaches IAM is refused.
+        let narrow = metadata_access_token(
+            &emulator,
+            Some("https://www.googleapis.com/auth/userinfo.email"),
+        )
+        .await;
+        let (path, body) = id(serde_json::json!({"audience": "a", "delegates": [delegate]}));
+        let (status, answer) = call(&emulator, Some(&narrow), &path, body).await;
+        assert_eq!(status, 403, "{answer}");
+        assert!(answer
+            .to_string()
+            .contains("insufficient authentication scopes"));
+
+        // generateAccessToken: an access token IAM then accepts as a bearer.
+        let (status, answer) = call(
+            &emulator,
+            Some(&bearer),
+            &format!("{TARGET}:generateAccessToken"),
+            serde_json::json!({"scope": [CLOUD_PLATFORM_SCOPE], "lifetime": "600s"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer["expireTime"].as_str().unwrap().ends_with('Z'));
+        assert!(answer["accessToken"].as_str().unwrap().starts_with("ya29."));
+
+        // Revoked tokens are unknown from then on; faults reach IAM too.
+        emulator.revoke_access_tokens();
+        let (path, body) = id(serde_json::json!({"audience": "a", "delegates": [delegate]}));
+        assert_eq!(
+            call(&emulator, Some(&bearer), &path, body.clone()).await.0,
+            401
+        );
+        let bearer = metadata_access_token(&emulator, None).await;
+        emulator.set_faults(Faults {
+            status: Some(503),
+            endpoint: Some("iam".into()),
+            fail_next: Some(1),
+            ..Faults::default()
+        });
+        assert_eq!(
+            call(&emulator, Some(&bearer), &path, body.clone()).await.0,
+            503
+        );
+        assert_eq!(call(&emulator, Some(&bearer), &path, body).await.0, 200);
+        let stats = emulator.stats();
+        assert_eq!(stats.metadata_token, 3);
+        assert_eq!(stats.iam_access, 2);
+        assert_eq!(stats.iam.succeeded, 2);
+    }
 }

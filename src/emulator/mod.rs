@@ -340,6 +340,16 @@ pub(crate) struct Shared {
     pub(crate) grants: Mutex<HashSet<(String, String, Permission)>>,
     /// Workload identity providers STS accepts subject tokens from.
     pub(crate) providers: Mutex<Vec<WorkloadProvider>>,
+    /// User credentials: refresh token → the user and its OAuth client.
+    pub(crate) users: Mutex<HashMap<String, AuthorizedUser>>,
+}
+
+/// A user who signed in with an OAuth client (`authorized_user` files).
+#[derive(Clone, Debug)]
+pub(crate) struct AuthorizedUser {
+    pub(crate) email: String,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: String,
 }
 
 /// What an issued access token stands for.
@@ -614,6 +624,7 @@ impl Emulator {
             access_tokens: Mutex::new(HashMap::new()),
             grants: Mutex::new(HashSet::new()),
             providers: Mutex::new(Vec::new()),
+            users: Mutex::new(HashMap::new()),
         });
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -682,6 +693,27 @@ impl Emulator {
     /// Revokes every access token issued so far: IAM answers 401 to them.
     pub fn revoke_access_tokens(&self) {
         lock(&self.shared.access_tokens).clear();
+    }
+
+    /// Registers a user signed in with OAuth client (`client_id`,
+    /// `client_secret`); returns the refresh token the token endpoint's
+    /// refresh grant accepts for them.
+    pub fn register_authorized_user(
+        &self,
+        email: &str,
+        client_id: &str,
+        client_secret: &str,
+    ) -> String {
+        let refresh_token = format!("1//emulator-{}", keys::random_key_id());
+        lock(&self.shared.users).insert(
+            refresh_token.clone(),
+            AuthorizedUser {
+                email: email.to_owned(),
+                client_id: client_id.to_owned(),
+                client_secret: client_secret.to_owned(),
+            },
+        );
+        refresh_token
     }
 
     /// Makes STS accept subject tokens of `provider`.

@@ -344,3 +344,73 @@ fn verify_subject_token(
         .map(str::to_owned)
         .ok_or_else(|| invalid("no `sub` claim"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    const PROVIDER: &str =
+        "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/x";
+    const AUD: &str =
+        "https://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/x";
+
+    async fn exchange(
+        emulator: &super::super::Emulator,
+        audience: &str,
+        token: &str,
+    ) -> (u16, Value) {
+        let response = client()
+            .post(emulator.sts_token_url())
+            .form(&[
+                ("grant_type", TOKEN_EXCHANGE),
+                ("audience", audience),
+                ("scope", "https://www.googleapis.com/auth/cloud-platform"),
+                ("requested_token_type", ACCESS_TOKEN_TYPE),
+                ("subject_token", token),
+                ("subject_token_type", JWT_TYPES[0]),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn sts_verifies_subject_tokens_against_the_provider() {
+        let emulator = start().await;
+        let issuer = SubjectTokenIssuer::generate("https://idp.example.com").unwrap();
+        let impostor = SubjectTokenIssuer::generate("https://idp.example.com").unwrap();
+        let other_issuer = SubjectTokenIssuer::generate("https://other.example.com").unwrap();
+        emulator.add_workload_provider(issuer.provider(PROVIDER));
+        let now = unix_now() as u64;
+
+        let (status, body) = exchange(
+            &emulator,
+            PROVIDER,
+            &issuer.sign("sub-1", AUD, now, 600).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["issued_token_type"], ACCESS_TOKEN_TYPE);
+        assert_eq!(body["token_type"], "Bearer");
+
+        let cases = [
+            (PROVIDER, impostor.sign("s", AUD, now, 600).unwrap(), "invalid_grant"),
+            (PROVIDER, other_issuer.sign("s", AUD, now, 600).unwrap(), "invalid_grant"),
+            (PROVIDER, issuer.sign("s", "https://elsewhere", now, 600).unwrap(), "invalid_grant"),
+            (PROVIDER, issuer.sign("s", AUD, now - 7200, 600).unwrap(), "invalid_grant"),
+            (PROVIDER, "not-a-jwt".to_owned(), "invalid_grant"),
+            ("//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/none",
+             issuer.sign("s", AUD, now, 600).unwrap(), "invalid_target"),
+        ];
+        for (audience, token, error) in cases {
+            let (status, body) = exchange(&emulator, audience, &token).await;
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(body["error"], error, "{body}");
+        }
+        let stats = emulator.stats();
+        assert_eq!((stats.sts.total, stats.sts.succeeded), (7, 1));
+    }
+}

@@ -90,6 +90,9 @@ impl IntoResponse for OAuthError {
 struct TokenForm {
     grant_type: Option<String>,
     assertion: Option<String>,
+    refresh_token: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
 }
 
 impl TokenForm {
@@ -99,6 +102,9 @@ impl TokenForm {
             let slot = match name.as_ref() {
                 "grant_type" => &mut form.grant_type,
                 "assertion" => &mut form.assertion,
+                "refresh_token" => &mut form.refresh_token,
+                "client_id" => &mut form.client_id,
+                "client_secret" => &mut form.client_secret,
                 _ => continue,
             };
             if slot.is_none() {
@@ -173,6 +179,9 @@ fn answer(
         ));
     }
     let grant_type = form.grant_type.as_deref().unwrap_or("");
+    if grant_type == "refresh_token" {
+        return refresh(shared, form);
+    }
     if grant_type != JWT_BEARER {
         return Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
@@ -250,6 +259,39 @@ fn answer(
             ))
         }
     }
+}
+
+/// The refresh-token grant of user credentials (`authorized_user`): an
+/// access token for the user, when the refresh token and its OAuth client
+/// match what was registered.
+fn refresh(shared: &Shared, form: &TokenForm) -> Result<Response, OAuthError> {
+    let user = form
+        .refresh_token
+        .as_deref()
+        .and_then(|token| lock(&shared.users).get(token).cloned())
+        .ok_or_else(|| OAuthError::invalid_grant("Token has been expired or revoked."))?;
+    if form.client_id.as_deref() != Some(user.client_id.as_str())
+        || form.client_secret.as_deref() != Some(user.client_secret.as_str())
+    {
+        return Err(OAuthError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Unauthorized",
+        ));
+    }
+    shared.count(|stats| stats.token_access += 1);
+    let scopes = vec![super::iam::CLOUD_PLATFORM_SCOPE.to_owned()];
+    let (token, expires_in) = shared.issue_access_token(&user.email, scopes, None);
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(serde_json::json!({
+            "access_token": token,
+            "expires_in": expires_in,
+            "scope": super::iam::CLOUD_PLATFORM_SCOPE,
+            "token_type": "Bearer",
+        })),
+    )
+        .into_response())
 }
 
 /// What a valid assertion establishes.

@@ -25,6 +25,41 @@ pub const DEFAULT_IAM_ENDPOINT: &str = "https://iamcredentials.googleapis.com";
 /// Lifetime asked of `generateAccessToken` (Google's maximum by default).
 const ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// The account and origin of a `.../serviceAccounts/EMAIL:generateAccessToken`
+/// URL (credential files name the impersonated account this way).
+pub(crate) fn account_from_impersonation_url(
+    text: &str,
+    field: &str,
+) -> Result<(String, String), String> {
+    let url = url::Url::parse(text).map_err(|e| format!("field `{field}` is not a URL: {e}"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    if !(url.scheme() == "https" || (url.scheme() == "http" && loopback)) {
+        return Err(format!(
+            "field `{field}` must be an https URL (plain http only to loopback), not {text:?}"
+        ));
+    }
+    let account = url
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .and_then(|last| last.strip_suffix(":generateAccessToken"))
+        .map(|email| {
+            url::form_urlencoded::parse(format!("e={email}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
+        .filter(|email| email.contains('@'))
+        .ok_or_else(|| {
+            format!("field `{field}` ({text}) does not end in /serviceAccounts/EMAIL:generateAccessToken")
+        })?;
+    Ok((account, url.origin().ascii_serialization()))
+}
+
 /// Where a bearer token comes from, for the IAM hop.
 pub(crate) struct Bearer<'a> {
     pub(crate) cache: &'a AccessTokenCache,

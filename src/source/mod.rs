@@ -8,15 +8,17 @@
 pub mod access;
 mod external_account;
 mod impersonate;
+mod impersonated_file;
 mod key_file;
 mod metadata;
 mod retry;
 mod service_account;
 
-use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc};
+use std::{collections::HashMap, future::Future, path::Path, pin::Pin, sync::Arc};
 
 pub use external_account::{ExternalAccountFile, ExternalAccountSource, ALLOW_EXECUTABLES_ENV};
 pub use impersonate::{ImpersonateOptions, ImpersonateSource, DEFAULT_IAM_ENDPOINT};
+pub use impersonated_file::{impersonated_file_source, UserSource};
 pub use key_file::{KeyFileError, ServiceAccountKey};
 pub use metadata::MetadataSource;
 pub use retry::RetryPolicy;
@@ -150,11 +152,9 @@ pub fn build_sources(
         let before = pending.len();
         pending.retain(|&index| {
             let identity = &identities[index];
-            if let Some(base) = identity
-                .base
-                .as_deref()
-                .filter(|_| identity.source == SourceKind::Impersonate)
-            {
+            if let Some(base) = identity.base.as_deref().filter(|_| {
+                identity.source == SourceKind::Impersonate && identity.credential_file.is_none()
+            }) {
                 if failed.iter().any(|f| f == base) {
                     failed.push(identity.name.clone());
                     problems.push(Problem::new(
@@ -217,6 +217,20 @@ fn build_one(
 ) -> Result<Arc<dyn IdTokenSource>, Problem> {
     let key = |field: &str| format!("identities[{index}].{field}");
     match identity.source {
+        SourceKind::Impersonate if identity.credential_file.is_some() => {
+            let path = identity.credential_file.as_deref().unwrap_or(Path::new(""));
+            impersonated_file_source(
+                &identity.name,
+                path,
+                identity.allow_insecure_key_permissions,
+                identity.include_email,
+                identity.iam_endpoint.as_deref(),
+                env,
+                clock,
+            )
+            .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
+            .map_err(|message| Problem::new(key("credential_file"), message))
+        }
         SourceKind::Impersonate => {
             let base_name = identity.base.as_deref().unwrap_or_default();
             let Some(base) = built.get(base_name) else {

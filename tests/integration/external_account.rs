@@ -527,3 +527,36 @@ async fn workforce_pool_user_project_is_sent() {
         .unwrap();
     support::verify(&f.emulator, &token.token, "https://a.example.com").await;
 }
+
+/// GOOGLE_APPLICATION_CREDENTIALS naming an external_account file, with no
+/// identities configured: the `default` identity federates.
+#[tokio::test(flavor = "multi_thread")]
+async fn adc_naming_an_external_account_file_works() {
+    let f = Federation::start().await;
+    f.allow("adc-workload");
+    let token_file = f.dir.path().join("subject.jwt");
+    std::fs::write(&token_file, f.subject_token("adc-workload")).unwrap();
+    let creds = f.credential_file(
+        serde_json::json!({ "file": token_file }),
+        serde_json::json!({}),
+    );
+    let dir = support::workdir();
+    let socket = dir.path().join("broker.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, support::config_text(&socket, "")).unwrap();
+    let broker = Broker::spawn_with_env(
+        dir,
+        socket,
+        &["serve", "--config", config.to_str().unwrap()],
+        "info",
+        &[("GOOGLE_APPLICATION_CREDENTIALS", creds.to_str().unwrap())],
+    );
+    broker.wait_ready().await;
+    let token = broker
+        .get("default", "https://adc.example.com")
+        .await
+        .unwrap();
+    let claims = support::verify(&f.emulator, &token.token, "https://adc.example.com").await;
+    assert_eq!(claims["email"], ACCOUNT);
+    assert_eq!(f.emulator.stats().sts.succeeded, 1);
+}

@@ -409,3 +409,174 @@ print(credentials.token)
         "{stderr}"
     );
 }
+
+/// An `impersonated_service_account` file as gcloud writes it: user
+/// credentials (refresh token) impersonating an account through a delegate.
+fn impersonated_file(
+    dir: &Path,
+    emulator: &Emulator,
+    source: serde_json::Value,
+) -> std::path::PathBuf {
+    let path = dir.join("application_default_credentials.json");
+    let json = serde_json::json!({
+        "type": "impersonated_service_account",
+        "service_account_impersonation_url": format!(
+            "{}/v1/projects/-/serviceAccounts/{TARGET}:generateAccessToken",
+            emulator.base_url()
+        ),
+        "delegates": [format!("projects/-/serviceAccounts/{HOP}")],
+        "source_credentials": source,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    support::set_mode(&path, 0o600);
+    path
+}
+
+async fn adc_broker(path: &Path) -> Broker {
+    let dir = support::workdir();
+    let socket = dir.path().join("broker.sock");
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config(&socket, "")).unwrap();
+    let broker = Broker::spawn_with_env(
+        dir,
+        socket,
+        &["serve", "--config", config_path.to_str().unwrap()],
+        "info",
+        &[("GOOGLE_APPLICATION_CREDENTIALS", path.to_str().unwrap())],
+    );
+    broker.wait_ready().await;
+    broker
+}
+
+/// GOOGLE_APPLICATION_CREDENTIALS naming an impersonated_service_account
+/// file (user credentials as the source, as `gcloud auth
+/// application-default login --impersonate-service-account` writes it)
+/// works like a key file does: the `default` identity mints ID tokens for
+/// the impersonated account, through the file's delegate.
+#[tokio::test(flavor = "multi_thread")]
+async fn adc_naming_an_impersonated_service_account_file_works() {
+    const USER: &str = "someone@example.com";
+    let emulator = support::emulator().await;
+    emulator.create_service_account(HOP);
+    emulator.create_service_account(TARGET);
+    emulator.grant(USER, HOP, Permission::OpenIdToken);
+    emulator.grant(HOP, TARGET, Permission::OpenIdToken);
+    let refresh_token = emulator.register_authorized_user(USER, "client-1.apps", "client-secret-1");
+    let dir = support::workdir();
+    let path = impersonated_file(
+        dir.path(),
+        &emulator,
+        serde_json::json!({
+            "type": "authorized_user",
+            "client_id": "client-1.apps",
+            "client_secret": "client-secret-1",
+            "refresh_token": refresh_token,
+            "token_uri": emulator.token_uri(),
+        }),
+    );
+    let broker = adc_broker(&path).await;
+    let token = broker
+        .get("default", "https://adc.example.com")
+        .await
+        .unwrap();
+    let claims = support::verify(&emulator, &token.token, "https://adc.example.com").await;
+    assert_eq!(claims["email"], TARGET);
+    assert_eq!(emulator.stats().token_access, 1, "one refresh-token grant");
+    assert!(
+        !broker.log().contains(&refresh_token) && !broker.log().contains("client-secret-1"),
+        "user secrets stay out of the log"
+    );
+
+    // The same file, readable by others, is refused like a key file.
+    support::set_mode(&path, 0o644);
+    let (code, _, err) = {
+        let dir = support::workdir();
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(
+            &config_path,
+            config(
+                &dir.path().join("s.sock"),
+                &format!(
+                    "[[identities]]\nname = \"me\"\nsource = \"impersonate\"\ncredential_file = \"{}\"\n",
+                    path.display()
+                ),
+            ),
+        )
+        .unwrap();
+        support::run_cli(&["check-config", "--config", config_path.to_str().unwrap()])
+    };
+    assert_ne!(code, 0);
+    assert!(err.contains("readable by group or others"), "{err}");
+}
+
+/// The same with a service-account key as the source credential, and as a
+/// configured identity (`source = "impersonate"`, `credential_file`).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_impersonated_service_account_file_with_a_key_source_works() {
+    let emulator = support::emulator().await;
+    let dir = support::workdir();
+    let (key, _) = support::key_file(dir.path(), "source-key", BASE_KEY, &emulator, true);
+    emulator.create_service_account(HOP);
+    emulator.create_service_account(TARGET);
+    emulator.grant(BASE_KEY, HOP, Permission::OpenIdToken);
+    emulator.grant(HOP, TARGET, Permission::OpenIdToken);
+    let key_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&key).unwrap()).unwrap();
+    let path = impersonated_file(dir.path(), &emulator, key_json);
+    let identities = format!(
+        "[[identities]]\nname = \"me\"\nsource = \"impersonate\"\ncredential_file = \"{}\"\n",
+        path.display()
+    );
+    let broker = Broker::start(|s| config(s, &identities), "info").await;
+    let token = broker.get("me", "https://file.example.com").await.unwrap();
+    let claims = support::verify(&emulator, &token.token, "https://file.example.com").await;
+    assert_eq!(claims["email"], TARGET);
+    for line in support::pem_lines(&key) {
+        assert!(!broker.log().contains(&line), "key material in the log");
+    }
+}
+
+/// 5xx and 429 from IAM are transient: retried within the fetch, and the
+/// client gets its token; 404 (no such account) is permanent.
+#[tokio::test(flavor = "multi_thread")]
+async fn iam_5xx_is_retried_and_404_is_not() {
+    let emulator = support::emulator().await;
+    emulator.create_service_account(TARGET);
+    emulator.grant(DEFAULT_ACCOUNT_EMAIL, TARGET, Permission::OpenIdToken);
+    let identities = format!(
+        "{}{}{}",
+        support::metadata_identity("default", &emulator),
+        impersonating("deployer", "default", TARGET, &emulator, ""),
+        impersonating(
+            "ghost",
+            "default",
+            "ghost@target-project.iam.gserviceaccount.com",
+            &emulator,
+            ""
+        )
+    );
+    let broker = Broker::start(|s| config(s, &identities), "info").await;
+    emulator.set_faults(token_broker::emulator::Faults {
+        status: Some(503),
+        endpoint: Some("iam".into()),
+        fail_next: Some(2),
+        ..Default::default()
+    });
+    broker
+        .get("deployer", "https://a.example.com")
+        .await
+        .unwrap();
+    assert_eq!(emulator.stats().iam.total, 3);
+    let err = broker
+        .get("ghost", "https://a.example.com")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("ghost@target-project.iam.gserviceaccount.com"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(emulator.stats().iam.total, 4, "404 is not retried");
+}

@@ -180,22 +180,10 @@ impl ExternalAccountFile {
         else {
             return Err("has no `service_account_impersonation_url`: an ID token needs an account to impersonate, and a federated token alone cannot mint one. Recreate the file with `gcloud iam workload-identity-pools create-cred-config ... --service-account=EMAIL`".into());
         };
-        let url = checked_url(impersonation, "service_account_impersonation_url")?;
-        let service_account = url
-            .path_segments()
-            .and_then(|mut s| s.next_back())
-            .and_then(|last| last.strip_suffix(":generateAccessToken"))
-            .map(|email| {
-                url::form_urlencoded::parse(format!("e={email}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default()
-            })
-            .filter(|email| email.contains('@'))
-            .ok_or_else(|| {
-                format!("field `service_account_impersonation_url` ({impersonation}) does not end in /serviceAccounts/EMAIL:generateAccessToken")
-            })?;
-        let iam_origin = url.origin().ascii_serialization();
+        let (service_account, iam_origin) = super::impersonate::account_from_impersonation_url(
+            impersonation,
+            "service_account_impersonation_url",
+        )?;
         let client_auth = match (fields.get("client_id"), fields.get("client_secret")) {
             (Some(Value::String(id)), Some(Value::String(secret))) => {
                 Some((id.clone(), crate::token::Secret::new(secret.clone())))
