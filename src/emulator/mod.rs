@@ -12,6 +12,7 @@
 //! Every timestamp comes from the injected [`Clock`], so a test running on
 //! tokio's paused clock moves the emulator's notion of "now" too.
 
+mod aws;
 mod iam;
 mod keys;
 mod metadata;
@@ -149,6 +150,8 @@ pub struct Stats {
     pub iam_access: u64,
     /// STS token exchanges, by workload provider audience.
     pub sts: EndpointStats,
+    /// Calls to the emulated AWS instance metadata service.
+    pub aws_metadata: u64,
 }
 
 /// Counters of one token-issuing endpoint.
@@ -342,6 +345,8 @@ pub(crate) struct Shared {
     pub(crate) providers: Mutex<Vec<WorkloadProvider>>,
     /// User credentials: refresh token → the user and its OAuth client.
     pub(crate) users: Mutex<HashMap<String, AuthorizedUser>>,
+    /// The emulated AWS instance and its role.
+    pub(crate) aws: Mutex<aws::AwsInstance>,
 }
 
 /// A user who signed in with an OAuth client (`authorized_user` files).
@@ -625,6 +630,7 @@ impl Emulator {
             grants: Mutex::new(HashSet::new()),
             providers: Mutex::new(Vec::new()),
             users: Mutex::new(HashMap::new()),
+            aws: Mutex::new(aws::AwsInstance::new()),
         });
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -716,6 +722,28 @@ impl Emulator {
         refresh_token
     }
 
+    /// The emulated AWS instance role's session ARN, the federated subject
+    /// of its `aws4_request` subject tokens.
+    pub fn aws_role_arn(&self) -> String {
+        lock(&self.shared.aws).arn()
+    }
+
+    /// The emulated AWS role's credentials (access key id, secret, session
+    /// token), as `AWS_ACCESS_KEY_ID` and friends would hold them.
+    pub fn aws_credentials(&self) -> (String, String, String) {
+        let aws = lock(&self.shared.aws);
+        (
+            aws.access_key_id.clone(),
+            aws.secret_access_key.clone(),
+            aws.session_token.clone(),
+        )
+    }
+
+    /// The last `aws4_request` subject token STS accepted.
+    pub fn last_aws_subject_token(&self) -> Option<String> {
+        lock(&self.shared.aws).last_subject_token.clone()
+    }
+
     /// Makes STS accept subject tokens of `provider`.
     pub fn add_workload_provider(&self, provider: WorkloadProvider) {
         lock(&self.shared.providers).push(provider);
@@ -798,6 +826,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/computeMetadata/{*path}", get(metadata::handle))
         .route("/token", post(token_endpoint::handle))
         .route("/v1/token", post(sts::handle))
+        .route("/latest/api/token", axum::routing::put(aws::session))
+        .route("/latest/meta-data/{*path}", get(aws::metadata))
         .route(
             "/v1/projects/{project}/serviceAccounts/{method}",
             post(iam::handle),

@@ -20,6 +20,7 @@ use super::{keys::IssuerKey, lock, log_call, EmulatorError, Endpoint, Shared};
 
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+const AWS_TYPE: &str = "urn:ietf:params:aws:token-type:aws4_request";
 const JWT_TYPES: [&str; 2] = [
     "urn:ietf:params:oauth:token-type:jwt",
     "urn:ietf:params:oauth:token-type:id_token",
@@ -38,6 +39,22 @@ pub struct WorkloadProvider {
     /// Accepted `aud` values of subject tokens; empty means Google's
     /// default, `https://iam.googleapis.com/` + the provider's resource name.
     pub allowed_audiences: Vec<String>,
+    /// An AWS provider: subject tokens are signed GetCallerIdentity
+    /// requests, checked against the emulated AWS role.
+    pub aws: bool,
+}
+
+impl WorkloadProvider {
+    /// An AWS provider at `audience`.
+    pub fn aws(audience: &str) -> Self {
+        Self {
+            audience: audience.to_owned(),
+            issuer: String::new(),
+            jwks: Value::Null,
+            allowed_audiences: Vec::new(),
+            aws: true,
+        }
+    }
 }
 
 impl WorkloadProvider {
@@ -88,6 +105,7 @@ impl SubjectTokenIssuer {
             issuer: self.issuer.clone(),
             jwks: self.key.jwks(),
             allowed_audiences: Vec::new(),
+            aws: false,
         }
     }
 
@@ -205,7 +223,7 @@ fn exchange(
         ));
     }
     let subject_token_type = field("subject_token_type");
-    if !JWT_TYPES.contains(&subject_token_type) {
+    if !JWT_TYPES.contains(&subject_token_type) && subject_token_type != AWS_TYPE {
         return Err(oauth(
             "invalid_request",
             format!("Invalid value for \"subject_token_type\": {subject_token_type:?} (the emulator accepts jwt and id_token)"),
@@ -265,7 +283,29 @@ fn exchange(
             "Workforce pool requests need a user project (options.userProject) or client authentication",
         ));
     }
-    let subject = verify_subject_token(shared, &provider, field("subject_token"))?;
+    let subject = if provider.aws {
+        if subject_token_type != AWS_TYPE {
+            return Err(oauth(
+                "invalid_request",
+                format!("An AWS provider takes subject_token_type {AWS_TYPE}"),
+            ));
+        }
+        let arn =
+            super::aws::verify_subject_token(shared, &provider.audience, field("subject_token"))
+                .map_err(|why| {
+                    oauth("invalid_grant", format!("Invalid AWS subject token: {why}"))
+                })?;
+        lock(&shared.aws).last_subject_token = Some(field("subject_token").to_owned());
+        arn
+    } else {
+        if subject_token_type == AWS_TYPE {
+            return Err(oauth(
+                "invalid_request",
+                "This provider is not an AWS provider",
+            ));
+        }
+        verify_subject_token(shared, &provider, field("subject_token"))?
+    };
     let principal = provider.principal(&subject);
     let (token, expires_in) = shared.issue_access_token(&principal, scopes, None);
     Ok((

@@ -480,7 +480,11 @@ async fn check_config_explains_unusable_credential_files() {
         ),
         (
             serde_json::json!({ "credential_source": { "environment_id": "aws1" } }),
-            "AWS",
+            "regional_cred_verification_url is missing",
+        ),
+        (
+            serde_json::json!({ "credential_source": { "environment_id": "aws2" } }),
+            "aws version \"2\" is not supported",
         ),
     ];
     for (extra, expected) in cases {
@@ -559,4 +563,216 @@ async fn adc_naming_an_external_account_file_works() {
     let claims = support::verify(&f.emulator, &token.token, "https://adc.example.com").await;
     assert_eq!(claims["email"], ACCOUNT);
     assert_eq!(f.emulator.stats().sts.succeeded, 1);
+}
+
+/// AWS (`environment_id = "aws1"`): IMDSv2 session, region and role
+/// credentials from the emulated instance metadata service, a SigV4-signed
+/// GetCallerIdentity as the subject token (the emulated STS recomputes the
+/// signature with the role's secret), then the ID token. The serialized
+/// subject token is byte-for-byte what an unmodified google-auth produces
+/// for the same credentials and time.
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_subject_tokens_are_signed_as_google_auth_signs_them() {
+    use crate::clients::{clean_command, examples, python_venv, run};
+    let emulator = support::emulator().await;
+    let audience = "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/aws-pool/providers/aws";
+    let provider = WorkloadProvider::aws(audience);
+    emulator.add_workload_provider(provider.clone());
+    emulator.create_service_account(ACCOUNT);
+    emulator.grant(
+        &provider.principal(&emulator.aws_role_arn()),
+        ACCOUNT,
+        Permission::OpenIdToken,
+    );
+    let dir = support::workdir();
+    let base = emulator.base_url();
+    let creds = dir.path().join("aws.json");
+    std::fs::write(
+        &creds,
+        serde_json::json!({
+            "type": "external_account",
+            "audience": audience,
+            "subject_token_type": "urn:ietf:params:aws:token-type:aws4_request",
+            "token_url": emulator.sts_token_url(),
+            "service_account_impersonation_url": format!(
+                "{base}/v1/projects/-/serviceAccounts/{ACCOUNT}:generateAccessToken"
+            ),
+            "credential_source": {
+                "environment_id": "aws1",
+                "region_url": format!("{base}/latest/meta-data/placement/availability-zone"),
+                "url": format!("{base}/latest/meta-data/iam/security-credentials"),
+                "regional_cred_verification_url": "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15",
+                "imdsv2_session_token_url": format!("{base}/latest/api/token"),
+            },
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let identities = identity(&creds);
+    let broker = Broker::start(|s| support::config_text(s, &identities), "info").await;
+    let token = broker
+        .get("federated", "https://aws.example.com")
+        .await
+        .unwrap();
+    let claims = support::verify(&emulator, &token.token, "https://aws.example.com").await;
+    assert_eq!(claims["email"], ACCOUNT);
+    let stats = emulator.stats();
+    assert_eq!(stats.sts.succeeded, 1);
+    assert_eq!(
+        stats.aws_metadata, 4,
+        "IMDSv2 session, zone, role name, role credentials"
+    );
+    let (_, secret, session_token) = emulator.aws_credentials();
+    assert!(!broker.log().contains(&secret) && !broker.log().contains(&session_token));
+
+    // google-auth, given the same credentials, region and time, serializes
+    // the very same subject token.
+    let ours = emulator
+        .last_aws_subject_token()
+        .expect("STS saw a subject token");
+    let decoded: serde_json::Value = serde_json::from_str(
+        &url::form_urlencoded::parse(format!("t={ours}").as_bytes())
+            .next()
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    let amz_date = decoded["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["key"] == "x-amz-date")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let python = tokio::task::spawn_blocking(|| {
+        python_venv(
+            "google-auth",
+            &examples().join("python/requirements-google-auth.txt"),
+            "google.auth.aws",
+        )
+    })
+    .await
+    .unwrap();
+    let script = r#"
+import datetime, sys
+from google.auth import aws
+
+audience, key_id, secret, token, amz_date = sys.argv[1:6]
+fixed = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ")
+aws._helpers.utcnow = lambda: fixed
+
+class Supplier(aws.AwsSecurityCredentialsSupplier):
+    def get_aws_security_credentials(self, context, request):
+        return aws.AwsSecurityCredentials(key_id, secret, token)
+    def get_aws_region(self, context, request):
+        return "us-east-2"
+
+credentials = aws.Credentials(
+    audience=audience,
+    subject_token_type="urn:ietf:params:aws:token-type:aws4_request",
+    aws_security_credentials_supplier=Supplier(),
+)
+print(credentials.retrieve_subject_token(None))
+"#;
+    let (key_id, secret, session_token) = emulator.aws_credentials();
+    let mut command = clean_command(&python);
+    command.args([
+        "-c",
+        script,
+        audience,
+        &key_id,
+        &secret,
+        &session_token,
+        &amz_date,
+    ]);
+    let (code, stdout, stderr) = run(command).await;
+    assert_eq!(code, 0, "google-auth failed:\n{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        ours,
+        "the broker's subject token differs from google-auth's"
+    );
+}
+
+/// AWS credentials and region from the environment: no metadata calls. A
+/// wrong secret is caught by the signature check, and the error says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_credentials_from_the_environment_and_a_bad_signature() {
+    let emulator = support::emulator().await;
+    let audience = "//iam.googleapis.com/projects/123456/locations/global/workloadIdentityPools/aws-pool/providers/aws";
+    let provider = WorkloadProvider::aws(audience);
+    emulator.add_workload_provider(provider.clone());
+    emulator.create_service_account(ACCOUNT);
+    emulator.grant(
+        &provider.principal(&emulator.aws_role_arn()),
+        ACCOUNT,
+        Permission::OpenIdToken,
+    );
+    let dir = support::workdir();
+    let creds = dir.path().join("aws.json");
+    std::fs::write(
+        &creds,
+        serde_json::json!({
+            "type": "external_account",
+            "audience": audience,
+            "subject_token_type": "urn:ietf:params:aws:token-type:aws4_request",
+            "token_url": emulator.sts_token_url(),
+            "service_account_impersonation_url": format!(
+                "{}/v1/projects/-/serviceAccounts/{ACCOUNT}:generateAccessToken",
+                emulator.base_url()
+            ),
+            "credential_source": {
+                "environment_id": "aws1",
+                "regional_cred_verification_url": "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15",
+            },
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (key_id, secret, session_token) = emulator.aws_credentials();
+    let start = |secret: String| {
+        let dir = support::workdir();
+        let socket = dir.path().join("broker.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, support::config_text(&socket, &identity(&creds))).unwrap();
+        let env = [
+            ("AWS_REGION", "us-east-2".to_owned()),
+            ("AWS_ACCESS_KEY_ID", key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("AWS_SESSION_TOKEN", session_token.clone()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Broker::spawn_with_env(
+            dir,
+            socket,
+            &["serve", "--config", config.to_str().unwrap()],
+            "info",
+            &env,
+        )
+    };
+    let broker = start(secret.clone());
+    broker.wait_ready().await;
+    let token = broker
+        .get("federated", "https://aws.example.com")
+        .await
+        .unwrap();
+    support::verify(&emulator, &token.token, "https://aws.example.com").await;
+    assert_eq!(emulator.stats().aws_metadata, 0);
+    drop(broker);
+
+    let broker = start(format!("{secret}x"));
+    broker.wait_ready().await;
+    let err = broker
+        .get("federated", "https://aws.example.com")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("signature we calculated does not match"),
+        "{}",
+        err.message()
+    );
 }

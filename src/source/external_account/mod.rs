@@ -11,6 +11,7 @@
 //! prepared, while the subject token is read anew for every exchange
 //! (projected tokens rotate).
 
+mod aws;
 mod executable;
 mod file;
 mod sts;
@@ -77,6 +78,7 @@ pub(crate) enum CredentialSource {
     File(file::FileSource),
     Url(url_source::UrlSource),
     Executable(executable::ExecutableSource),
+    Aws(Box<aws::AwsSource>),
 }
 
 impl CredentialSource {
@@ -85,6 +87,7 @@ impl CredentialSource {
             CredentialSource::File(f) => format!("subject token file {}", f.path.display()),
             CredentialSource::Url(u) => format!("subject token URL {}", u.url),
             CredentialSource::Executable(e) => format!("executable {:?}", e.command),
+            CredentialSource::Aws(a) => a.describe(),
         }
     }
 }
@@ -223,7 +226,7 @@ fn parse_source(
     env: &HashMap<String, String>,
 ) -> Result<CredentialSource, String> {
     if source.contains_key("environment_id") {
-        return Err("credential_source `environment_id` (AWS) is not supported by this broker yet; use a file, url or executable credential source".into());
+        return aws::AwsSource::parse(source, env).map(|a| CredentialSource::Aws(Box::new(a)));
     }
     let format =
         match source.get("format") {

@@ -51,6 +51,10 @@ impl Exchange {
         match &self.file.source {
             CredentialSource::File(file) => file.read().await,
             CredentialSource::Url(url) => url.fetch(&self.client).await,
+            CredentialSource::Aws(aws) => {
+                aws.subject_token(&self.client, &self.file.audience, self.clock.now())
+                    .await
+            }
             CredentialSource::Executable(executable) => {
                 executable
                     .run(&Context {
