@@ -580,3 +580,65 @@ async fn iam_5xx_is_retried_and_404_is_not() {
     );
     assert_eq!(emulator.stats().iam.total, 4, "404 is not retried");
 }
+
+/// A reload where only the base changes (its key rotated at the same path):
+/// the impersonating identity built on it drops its tokens too, an
+/// unrelated identity keeps its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changing_the_base_drops_the_identities_built_on_it() {
+    let emulator = support::emulator().await;
+    emulator.create_service_account(TARGET);
+    emulator.grant(BASE_KEY, TARGET, Permission::OpenIdToken);
+    let dir = support::workdir();
+    let (key, _) = support::key_file(dir.path(), "ci", BASE_KEY, &emulator, true);
+    let identities = format!(
+        "{}{}{}",
+        support::key_identity("ci", &key),
+        impersonating("deployer", "ci", TARGET, &emulator, ""),
+        support::metadata_identity("other", &emulator)
+    );
+    let broker = Broker::start(|s| config(s, &identities), "info").await;
+    broker
+        .get("deployer", "https://a.example.com")
+        .await
+        .unwrap();
+    broker.get("other", "https://a.example.com").await.unwrap();
+    let before = emulator.stats();
+
+    // Same path, same account, new key: only the base's fingerprint changes.
+    support::key_file(dir.path(), "ci", BASE_KEY, &emulator, true);
+    std::fs::write(
+        broker.dir.path().join("config.toml"),
+        config(&broker.socket, &identities),
+    )
+    .unwrap();
+    support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
+    wait_for_log(&broker, "configuration reloaded").await;
+    assert!(
+        broker
+            .log()
+            .contains("added_or_changed=[\"ci\", \"deployer\"]"),
+        "{}",
+        broker.log()
+    );
+    broker
+        .get("deployer", "https://a.example.com")
+        .await
+        .unwrap();
+    broker.get("other", "https://a.example.com").await.unwrap();
+    let after = emulator.stats();
+    assert_eq!(
+        after.iam.total,
+        before.iam.total + 1,
+        "built on the changed base: refetched"
+    );
+    assert_eq!(
+        after.token_access,
+        before.token_access + 1,
+        "with the new key's access token"
+    );
+    assert_eq!(
+        after.identity.total, before.identity.total,
+        "unrelated: still cached"
+    );
+}
