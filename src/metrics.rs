@@ -32,7 +32,9 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub identity: &'static str,
-    /// metadata or service_account_key.
+    /// metadata, service_account_key, impersonate or external_account (per
+    /// identity); for `upstream_hops`: metadata, service_account_key,
+    /// authorized_user, sts or iam (per hop).
     pub source: &'static str,
     /// ok, rejected, unavailable, invalid_response.
     pub outcome: &'static str,
