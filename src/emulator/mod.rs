@@ -696,6 +696,12 @@ impl Emulator {
         lock(&self.shared.grants).remove(&(caller.to_owned(), target.to_owned(), permission));
     }
 
+    /// Every access token issued and not revoked, for tests that check
+    /// none of them reached a log.
+    pub fn issued_access_tokens(&self) -> Vec<String> {
+        lock(&self.shared.access_tokens).keys().cloned().collect()
+    }
+
     /// Revokes every access token issued so far: IAM answers 401 to them.
     pub fn revoke_access_tokens(&self) {
         lock(&self.shared.access_tokens).clear();

@@ -153,6 +153,14 @@ async fn a_file_subject_token_becomes_an_id_token_for_the_account() {
     let stats = f.emulator.stats();
     assert_eq!((stats.sts.total, stats.sts.succeeded), (1, 1));
     assert_eq!(stats.iam.succeeded, 3);
+    // Neither the subject token nor the federated token reached the log.
+    let subject = std::fs::read_to_string(&token_file).unwrap();
+    let mut secrets = f.emulator.issued_access_tokens();
+    secrets.push(subject);
+    support::assert_no_secrets(
+        &broker.log(),
+        &secrets.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     assert_eq!(
         stats.iam_access, 0,
         "the federated token asks for the ID token itself"
@@ -410,6 +418,49 @@ async fn an_executable_subject_token_works_behind_the_gate() {
         "{}",
         err.message()
     );
+}
+
+/// An executable that hangs is killed at `timeout_millis` (5 s here, the
+/// least Google allows), and the error says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_executable_is_killed_at_its_timeout() {
+    let f = Federation::start().await;
+    let script = f.dir.path().join("hang.sh");
+    write_script(&script, "exec sleep 60");
+    let creds = f.credential_file(
+        serde_json::json!({ "executable": { "command": script, "timeout_millis": 5000 } }),
+        serde_json::json!({}),
+    );
+    let identities = identity(&creds);
+    let dir = support::workdir();
+    let socket = dir.path().join("broker.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, support::config_text(&socket, &identities)).unwrap();
+    let broker = Broker::spawn_with_env(
+        dir,
+        socket,
+        &["serve", "--config", config.to_str().unwrap()],
+        "info",
+        &[("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1")],
+    );
+    broker.wait_ready().await;
+    let started = std::time::Instant::now();
+    let err = broker
+        .get("federated", "https://a.example.com")
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        err.message().contains("did not finish within 5s"),
+        "{}",
+        err.message()
+    );
+    // Generous bounds: killed at 5 s, not left to run its 60.
+    assert!(
+        took >= std::time::Duration::from_secs(5) && took < std::time::Duration::from_secs(30),
+        "{took:?}"
+    );
+    assert_eq!(f.emulator.stats().sts.total, 0, "nothing to exchange");
 }
 
 /// Without GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1 an executable source
