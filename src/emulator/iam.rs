@@ -333,8 +333,10 @@ fn bearer_principal(shared: &Shared, headers: &HeaderMap) -> Result<String, Goog
 }
 
 fn delegates(fields: &Map<String, Value>) -> Result<Vec<String>, GoogleError> {
-    let Some(value) = fields.get("delegates") else {
-        return Ok(Vec::new());
+    // google-auth sends `"delegates": null` when there are none.
+    let value = match fields.get("delegates") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(value) => value,
     };
     let Value::Array(items) = value else {
         return Err(GoogleError::invalid("Invalid value at 'delegates'"));

@@ -827,3 +827,55 @@ async fn aws_credentials_from_the_environment_and_a_bad_signature() {
         err.message()
     );
 }
+
+/// An unmodified google-auth `identity_pool.Credentials`, given the same
+/// kind of credential file, against the emulator: its STS form (a workforce
+/// pool, so `options` carries the user project) and its impersonation call
+/// are accepted as they are, so the emulator checks what Google's library
+/// really sends.
+#[tokio::test(flavor = "multi_thread")]
+async fn unmodified_google_auth_identity_pool_credentials_work_against_the_emulator() {
+    use crate::clients::{clean_command, examples, python_venv, run};
+    let python = tokio::task::spawn_blocking(|| {
+        python_venv(
+            "google-auth",
+            &examples().join("python/requirements-google-auth.txt"),
+            "google.auth.identity_pool",
+        )
+    })
+    .await
+    .unwrap();
+    let f = Federation::start_with(
+        "//iam.googleapis.com/locations/global/workforcePools/wf/providers/p",
+    )
+    .await;
+    f.emulator.grant(
+        &f.provider.principal("user-1"),
+        ACCOUNT,
+        Permission::AccessToken,
+    );
+    let token_file = f.dir.path().join("subject.jwt");
+    std::fs::write(&token_file, f.subject_token("user-1")).unwrap();
+    let creds = f.credential_file(
+        serde_json::json!({ "file": token_file, "format": { "type": "text" } }),
+        serde_json::json!({ "workforce_pool_user_project": "project-123" }),
+    );
+    let script = r#"
+import json, sys
+from google.auth import identity_pool
+from google.auth.transport.requests import Request
+
+credentials = identity_pool.Credentials.from_info(
+    json.load(open(sys.argv[1])),
+    scopes=["https://www.googleapis.com/auth/cloud-platform"])
+credentials.refresh(Request())
+print("refreshed" if credentials.token else "no token")
+"#;
+    let mut command = clean_command(&python);
+    command.args(["-c", script]).arg(&creds);
+    let (code, stdout, stderr) = run(command).await;
+    assert_eq!(code, 0, "google-auth failed:\n{stderr}");
+    assert_eq!(stdout.trim(), "refreshed");
+    let stats = f.emulator.stats();
+    assert_eq!((stats.sts.succeeded, stats.iam_access), (1, 1));
+}
