@@ -629,7 +629,7 @@ async fn rss(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> RssResults {
     // Listed only after RSS was read: the listing allocates in the child.
     let entries = TokenBrokerClient::new(channel)
         .max_decoding_message_size(64 << 20)
-        .list_tokens(ListTokensRequest {})
+        .list_tokens(ListTokensRequest::default())
         .await
         .expect("ListTokens")
         .into_inner()

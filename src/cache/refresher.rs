@@ -43,7 +43,7 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
                 .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, &entry));
             tracing::debug!(
                 identity = entry.key.identity(),
-                audience = entry.key.audience(),
+                audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
                 "dropped idle entry"
             );
             return;

@@ -402,8 +402,8 @@ mod tests {
         let (fetcher, cache) = setup();
         *fetcher.fail.lock().unwrap() = Some(SourceError::Unavailable {
             upstream: "up".into(),
-            attempts: 5,
             message: "boom".into(),
+            retry_after: None,
         });
         assert!(cache.get("s").await.is_err());
         assert!(cache.get("s").await.is_err());

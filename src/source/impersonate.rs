@@ -14,14 +14,18 @@ use serde_json::Value;
 
 use super::{
     access::{AccessFetcher, AccessFuture, AccessToken, AccessTokenCache, CLOUD_PLATFORM_SCOPE},
-    describe_http_error, http_client, record_hop,
-    retry::Attempt,
-    sanitize_upstream_text, FetchFuture, IdTokenSource, RetryPolicy, SourceError,
+    describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text, FetchFuture,
+    IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
 /// IAM Credentials' public endpoint.
 pub const DEFAULT_IAM_ENDPOINT: &str = "https://iamcredentials.googleapis.com";
+/// Permissions IAM Credentials names when it refuses.
+const KNOWN_PERMISSIONS: [&str; 2] = [
+    "iam.serviceAccounts.getOpenIdToken",
+    "iam.serviceAccounts.getAccessToken",
+];
 /// Lifetime asked of `generateAccessToken` (Google's maximum by default).
 const ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -73,7 +77,6 @@ pub(crate) struct IamCredentials {
     base: url::Url,
     upstream: String,
     clock: Clock,
-    retry: RetryPolicy,
     identity: &'static str,
 }
 
@@ -89,12 +92,7 @@ enum Mint<'a> {
 }
 
 impl IamCredentials {
-    pub(crate) fn new(
-        endpoint: &str,
-        identity: &str,
-        clock: Clock,
-        retry: RetryPolicy,
-    ) -> Result<Self, String> {
+    pub(crate) fn new(endpoint: &str, identity: &str, clock: Clock) -> Result<Self, String> {
         let base = url::Url::parse(endpoint.trim_end_matches('/'))
             .map_err(|e| format!("{endpoint:?} is not a URL: {e}"))?;
         Ok(Self {
@@ -102,7 +100,6 @@ impl IamCredentials {
             upstream: format!("IAM Credentials at {}", endpoint.trim_end_matches('/')),
             base,
             clock,
-            retry,
             identity: crate::metrics::identity_label(identity),
         })
     }
@@ -213,8 +210,8 @@ impl IamCredentials {
         };
         let mut result = Err(SourceError::Unavailable {
             upstream: self.upstream.clone(),
-            attempts: 0,
             message: "not attempted".into(),
+            retry_after: None,
         });
         for pass in 0..2 {
             let token = bearer
@@ -222,12 +219,7 @@ impl IamCredentials {
                 .get(CLOUD_PLATFORM_SCOPE)
                 .await
                 .map_err(|e| via(e, bearer.description))?;
-            result = self
-                .retry
-                .run(&self.upstream, || {
-                    self.attempt(&url, &token, &body, account, verb)
-                })
-                .await;
+            result = self.attempt(&url, &token, &body, account, verb).await;
             let unauthorized = matches!(&result, Err(SourceError::Rejected { status: 401, .. }));
             if unauthorized && pass == 0 {
                 tracing::info!(
@@ -244,6 +236,7 @@ impl IamCredentials {
         result
     }
 
+    /// One IAM call: the 200 body, or why not (with any `Retry-After`).
     async fn attempt(
         &self,
         url: &url::Url,
@@ -251,35 +244,47 @@ impl IamCredentials {
         body: &Value,
         account: &str,
         verb: &str,
-    ) -> Attempt<Vec<u8>> {
+    ) -> Result<Vec<u8>, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
         let response = self
             .client
             .post(url.clone())
             .bearer_auth(token.expose())
             .json(body)
             .send()
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
-        let bytes = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         if status == StatusCode::OK {
-            return Attempt::Done(bytes.to_vec());
+            return Ok(bytes.to_vec());
         }
-        let google = serde_json::from_slice::<Value>(&bytes)
+        let raw = serde_json::from_slice::<Value>(&bytes)
             .ok()
             .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_owned))
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        let google = sanitize_upstream_text(&google);
+        // Upstream text is sanitized, which blanks dotted words as long as a
+        // permission name; a permission IAM names is one of a known few, so
+        // it is said again from that list.
+        let permission = KNOWN_PERMISSIONS
+            .iter()
+            .find(|p| raw.contains(*p))
+            .map(|p| format!(" (missing permission: {p})"))
+            .unwrap_or_default();
+        let google = format!("{}{permission}", sanitize_upstream_text(&raw));
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            return Attempt::Retry(format!("HTTP {status}: {google}"));
+            return Err(unavailable(format!("HTTP {status}: {google}"), wait));
         }
-        Attempt::Fail(SourceError::Rejected {
+        Err(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: format!("{verb} for {account}: {google}"),
@@ -301,12 +306,12 @@ fn via(err: SourceError, hop: &str) -> SourceError {
         },
         SourceError::Unavailable {
             upstream,
-            attempts,
             message,
+            retry_after,
         } => SourceError::Unavailable {
             upstream: format!("{upstream} (for the access token of {hop})"),
-            attempts,
             message,
+            retry_after,
         },
         SourceError::InvalidResponse { upstream, message } => SourceError::InvalidResponse {
             upstream: format!("{upstream} (for the access token of {hop})"),
@@ -360,11 +365,7 @@ pub struct ImpersonateOptions<'a> {
 }
 
 impl ImpersonateSource {
-    pub fn new(
-        options: ImpersonateOptions<'_>,
-        clock: Clock,
-        retry: RetryPolicy,
-    ) -> Result<Self, String> {
+    pub fn new(options: ImpersonateOptions<'_>, clock: Clock) -> Result<Self, String> {
         if options.base.access_tokens().is_none() {
             return Err(format!(
                 "identity {:?} cannot mint access tokens, so it cannot be a base",
@@ -372,7 +373,7 @@ impl ImpersonateSource {
             ));
         }
         let target = Arc::new(Target {
-            iam: IamCredentials::new(options.iam_endpoint, options.identity, clock.clone(), retry)?,
+            iam: IamCredentials::new(options.iam_endpoint, options.identity, clock.clone())?,
             base_name: options.base_name.to_owned(),
             base_hop: format!("base identity {:?}", options.base_name),
             base: options.base,

@@ -18,9 +18,7 @@ use super::{
     http_client,
     impersonate::{ImpersonateOptions, ImpersonateSource},
     key_file::read_secret_file,
-    record_hop,
-    retry::Attempt,
-    sanitize_upstream_text, FetchFuture, IdTokenSource, RetryPolicy, ServiceAccountKey,
+    record_hop, retry_after, sanitize_upstream_text, FetchFuture, IdTokenSource, ServiceAccountKey,
     ServiceAccountSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::Secret};
@@ -95,7 +93,6 @@ pub fn impersonated_file_source(
             iam_endpoint: iam_endpoint.unwrap_or(&origin),
         },
         clock.clone(),
-        RetryPolicy::default(),
     )
 }
 
@@ -113,7 +110,7 @@ fn source_credentials(
             let key = ServiceAccountKey::parse(path, &text)
                 .map_err(|p| format!("source_credentials: {p}"))?;
             let source =
-                ServiceAccountSource::for_identity(key, clock.clone(), RetryPolicy::default(), identity)?;
+                ServiceAccountSource::for_identity(key, clock.clone(), identity)?;
             Ok(Arc::new(source))
         }
         Some("authorized_user") => {
@@ -124,13 +121,7 @@ fn source_credentials(
         Some("external_account") => {
             let file = ExternalAccountFile::parse(path, &text, env)
                 .map_err(|p| format!("source_credentials: {p}"))?;
-            let source = ExternalAccountSource::new(
-                identity,
-                file,
-                None,
-                clock.clone(),
-                RetryPolicy::default(),
-            )?;
+            let source = ExternalAccountSource::new(identity, file, None, clock.clone())?;
             Ok(Arc::new(source))
         }
         other => Err(format!(
@@ -156,7 +147,6 @@ struct RefreshGrant {
     upstream: String,
     identity: &'static str,
     clock: Clock,
-    retry: RetryPolicy,
 }
 
 impl UserSource {
@@ -183,7 +173,6 @@ impl UserSource {
             refresh_token: Secret::new(string("refresh_token")?.to_owned()),
             identity: crate::metrics::identity_label(identity),
             clock: clock.clone(),
-            retry: RetryPolicy::default(),
         });
         Ok(Self {
             access: AccessTokenCache::new(grant.clone(), clock.clone()),
@@ -224,7 +213,14 @@ impl IdTokenSource for UserSource {
 }
 
 impl RefreshGrant {
-    async fn attempt(&self) -> Attempt<AccessToken> {
+    /// One refresh-token grant.
+    async fn call(&self) -> Result<AccessToken, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<std::time::Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
         let response = self
             .client
             .post(self.token_uri.clone())
@@ -235,30 +231,27 @@ impl RefreshGrant {
                 ("refresh_token", self.refresh_token.expose()),
             ])
             .send()
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
-        let body = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         if status.is_success() {
-            return match parse_oauth_access_token(&body, self.clock.now()) {
-                Ok(token) => Attempt::Done(token),
-                Err(message) => Attempt::Fail(SourceError::InvalidResponse {
+            return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
+                SourceError::InvalidResponse {
                     upstream: self.upstream.clone(),
                     message,
-                }),
-            };
+                }
+            });
         }
         let text = sanitize_upstream_text(&String::from_utf8_lossy(&body));
         if status.is_server_error() || status.as_u16() == 429 {
-            return Attempt::Retry(format!("HTTP {status}: {text}"));
+            return Err(unavailable(format!("HTTP {status}: {text}"), wait));
         }
-        Attempt::Fail(SourceError::Rejected {
+        Err(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: text,
@@ -269,7 +262,7 @@ impl RefreshGrant {
 impl AccessFetcher for RefreshGrant {
     fn fetch_access<'a>(&'a self, _scopes: &'a str) -> AccessFuture<'a> {
         Box::pin(async move {
-            let result = self.retry.run(&self.upstream, || self.attempt()).await;
+            let result = self.call().await;
             record_hop(self.identity, "authorized_user", &result);
             result
         })

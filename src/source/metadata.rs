@@ -3,17 +3,16 @@
 //! with `Metadata-Flavor: Google`; and, for identities built on this one,
 //! the default account's access token from `.../default/token` (§4).
 
-use reqwest::StatusCode;
-
 use std::sync::Arc;
+
+use reqwest::StatusCode;
 
 use super::{
     access::{
         parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
     },
-    describe_http_error, http_client, record_hop,
-    retry::Attempt,
-    sanitize_upstream_text, FetchFuture, IdTokenSource, RetryPolicy, SourceError,
+    describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text, FetchFuture,
+    IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -28,7 +27,6 @@ pub struct MetadataSource {
     identity_url: url::Url,
     upstream: String,
     clock: Clock,
-    retry: RetryPolicy,
     access: AccessTokenCache,
 }
 
@@ -39,12 +37,11 @@ struct MetadataAccess {
     upstream: String,
     identity: &'static str,
     clock: Clock,
-    retry: RetryPolicy,
 }
 
 impl MetadataSource {
     /// `host` is host[:port], as in `GCE_METADATA_HOST`.
-    pub fn new(host: &str, clock: Clock, retry: RetryPolicy) -> Result<Self, String> {
+    pub fn new(host: &str, clock: Clock) -> Result<Self, String> {
         let base = url::Url::parse(&format!("http://{host}"))
             .map_err(|e| format!("{host:?} is not a host[:port]: {e}"))?;
         let identity_url = base
@@ -61,7 +58,6 @@ impl MetadataSource {
             upstream: upstream.clone(),
             identity: crate::metrics::identity_label("unknown"),
             clock: clock.clone(),
-            retry: retry.clone(),
         };
         Ok(Self {
             client,
@@ -69,7 +65,6 @@ impl MetadataSource {
             upstream,
             access: AccessTokenCache::new(Arc::new(access), clock.clone()),
             clock,
-            retry,
         })
     }
 
@@ -81,39 +76,44 @@ impl MetadataSource {
             upstream: self.upstream.clone(),
             identity: crate::metrics::identity_label(identity),
             clock: self.clock.clone(),
-            retry: self.retry.clone(),
         };
         self.access = AccessTokenCache::new(Arc::new(access), self.clock.clone());
         self
     }
 
-    async fn attempt(&self, audience: &str) -> Attempt<IdToken> {
+    /// One call: the token, or why not (with any `Retry-After`).
+    async fn call(&self, audience: &str) -> Result<IdToken, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<std::time::Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
         let response = self
             .client
             .get(self.identity_url.clone())
             .query(&[("audience", audience), ("format", "full")])
             .header("Metadata-Flavor", "Google")
             .send()
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
-        let body = match response.text().await {
-            Ok(body) => body,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let body = response
+            .text()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         if status == StatusCode::OK {
-            return match IdToken::parse(&body, audience, self.clock.now()) {
-                Ok(token) => Attempt::Done(token),
-                Err(e) => Attempt::Fail(SourceError::invalid_token(&self.upstream, e)),
-            };
+            return IdToken::parse(&body, audience, self.clock.now())
+                .map_err(|e| SourceError::invalid_token(&self.upstream, e));
         }
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            return Attempt::Retry(format!("HTTP {status}: {}", sanitize_upstream_text(&body)));
+            return Err(unavailable(
+                format!("HTTP {status}: {}", sanitize_upstream_text(&body)),
+                wait,
+            ));
         }
-        Attempt::Fail(SourceError::Rejected {
+        Err(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: sanitize_upstream_text(&body),
@@ -123,10 +123,7 @@ impl MetadataSource {
 
 impl IdTokenSource for MetadataSource {
     fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a> {
-        Box::pin(
-            self.retry
-                .run(&self.upstream, move || self.attempt(audience)),
-        )
+        Box::pin(self.call(audience))
     }
 
     fn kind(&self) -> SourceKind {
@@ -143,7 +140,14 @@ impl IdTokenSource for MetadataSource {
 }
 
 impl MetadataAccess {
-    async fn attempt(&self, scopes: &str) -> Attempt<AccessToken> {
+    /// One call for an access token.
+    async fn call(&self, scopes: &str) -> Result<AccessToken, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<std::time::Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
         let mut request = self
             .client
             .get(self.token_url.clone())
@@ -151,29 +155,29 @@ impl MetadataAccess {
         if scopes != super::access::CLOUD_PLATFORM_SCOPE {
             request = request.query(&[("scopes", scopes.replace(' ', ","))]);
         }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         if status == StatusCode::OK {
-            return match parse_oauth_access_token(&body, self.clock.now()) {
-                Ok(token) => Attempt::Done(token),
-                Err(message) => Attempt::Fail(SourceError::InvalidResponse {
+            return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
+                SourceError::InvalidResponse {
                     upstream: self.upstream.clone(),
                     message: format!("access token: {message}"),
-                }),
-            };
+                }
+            });
         }
         let text = sanitize_upstream_text(&String::from_utf8_lossy(&body));
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            return Attempt::Retry(format!("HTTP {status}: {text}"));
+            return Err(unavailable(format!("HTTP {status}: {text}"), wait));
         }
-        Attempt::Fail(SourceError::Rejected {
+        Err(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: format!("access token: {text}"),
@@ -184,10 +188,7 @@ impl MetadataAccess {
 impl AccessFetcher for MetadataAccess {
     fn fetch_access<'a>(&'a self, scopes: &'a str) -> AccessFuture<'a> {
         Box::pin(async move {
-            let result = self
-                .retry
-                .run(&self.upstream, move || self.attempt(scopes))
-                .await;
+            let result = self.call(scopes).await;
             record_hop(self.identity, "metadata", &result);
             result
         })

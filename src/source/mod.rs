@@ -1,9 +1,11 @@
 //! Where ID tokens come from: one [`IdTokenSource`] per configured identity.
 //!
-//! A source makes the upstream call for one audience, with its own bounded
-//! retries for transient failures, and returns a token already checked by
-//! [`IdToken::parse`]. Caching, single-flight and refresh scheduling live in
-//! the cache, not here.
+//! A source makes ONE upstream call for one audience and returns a token
+//! already checked by [`IdToken::parse`], or the error with any `Retry-After`
+//! the upstream sent. It never retries: the cache's backoff
+//! (`retry_initial`..`retry_max`) is the only retry layer, so the upstream
+//! sees exactly the rate the configuration promises. Caching, single-flight
+//! and refresh scheduling live in the cache, not here.
 
 pub mod access;
 mod external_account;
@@ -11,17 +13,22 @@ mod impersonate;
 mod impersonated_file;
 mod key_file;
 mod metadata;
-mod retry;
 mod service_account;
 
-use std::{collections::HashMap, future::Future, path::Path, pin::Pin, sync::Arc};
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 pub use external_account::{ExternalAccountFile, ExternalAccountSource, ALLOW_EXECUTABLES_ENV};
 pub use impersonate::{ImpersonateOptions, ImpersonateSource, DEFAULT_IAM_ENDPOINT};
 pub use impersonated_file::{impersonated_file_source, UserSource};
 pub use key_file::{KeyFileError, ServiceAccountKey};
 pub use metadata::MetadataSource;
-pub use retry::RetryPolicy;
 pub use service_account::ServiceAccountSource;
 
 use crate::{
@@ -36,8 +43,8 @@ pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<IdToken, SourceErr
 
 /// Mints Google-signed ID tokens for one identity.
 pub trait IdTokenSource: Send + Sync + 'static {
-    /// Fetches a new token for `audience`, retrying transient failures
-    /// within the source's retry policy.
+    /// Fetches a new token for `audience` with one upstream call (no retries:
+    /// the cache retries, with backoff).
     fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a>;
 
     /// What kind of source this is, for logs and `check-config`.
@@ -96,7 +103,8 @@ pub(crate) fn record_hop<T>(
 }
 
 /// Why a source could not produce a token. Messages never carry token or
-/// key text; upstream text is passed through with JWT-looking strings removed.
+/// key text; upstream text is passed through quoted, capped, and with
+/// token-shaped strings removed ([`sanitize_upstream_text`]).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SourceError {
@@ -108,12 +116,14 @@ pub enum SourceError {
         status: u16,
         message: String,
     },
-    /// Upstream unreachable or failing after every retry.
-    #[error("{upstream} is unavailable after {attempts} attempt(s); last error: {message}")]
+    /// Upstream unreachable, timed out, or answering a transient error.
+    #[error("{upstream} is unavailable; last error: {message}{}", retry_after_text(*retry_after))]
     Unavailable {
         upstream: String,
-        attempts: u32,
         message: String,
+        /// How long the upstream asked callers to wait (`Retry-After` on a
+        /// 429 or 503); the cache waits at least this long, up to `retry_max`.
+        retry_after: Option<Duration>,
     },
     /// Upstream answered 200 with something that is not a usable token.
     #[error("{upstream} returned an unusable answer: {message}")]
@@ -124,6 +134,14 @@ impl SourceError {
     /// Permanent failures surface as FAILED_PRECONDITION and are not retried fast.
     pub fn is_permanent(&self) -> bool {
         matches!(self, SourceError::Rejected { .. })
+    }
+
+    /// The wait the upstream asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SourceError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 
     pub(crate) fn invalid_token(upstream: &str, err: TokenError) -> Self {
@@ -259,7 +277,6 @@ fn build_one(
                         .unwrap_or(DEFAULT_IAM_ENDPOINT),
                 },
                 clock.clone(),
-                RetryPolicy::default(),
             )
             .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
             .map_err(|message| Problem::new(key("base"), message))
@@ -278,7 +295,6 @@ fn build_one(
                 file,
                 identity.iam_endpoint.as_deref(),
                 clock.clone(),
-                RetryPolicy::default(),
             )
             .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
             .map_err(|message| Problem::new(key("credential_file"), message))
@@ -293,7 +309,7 @@ fn build_one(
                         .cloned()
                 })
                 .unwrap_or_else(|| metadata::DEFAULT_HOST.to_owned());
-            MetadataSource::new(&host, clock.clone(), RetryPolicy::default())
+            MetadataSource::new(&host, clock.clone())
                 .map(|s| Arc::new(s.named(&identity.name)) as Arc<dyn IdTokenSource>)
                 .map_err(|message| Problem::new(key("metadata_host"), message))
         }
@@ -306,43 +322,71 @@ fn build_one(
             };
             let key_file = ServiceAccountKey::load(path, identity.allow_insecure_key_permissions)
                 .map_err(|e| Problem::new(key("key_file"), e.to_string()))?;
-            ServiceAccountSource::for_identity(
-                key_file,
-                clock.clone(),
-                RetryPolicy::default(),
-                &identity.name,
-            )
-            .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
-            .map_err(|message| Problem::new(key("key_file"), message))
+            ServiceAccountSource::for_identity(key_file, clock.clone(), &identity.name)
+                .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
+                .map_err(|message| Problem::new(key("key_file"), message))
         }
     }
 }
+
+/// Longest one upstream call may take, connecting and reading the whole
+/// body included (a hung upstream, headers then silence, a 1 byte/s trickle).
+/// With one call per attempt this is also the longest a cold caller waits
+/// for an answer from a hung upstream: well inside the 30 s a request waits
+/// by default, so it gets UNAVAILABLE naming the upstream, not
+/// DEADLINE_EXCEEDED.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The HTTP client every source uses: rustls, short connect timeout, an
 /// overall per-attempt timeout, and no redirects (a redirect from the metadata
 /// server or token endpoint is not something to follow with credentials).
 pub(crate) fn http_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .timeout(std::time::Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(ATTEMPT_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
-/// Upstream text fit to pass on: JWT-looking strings removed, length capped.
+fn retry_after_text(retry_after: Option<Duration>) -> String {
+    retry_after
+        .map(|d| format!(" (it asked to retry after {}s)", d.as_secs()))
+        .unwrap_or_default()
+}
+
+/// The `Retry-After` of a 429 or 503 answer: delta-seconds or an HTTP-date
+/// (RFC 9110 §10.2.3), as a wait from `now`. Other statuses and unreadable
+/// values give `None`.
+pub(crate) fn retry_after(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    now: SystemTime,
+) -> Option<Duration> {
+    if status != reqwest::StatusCode::TOO_MANY_REQUESTS
+        && status != reqwest::StatusCode::SERVICE_UNAVAILABLE
+    {
+        return None;
+    }
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// Upstream text fit to pass on: anything shaped like a token removed, then
+/// capped and quoted with its quotes, backslashes and control characters
+/// escaped ([`LogText`](crate::domain::LogText)), so an upstream's body
+/// can neither forge a log line nor leak a token into one.
 pub(crate) fn sanitize_upstream_text(text: &str) -> String {
-    const MAX: usize = 512;
-    let redacted = crate::token::redact_jwts(text.trim());
-    if redacted.len() <= MAX {
-        return redacted;
-    }
-    let mut end = MAX;
-    while !redacted.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &redacted[..end])
+    crate::domain::LogText::new(&crate::token::redact_jwts(text.trim())).to_string()
 }
 
 /// Describes a reqwest failure without its URL's query (which holds the audience
@@ -367,5 +411,49 @@ pub(crate) fn describe_http_error(err: &reqwest::Error) -> String {
         what.to_owned()
     } else {
         format!("{what}: {cause}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::{
+        header::{HeaderMap, HeaderValue, RETRY_AFTER},
+        StatusCode,
+    };
+
+    #[test]
+    fn reads_retry_after_in_both_forms_on_429_and_503_only() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+            headers
+        };
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        for status in [
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert_eq!(
+                retry_after(status, &with("30"), now),
+                Some(Duration::from_secs(30))
+            );
+            assert_eq!(
+                retry_after(status, &with(&date), now),
+                Some(Duration::from_secs(90))
+            );
+            assert_eq!(retry_after(status, &with("soon"), now), None);
+            assert_eq!(retry_after(status, &HeaderMap::new(), now), None);
+        }
+        assert_eq!(
+            retry_after(StatusCode::INTERNAL_SERVER_ERROR, &with("30"), now),
+            None
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(
+            retry_after(StatusCode::SERVICE_UNAVAILABLE, &with(&past), now),
+            Some(Duration::ZERO)
+        );
     }
 }

@@ -13,10 +13,8 @@ use super::{
     access::{
         parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
     },
-    describe_http_error, http_client, record_hop,
-    retry::Attempt,
-    sanitize_upstream_text, FetchFuture, IdTokenSource, RetryPolicy, ServiceAccountKey,
-    SourceError,
+    describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text, FetchFuture,
+    IdTokenSource, ServiceAccountKey, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -44,14 +42,7 @@ struct KeyGrant {
     client: reqwest::Client,
     upstream: String,
     clock: Clock,
-    retry: RetryPolicy,
     identity: &'static str,
-}
-
-/// How an exchange that gave no 200 ended.
-enum Ended {
-    Retry(String),
-    Fail(SourceError),
 }
 
 /// What a signed assertion asks for.
@@ -82,8 +73,8 @@ struct ErrorBody {
 }
 
 impl ServiceAccountSource {
-    pub fn new(key: ServiceAccountKey, clock: Clock, retry: RetryPolicy) -> Result<Self, String> {
-        Self::for_identity(key, clock, retry, "unknown")
+    pub fn new(key: ServiceAccountKey, clock: Clock) -> Result<Self, String> {
+        Self::for_identity(key, clock, "unknown")
     }
 
     /// Like [`ServiceAccountSource::new`], naming the identity served in
@@ -91,7 +82,6 @@ impl ServiceAccountSource {
     pub fn for_identity(
         key: ServiceAccountKey,
         clock: Clock,
-        retry: RetryPolicy,
         identity: &str,
     ) -> Result<Self, String> {
         let inner = Arc::new(KeyGrant {
@@ -99,7 +89,6 @@ impl ServiceAccountSource {
             client: http_client()?,
             key,
             clock: clock.clone(),
-            retry,
             identity: crate::metrics::identity_label(identity),
         });
         Ok(Self {
@@ -141,35 +130,33 @@ impl KeyGrant {
         })
     }
 
-    async fn attempt(&self, audience: &str) -> Attempt<IdToken> {
-        match self.exchange(&Grant::IdToken { audience }).await {
-            Ok(body) => self.read_success(&body, audience),
-            Err(Ended::Retry(m)) => Attempt::Retry(m),
-            Err(Ended::Fail(e)) => Attempt::Fail(e),
-        }
+    /// One call for an ID token: the token, or why not.
+    async fn call(&self, audience: &str) -> Result<IdToken, SourceError> {
+        let body = self.exchange(&Grant::IdToken { audience }).await?;
+        self.read_success(&body, audience)
     }
 
-    async fn attempt_access(&self, scopes: &str) -> Attempt<AccessToken> {
-        match self.exchange(&Grant::AccessToken { scopes }).await {
-            Ok(body) => match parse_oauth_access_token(&body, self.clock.now()) {
-                Ok(token) => Attempt::Done(token),
-                Err(message) => Attempt::Fail(SourceError::InvalidResponse {
-                    upstream: self.upstream.clone(),
-                    message: format!("access token: {message}"),
-                }),
-            },
-            Err(Ended::Retry(m)) => Attempt::Retry(m),
-            Err(Ended::Fail(e)) => Attempt::Fail(e),
-        }
+    /// One call for an access token.
+    async fn call_access(&self, scopes: &str) -> Result<AccessToken, SourceError> {
+        let body = self.exchange(&Grant::AccessToken { scopes }).await?;
+        parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
+            SourceError::InvalidResponse {
+                upstream: self.upstream.clone(),
+                message: format!("access token: {message}"),
+            }
+        })
     }
 
-    /// Posts one assertion; the 200 body, or how the attempt ended.
-    async fn exchange(&self, grant: &Grant<'_>) -> Result<Vec<u8>, Ended> {
+    /// Posts one assertion: the 200 body, or why not (with any `Retry-After`).
+    async fn exchange(&self, grant: &Grant<'_>) -> Result<Vec<u8>, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
         // A fresh assertion each attempt: its iat/exp track the clock.
-        let assertion = match self.assertion(grant) {
-            Ok(a) => a,
-            Err(e) => return Err(Ended::Fail(e)),
-        };
+        let assertion = self.assertion(grant)?;
         let response = self
             .client
             .post(self.key.token_uri.clone())
@@ -178,16 +165,14 @@ impl KeyGrant {
                 ("assertion", assertion.as_str()),
             ])
             .send()
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return Err(Ended::Retry(describe_http_error(&e))),
-        };
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(e) => return Err(Ended::Retry(describe_http_error(&e))),
-        };
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         if status == StatusCode::OK {
             return Ok(body.to_vec());
         }
@@ -200,28 +185,27 @@ impl KeyGrant {
             .is_some_and(|e| TRANSIENT_ERRORS.contains(&e.error.as_str()));
         let message = match &error {
             Some(e) if !e.error.is_empty() => {
-                let description = sanitize_upstream_text(&e.error_description);
-                if description.is_empty() {
+                if e.error_description.trim().is_empty() {
                     sanitize_upstream_text(&e.error)
                 } else {
-                    format!("{}: {description}", sanitize_upstream_text(&e.error))
+                    sanitize_upstream_text(&format!("{}: {}", e.error, e.error_description))
                 }
             }
             _ => sanitize_upstream_text(&String::from_utf8_lossy(&body)),
         };
         if transient_status || transient_error {
-            return Err(Ended::Retry(format!("HTTP {status}: {message}")));
+            return Err(unavailable(format!("HTTP {status}: {message}"), wait));
         }
-        Err(Ended::Fail(SourceError::Rejected {
+        Err(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: format!("{message} (account {})", self.key.client_email),
-        }))
+        })
     }
 
-    fn read_success(&self, body: &[u8], audience: &str) -> Attempt<IdToken> {
+    fn read_success(&self, body: &[u8], audience: &str) -> Result<IdToken, SourceError> {
         let invalid = |message: &str| {
-            Attempt::Fail(SourceError::InvalidResponse {
+            Err(SourceError::InvalidResponse {
                 upstream: self.upstream.clone(),
                 message: message.to_owned(),
             })
@@ -232,21 +216,14 @@ impl KeyGrant {
         let Some(id_token) = fields.get("id_token").and_then(|v| v.as_str()) else {
             return invalid("No ID token in response (no `id_token` field)");
         };
-        match IdToken::parse(id_token, audience, self.clock.now()) {
-            Ok(token) => Attempt::Done(token),
-            Err(e) => Attempt::Fail(SourceError::invalid_token(&self.upstream, e)),
-        }
+        IdToken::parse(id_token, audience, self.clock.now())
+            .map_err(|e| SourceError::invalid_token(&self.upstream, e))
     }
 }
 
 impl IdTokenSource for ServiceAccountSource {
     fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a> {
-        let inner = &self.inner;
-        Box::pin(
-            inner
-                .retry
-                .run(&inner.upstream, move || inner.attempt(audience)),
-        )
+        Box::pin(self.inner.call(audience))
     }
 
     fn kind(&self) -> SourceKind {
@@ -278,10 +255,7 @@ impl IdTokenSource for ServiceAccountSource {
 impl AccessFetcher for KeyGrant {
     fn fetch_access<'a>(&'a self, scopes: &'a str) -> AccessFuture<'a> {
         Box::pin(async move {
-            let result = self
-                .retry
-                .run(&self.upstream, move || self.attempt_access(scopes))
-                .await;
+            let result = self.call_access(scopes).await;
             record_hop(self.identity, "service_account_key", &result);
             result
         })

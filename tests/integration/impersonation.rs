@@ -133,7 +133,9 @@ async fn delegate_chains_need_every_hop_granted() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let message = err.message();
     assert!(
-        message.contains("Permission 'iam.serviceAccounts.getOpenIdToken' denied")
+        message.contains("Permission '")
+            && message.contains("denied on resource")
+            && message.contains("missing permission: iam.serviceAccounts.getOpenIdToken")
             && message.contains(TARGET)
             && message.contains("IAM Credentials"),
         "{message}"
@@ -536,10 +538,11 @@ async fn an_impersonated_service_account_file_with_a_key_source_works() {
     }
 }
 
-/// 5xx and 429 from IAM are transient: retried within the fetch, and the
-/// client gets its token; 404 (no such account) is permanent.
+/// 5xx and 429 from IAM are transient: UNAVAILABLE naming IAM, one call
+/// (the cache is the one retry layer and backs off); 404 (no such account)
+/// is permanent: FAILED_PRECONDITION naming the account.
 #[tokio::test(flavor = "multi_thread")]
-async fn iam_5xx_is_retried_and_404_is_not() {
+async fn iam_5xx_is_transient_and_404_is_permanent() {
     let emulator = support::emulator().await;
     emulator.create_service_account(TARGET);
     emulator.grant(DEFAULT_ACCOUNT_EMAIL, TARGET, Permission::OpenIdToken);
@@ -559,14 +562,24 @@ async fn iam_5xx_is_retried_and_404_is_not() {
     emulator.set_faults(token_broker::emulator::Faults {
         status: Some(503),
         endpoint: Some("iam".into()),
-        fail_next: Some(2),
+        fail_next: Some(1),
         ..Default::default()
     });
-    broker
+    let err = broker
         .get("deployer", "https://a.example.com")
         .await
-        .unwrap();
-    assert_eq!(emulator.stats().iam.total, 3);
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("IAM Credentials at") && err.message().contains("503"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        emulator.stats().iam.total,
+        1,
+        "one call: the cache retries, later"
+    );
     let err = broker
         .get("ghost", "https://a.example.com")
         .await
@@ -578,7 +591,7 @@ async fn iam_5xx_is_retried_and_404_is_not() {
         "{}",
         err.message()
     );
-    assert_eq!(emulator.stats().iam.total, 4, "404 is not retried");
+    assert_eq!(emulator.stats().iam.total, 2);
 }
 
 /// A reload where only the base changes (its key rotated at the same path):

@@ -212,7 +212,11 @@ fn parse_response(response: &Map<String, Value>, now_unix: u64) -> Result<String
         };
         return Err(Problem::Refused(format!(
             "Executable returned unsuccessful response: code: {}, message: {}.",
-            sanitize_upstream_text(&code.to_string()),
+            sanitize_upstream_text(
+                &code
+                    .as_str()
+                    .map_or_else(|| code.to_string(), str::to_owned)
+            ),
             sanitize_upstream_text(message.as_str().unwrap_or_default())
         )));
     }
@@ -322,7 +326,9 @@ mod tests {
         assert!(matches!(parse(expired), Err(Problem::Refused(m)) if m.contains("expired")));
         let failed =
             serde_json::json!({"version": 1, "success": false, "code": "401", "message": "no"});
-        assert!(matches!(parse(failed), Err(Problem::Refused(m)) if m.contains("code: \"401\"")));
+        assert!(
+            matches!(parse(failed), Err(Problem::Refused(m)) if m.contains("code: \"401\"") && m.contains("message: \"no\""))
+        );
         let future = serde_json::json!({"version": 2, "success": true});
         assert!(matches!(parse(future), Err(Problem::Refused(m)) if m.contains("version 2")));
         let no_version = serde_json::json!({"success": true});

@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 use super::{
     access::{AccessFetcher, AccessFuture, AccessTokenCache},
     impersonate::{Bearer, IamCredentials},
-    FetchFuture, IdTokenSource, RetryPolicy, SourceError,
+    FetchFuture, IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind};
 
@@ -364,14 +364,12 @@ impl ExternalAccountSource {
         file: ExternalAccountFile,
         iam_endpoint: Option<&str>,
         clock: Clock,
-        retry: RetryPolicy,
     ) -> Result<Self, String> {
-        let exchange = sts::Exchange::new(identity, file.clone(), clock.clone(), retry.clone())?;
+        let exchange = sts::Exchange::new(identity, file.clone(), clock.clone())?;
         let iam = IamCredentials::new(
             iam_endpoint.unwrap_or(&file.iam_origin),
             identity,
             clock.clone(),
-            retry,
         )?;
         let chain = Arc::new(Chain {
             federated_hop: format!("STS at {} ({})", file.token_url, file.source.describe()),

@@ -12,9 +12,8 @@ use crate::{
     clock::Clock,
     source::{
         access::{parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken},
-        describe_http_error, http_client, record_hop,
-        retry::Attempt,
-        sanitize_upstream_text, RetryPolicy, SourceError,
+        describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text,
+        SourceError,
     },
 };
 
@@ -27,7 +26,6 @@ pub(crate) struct Exchange {
     upstream: String,
     identity: &'static str,
     clock: Clock,
-    retry: RetryPolicy,
 }
 
 impl Exchange {
@@ -35,7 +33,6 @@ impl Exchange {
         identity: &str,
         file: ExternalAccountFile,
         clock: Clock,
-        retry: RetryPolicy,
     ) -> Result<Self, String> {
         Ok(Self {
             client: http_client()?,
@@ -43,7 +40,6 @@ impl Exchange {
             file,
             identity: crate::metrics::identity_label(identity),
             clock,
-            retry,
         })
     }
 
@@ -68,11 +64,18 @@ impl Exchange {
         }
     }
 
-    async fn attempt(&self, scopes: &str) -> Attempt<AccessToken> {
+    /// One exchange: a fresh subject token, then one call to STS.
+    async fn call(&self, scopes: &str) -> Result<AccessToken, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<std::time::Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
         let subject = match self.subject_token().await {
             Ok(token) => token,
-            Err(SubjectError::Transient(message)) => return Attempt::Retry(message),
-            Err(SubjectError::Permanent(err)) => return Attempt::Fail(err),
+            Err(SubjectError::Transient(message)) => return Err(unavailable(message, None)),
+            Err(SubjectError::Permanent(err)) => return Err(err),
         };
         let mut form = vec![
             ("grant_type", TOKEN_EXCHANGE.to_owned()),
@@ -98,23 +101,23 @@ impl Exchange {
                 .encode(format!("{id}:{}", secret.expose()));
             request = request.header(reqwest::header::AUTHORIZATION, format!("Basic {basic}"));
         }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
-        let body = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         if status == StatusCode::OK {
-            return match parse_oauth_access_token(&body, self.clock.now()) {
-                Ok(token) => Attempt::Done(token),
-                Err(message) => Attempt::Fail(SourceError::InvalidResponse {
+            return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
+                SourceError::InvalidResponse {
                     upstream: self.upstream.clone(),
                     message,
-                }),
-            };
+                }
+            });
         }
         let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
         let text = match json.as_ref().and_then(|j| j.get("error")?.as_str()) {
@@ -129,9 +132,9 @@ impl Exchange {
         };
         let text = sanitize_upstream_text(&text);
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            return Attempt::Retry(format!("HTTP {status}: {text}"));
+            return Err(unavailable(format!("HTTP {status}: {text}"), wait));
         }
-        Attempt::Fail(SourceError::Rejected {
+        Err(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: format!("token exchange for {}: {text}", self.file.audience),
@@ -142,10 +145,7 @@ impl Exchange {
 impl AccessFetcher for Exchange {
     fn fetch_access<'a>(&'a self, scopes: &'a str) -> AccessFuture<'a> {
         Box::pin(async move {
-            let result = self
-                .retry
-                .run(&self.upstream, || self.attempt(scopes))
-                .await;
+            let result = self.call(scopes).await;
             record_hop(self.identity, "sts", &result);
             result
         })
