@@ -96,9 +96,9 @@ pub struct AccessTokenCache {
 
 struct Slot {
     scopes: String,
-    /// Held by whoever is fetching; others queue on it and then find the
+    /// Held by the task fetching; others queue on it and then find the
     /// result in `state` (generation moved) instead of fetching again.
-    flight: tokio::sync::Mutex<()>,
+    flight: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<State>,
 }
 
@@ -142,7 +142,7 @@ impl AccessTokenCache {
             }
             state.generation
         };
-        let _flight = slot.flight.lock().await;
+        let flight = slot.flight.clone().lock_owned().await;
         {
             let state = lock(&slot.state);
             if state.generation != seen {
@@ -156,7 +156,21 @@ impl AccessTokenCache {
                 }
             }
         }
-        Self::fetch_into(&*self.fetcher, &slot, &self.clock).await
+        // The fetch runs in its own task holding the flight, so a caller
+        // that gives up (the cache bounds each attempt) does not cancel it:
+        // its token is there for the next one.
+        let fetcher = self.fetcher.clone();
+        let clock = self.clock.clone();
+        let task = tokio::spawn(async move {
+            let _flight = flight;
+            Self::fetch_into(&*fetcher, &slot, &clock).await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(SourceError::InvalidResponse {
+                upstream: "access token fetch".into(),
+                message: format!("the fetch task failed: {e}"),
+            })
+        })
     }
 
     /// Drops `refused` if it is still the token held for `scopes`, so the
@@ -190,7 +204,7 @@ impl AccessTokenCache {
             .or_insert_with(|| {
                 Arc::new(Slot {
                     scopes: scopes.to_owned(),
-                    flight: tokio::sync::Mutex::new(()),
+                    flight: Arc::new(tokio::sync::Mutex::new(())),
                     state: Mutex::new(State::default()),
                 })
             })
@@ -201,7 +215,7 @@ impl AccessTokenCache {
         let fetcher = self.fetcher.clone();
         let clock = self.clock.clone();
         tokio::spawn(async move {
-            let _flight = slot.flight.lock().await;
+            let _flight = slot.flight.clone().lock_owned().await;
             let due = {
                 let state = lock(&slot.state);
                 state
@@ -395,6 +409,21 @@ mod tests {
             assert_eq!(task.await.unwrap().unwrap().expose(), "token-2");
         }
         assert_eq!(fetcher.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_giving_up_does_not_cancel_the_fetch() {
+        let (fetcher, cache) = setup();
+        // The fetch takes 50 ms; this caller waits 10.
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), cache.get("s")).await;
+        assert!(gave_up.is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(cache.get("s").await.unwrap().expose(), "token-1");
+        assert_eq!(
+            fetcher.calls.load(Ordering::SeqCst),
+            1,
+            "the first fetch finished"
+        );
     }
 
     #[tokio::test(start_paused = true)]
