@@ -879,3 +879,47 @@ print("refreshed" if credentials.token else "no token")
     let stats = f.emulator.stats();
     assert_eq!((stats.sts.succeeded, stats.iam_access), (1, 1));
 }
+
+/// A credential file or executable others could change is refused: whoever
+/// could edit it could send the subject token elsewhere or run commands as
+/// the broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn credential_files_and_executables_others_can_change_are_refused() {
+    let f = Federation::start().await;
+    let token_file = f.dir.path().join("subject.jwt");
+    std::fs::write(&token_file, "x").unwrap();
+    let creds = f.credential_file(
+        serde_json::json!({ "file": token_file }),
+        serde_json::json!({}),
+    );
+    support::set_mode(&creds, 0o666);
+    let (code, _, err) = check_config(&identity(&creds));
+    assert_ne!(code, 0);
+    assert!(err.contains("writable by group or others"), "{err}");
+    support::set_mode(&creds, 0o644);
+
+    let script = f.dir.path().join("helper.sh");
+    write_script(&script, "exit 0");
+    support::set_mode(&script, 0o777);
+    let creds = f.credential_file(
+        serde_json::json!({ "executable": { "command": script } }),
+        serde_json::json!({}),
+    );
+    let dir = support::workdir();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        support::config_text(&dir.path().join("s.sock"), &identity(&creds)),
+    )
+    .unwrap();
+    let out = support::base_command(&["check-config", "--config", config.to_str().unwrap()])
+        .env("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("executable.command") && err.contains("writable by group or others"),
+        "{err}"
+    );
+}

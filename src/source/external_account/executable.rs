@@ -55,6 +55,15 @@ impl ExecutableSource {
         };
         let argv = split_command(&command)
             .ok_or("credential_source.executable.command has an unterminated quote")?;
+        // A program named by path must be as trusted as the file naming it.
+        if argv[0].contains('/') {
+            super::trusted_file(std::path::Path::new(&argv[0])).map_err(|problem| {
+                format!(
+                    "credential_source.executable.command: {} {problem}",
+                    argv[0]
+                )
+            })?;
+        }
         let timeout = match fields.get("timeout_millis") {
             None | Some(Value::Null) => DEFAULT_TIMEOUT,
             Some(value) => match value.as_u64() {

@@ -113,7 +113,9 @@ impl ExternalAccountFile {
     /// naming the field; the file's secrets (`client_secret`) never appear.
     pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Self, String> {
         let mut text = String::new();
-        let file = std::fs::File::open(path)
+        let real = trusted_file(path)
+            .map_err(|problem| format!("credential file {}: {problem}", path.display()))?;
+        let file = std::fs::File::open(real)
             .map_err(|e| format!("credential file {}: cannot be read: {e}", path.display()))?;
         file.take(MAX_FILE_BYTES + 1)
             .read_to_string(&mut text)
@@ -313,6 +315,40 @@ fn parse_source(
         return Err("credential_source.executable is not an object".into());
     };
     executable::ExecutableSource::parse(executable, env).map(CredentialSource::Executable)
+}
+
+/// A file that says where credentials go and what runs (a credential file,
+/// an executable): every directory on the way trusted, and the file owned
+/// by root or the broker's user and writable by nobody else. Whoever could
+/// change it could send the subject token elsewhere or run commands as the
+/// broker. The resolved path, to open.
+pub(crate) fn trusted_file(path: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = crate::domain::trusted_path::resolve(path).map_err(|e| {
+        if e.is_not_found() {
+            "cannot be read: no such file".to_owned()
+        } else {
+            format!("is not safe to use: {e}")
+        }
+    })?;
+    let meta = std::fs::symlink_metadata(&real).map_err(|e| format!("cannot be read: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "is owned by uid {}, not by the broker's user ({me}) or root",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "is writable by group or others (mode {mode:04o}); run `chmod go-w` on it"
+        ));
+    }
+    Ok(real)
 }
 
 fn string<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
