@@ -323,11 +323,8 @@ fn broker_settings(socket: &Path, emulator: &Emulator) -> Settings {
     settings.limits.new_audience_burst = 1_000_000;
     settings.limits.new_audiences_per_minute = 1_000_000;
     settings.identities = vec![IdentitySettings {
-        name: "default".into(),
-        source: SourceKind::Metadata,
-        key_file: None,
         metadata_host: Some(emulator.metadata_host()),
-        allow_insecure_key_permissions: false,
+        ..IdentitySettings::new("default", SourceKind::Metadata)
     }];
     settings
 }

@@ -1,18 +1,25 @@
 //! `serve --demo`: the built-in emulator on a free loopback port, a
 //! throwaway service-account key registered with it, and a `default`
 //! identity served through the real self-signed-JWT exchange, so a newcomer
-//! sees tokens flow with no Google account.
+//! sees tokens flow with no Google account; and a second identity,
+//! `impersonated`, with no key of its own: `default` impersonates another
+//! demo account through the emulator's IAM Credentials API.
 
 use std::{io::Write, path::Path};
 
 use crate::{
     config::{IdentitySettings, Settings},
     domain::{SourceKind, DEFAULT_IDENTITY},
-    emulator::{write_key_file, Emulator, EmulatorOptions},
+    emulator::{write_key_file, Emulator, EmulatorOptions, Permission},
 };
 
 /// The demo's service account.
 pub const DEMO_ACCOUNT: &str = "demo@token-broker-demo.iam.gserviceaccount.com";
+/// The account the demo's `impersonated` identity mints tokens for.
+pub const DEMO_IMPERSONATED_ACCOUNT: &str =
+    "impersonated@token-broker-demo.iam.gserviceaccount.com";
+/// The name of the demo's keyless identity.
+pub const DEMO_IMPERSONATED_IDENTITY: &str = "impersonated";
 /// The audience the printed example command asks for.
 pub const DEMO_AUDIENCE: &str = "https://demo.example.com";
 
@@ -39,13 +46,24 @@ impl Demo {
         let registration = write_key_file(&key_file, DEMO_ACCOUNT, &emulator.token_uri())
             .map_err(|e| e.to_string())?;
         emulator.register_service_account(registration);
-        settings.identities = vec![IdentitySettings {
-            name: DEFAULT_IDENTITY.into(),
-            source: SourceKind::ServiceAccountKey,
-            key_file: Some(key_file),
-            metadata_host: None,
-            allow_insecure_key_permissions: false,
-        }];
+        emulator.create_service_account(DEMO_IMPERSONATED_ACCOUNT);
+        emulator.grant(
+            DEMO_ACCOUNT,
+            DEMO_IMPERSONATED_ACCOUNT,
+            Permission::OpenIdToken,
+        );
+        settings.identities = vec![
+            IdentitySettings {
+                key_file: Some(key_file),
+                ..IdentitySettings::new(DEFAULT_IDENTITY, SourceKind::ServiceAccountKey)
+            },
+            IdentitySettings {
+                base: Some(DEFAULT_IDENTITY.into()),
+                service_account: Some(DEMO_IMPERSONATED_ACCOUNT.into()),
+                iam_endpoint: Some(emulator.base_url()),
+                ..IdentitySettings::new(DEMO_IMPERSONATED_IDENTITY, SourceKind::Impersonate)
+            },
+        ];
         if settings.server.socket_path.is_none() {
             settings.server.socket_path = Some(dir.path().join("broker.sock"));
         }
@@ -61,9 +79,10 @@ impl Demo {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "token-broker demo is ready (emulator at {}, files in {}).\nFetch a token with:\n\n  {exe} token --socket {} --audience {DEMO_AUDIENCE}\n\nStop with Ctrl-C.",
+            "token-broker demo is ready (emulator at {}, files in {}).\nFetch a token with:\n\n  {exe} token --socket {} --audience {DEMO_AUDIENCE}\n\nand one for {DEMO_IMPERSONATED_ACCOUNT}, an account with no key anywhere, which\nthe default identity impersonates through IAM Credentials:\n\n  {exe} token --socket {} --identity {DEMO_IMPERSONATED_IDENTITY} --audience {DEMO_AUDIENCE}\n\nStop with Ctrl-C.",
             self.emulator.base_url(),
             self.dir.path().display(),
+            socket.display(),
             socket.display(),
         );
         let _ = out.flush();

@@ -32,7 +32,9 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub identity: &'static str,
-    /// metadata or service_account_key.
+    /// metadata, service_account_key, impersonate or external_account (per
+    /// identity); for `upstream_hops`: metadata, service_account_key,
+    /// authorized_user, sts or iam (per hop).
     pub source: &'static str,
     /// ok, rejected, unavailable, invalid_response.
     pub outcome: &'static str,
@@ -54,6 +56,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub upstream_duration: Family<SourceLabels, Histogram>,
+    /// Each upstream call made for an identity built on others, by hop.
+    pub upstream_hops: Family<UpstreamLabels, Counter>,
     pub refresh_failures: Family<IdentityLabels, Counter>,
     pub policy_denials: Family<IdentityLabels, Counter>,
     pub cache_entries: Gauge,
@@ -93,6 +97,7 @@ pub fn get() -> &'static Metrics {
             requests: Family::default(),
             upstream_requests: Family::default(),
             upstream_duration: Family::new_with_constructor(upstream_histogram),
+            upstream_hops: Family::default(),
             refresh_failures: Family::default(),
             policy_denials: Family::default(),
             cache_entries: Gauge::default(),
@@ -115,6 +120,11 @@ pub fn get() -> &'static Metrics {
             "upstream_request_duration_seconds",
             "Latency of upstream token fetches, retries included",
             m.upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_hops",
+            "Upstream calls by identity, hop (metadata, service_account_key, sts, iam) and outcome, access tokens for chained identities included",
+            m.upstream_hops.clone(),
         );
         registry.register(
             "refresh_failures",

@@ -18,17 +18,30 @@ impl Settings {
             return self.identities.clone();
         }
         let adc = env.get(CREDENTIALS_ENV).filter(|path| !path.is_empty());
-        vec![IdentitySettings {
-            name: DEFAULT_IDENTITY.into(),
-            source: if adc.is_some() {
-                SourceKind::ServiceAccountKey
-            } else {
-                SourceKind::Metadata
+        let Some(path) = adc.map(PathBuf::from) else {
+            return vec![IdentitySettings::new(
+                DEFAULT_IDENTITY,
+                SourceKind::Metadata,
+            )];
+        };
+        // Like Google's libraries, the file's `type` says what it is. A
+        // file that cannot be read is taken for a key, whose loading then
+        // reports the problem.
+        let identity = match adc_file_type(&path).as_deref() {
+            Some("external_account") => IdentitySettings {
+                credential_file: Some(path),
+                ..IdentitySettings::new(DEFAULT_IDENTITY, SourceKind::ExternalAccount)
             },
-            key_file: adc.map(PathBuf::from),
-            metadata_host: None,
-            allow_insecure_key_permissions: false,
-        }]
+            Some("impersonated_service_account") => IdentitySettings {
+                credential_file: Some(path),
+                ..IdentitySettings::new(DEFAULT_IDENTITY, SourceKind::Impersonate)
+            },
+            _ => IdentitySettings {
+                key_file: Some(path),
+                ..IdentitySettings::new(DEFAULT_IDENTITY, SourceKind::ServiceAccountKey)
+            },
+        };
+        vec![identity]
     }
 
     /// The socket to serve on: the configured one (flag and
@@ -45,6 +58,24 @@ impl Settings {
     pub fn socket_mode(&self) -> u32 {
         parse_mode(&self.server.socket_mode).unwrap_or(0o660)
     }
+}
+
+/// The `type` field of an application-default-credentials file, if it
+/// can be read (a small JSON file; anything larger is not one).
+fn adc_file_type(path: &Path) -> Option<String> {
+    use std::io::Read;
+    // The file may hold a private key or refresh token: wipe the copy.
+    let mut text = zeroize::Zeroizing::new(String::new());
+    std::fs::File::open(path)
+        .ok()?
+        .take(1024 * 1024)
+        .read_to_string(&mut text)
+        .ok()?;
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        r#type: String,
+    }
+    serde_json::from_str::<Typed>(&text).ok().map(|t| t.r#type)
 }
 
 /// Socket resolution shared by the server and the clients: flag, then env

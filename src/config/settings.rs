@@ -255,6 +255,58 @@ pub struct IdentitySettings {
     /// Accept a key file readable by group or others (logged as a warning).
     #[serde(default)]
     pub allow_insecure_key_permissions: bool,
+    /// The identity whose credential impersonates `service_account`
+    /// (`impersonate` without `credential_file`); any other identity,
+    /// chains allowed.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// The account to mint ID tokens for (`impersonate` only).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// Accounts between the base and `service_account`, in order from the
+    /// base's side; each needs the token-creator grant on the next
+    /// (`impersonate` only).
+    #[serde(default)]
+    pub delegates: Vec<String>,
+    /// Whether impersonated ID tokens carry `email` and `email_verified`
+    /// (`impersonate` only).
+    #[serde(default = "default_true")]
+    pub include_email: bool,
+    /// Base URL of the IAM Credentials API (`impersonate`, `external_account`);
+    /// default `https://iamcredentials.googleapis.com`, or for
+    /// `external_account` the origin of `service_account_impersonation_url`.
+    #[serde(default)]
+    pub iam_endpoint: Option<String>,
+    /// `external_account`: the workload identity federation credential
+    /// file, as written by `gcloud iam workload-identity-pools
+    /// create-cred-config`. `impersonate`: an `impersonated_service_account`
+    /// file, which names the source credential, the account and the
+    /// delegates itself.
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl IdentitySettings {
+    /// An identity with every optional key at its default.
+    pub fn new(name: &str, source: SourceKind) -> Self {
+        Self {
+            name: name.to_owned(),
+            source,
+            key_file: None,
+            metadata_host: None,
+            allow_insecure_key_permissions: false,
+            base: None,
+            service_account: None,
+            delegates: Vec::new(),
+            include_email: true,
+            iam_endpoint: None,
+            credential_file: None,
+        }
+    }
 }
 
 /// How log lines are written.

@@ -182,11 +182,8 @@ fn an_empty_or_comment_only_file_is_refused() {
 fn every_key_present() -> Settings {
     let mut s = Settings::default();
     s.identities.push(IdentitySettings {
-        name: "default".into(),
-        source: SourceKind::Metadata,
-        key_file: None,
-        metadata_host: None,
-        allow_insecure_key_permissions: false,
+        delegates: vec!["d@p.iam.gserviceaccount.com".into()],
+        ..IdentitySettings::new("default", SourceKind::Metadata)
     });
     s.prefetch.push(PrefetchSettings {
         identity: "default".into(),
@@ -274,4 +271,100 @@ fn readme_documents_exactly_the_keys_the_settings_types_define() {
         "README.md's key table is out of step with the settings types:\n  \
          missing rows: {missing:?}\n  rows for keys that do not exist: {unknown:?}"
     );
+}
+
+#[test]
+fn impersonation_keys_are_checked_with_their_paths() {
+    let text = r#"
+[[identities]]
+name = "base"
+source = "metadata"
+service_account = "x@p.iam.gserviceaccount.com"
+
+[[identities]]
+name = "a"
+source = "impersonate"
+
+[[identities]]
+name = "b"
+source = "impersonate"
+base = "b"
+service_account = "not an email"
+delegates = ["ok@p.iam.gserviceaccount.com", "nope"]
+iam_endpoint = "http://iam.example.com/v1"
+
+[[identities]]
+name = "c"
+source = "impersonate"
+base = "missing"
+service_account = "c@p.iam.gserviceaccount.com"
+
+[[identities]]
+name = "d"
+source = "impersonate"
+credential_file = "/adc.json"
+base = "base"
+
+[[identities]]
+name = "e"
+source = "external_account"
+"#;
+    let err = load(text, &[]).unwrap().validate().unwrap_err().to_string();
+    for expected in [
+        "identities[0].service_account: only for source = \"impersonate\"",
+        "identities[1].base: required when source = \"impersonate\"",
+        "identities[1].service_account: required",
+        "identities[2].base: an identity cannot be its own base",
+        "identities[2].service_account: \"not an email\" is not a service account email",
+        "identities[2].delegates[1]",
+        "identities[2].iam_endpoint",
+        "identities[3].base: no identity named \"missing\"",
+        "identities[4].base: not with credential_file",
+        "identities[5].credential_file: required when source = \"external_account\"",
+    ] {
+        assert!(err.contains(expected), "{expected:?} missing from:\n{err}");
+    }
+    // A longer cycle is named hop by hop.
+    let cycle = r#"
+[[identities]]
+name = "x"
+source = "impersonate"
+base = "y"
+service_account = "x@p.iam.gserviceaccount.com"
+[[identities]]
+name = "y"
+source = "impersonate"
+base = "z"
+service_account = "y@p.iam.gserviceaccount.com"
+[[identities]]
+name = "z"
+source = "impersonate"
+base = "x"
+service_account = "z@p.iam.gserviceaccount.com"
+"#;
+    let err = load(cycle, &[])
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("x -> y -> z -> x"), "{err}");
+}
+
+#[test]
+fn adc_files_are_told_apart_by_their_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("external_account", SourceKind::ExternalAccount),
+        ("impersonated_service_account", SourceKind::Impersonate),
+        ("service_account", SourceKind::ServiceAccountKey),
+    ];
+    for (kind, expected) in cases {
+        let path = dir.path().join(format!("{kind}.json"));
+        std::fs::write(&path, format!("{{\"type\": \"{kind}\"}}")).unwrap();
+        let env = HashMap::from([(CREDENTIALS_ENV.to_owned(), path.display().to_string())]);
+        let ids = Settings::default().effective_identities(&env);
+        assert_eq!(ids[0].source, expected, "{kind}");
+        let named = ids[0].key_file.as_ref().or(ids[0].credential_file.as_ref());
+        assert_eq!(named, Some(&path));
+    }
 }

@@ -83,14 +83,51 @@ impl Settings {
                     format!("identity {:?} is defined twice", identity.name),
                 ));
             }
-            match identity.source {
-                SourceKind::Metadata => {
-                    if identity.key_file.is_some() {
-                        problems.push(Problem::new(
-                            key("key_file"),
-                            "only for source = \"service_account_key\"",
-                        ));
+            let only = |field: &str, sources: &str| {
+                Problem::new(key(field), format!("only for source = {sources}"))
+            };
+            let kind = identity.source;
+            if identity.key_file.is_some() && kind != SourceKind::ServiceAccountKey {
+                problems.push(only("key_file", "\"service_account_key\""));
+            }
+            if identity.metadata_host.is_some() && kind != SourceKind::Metadata {
+                problems.push(only("metadata_host", "\"metadata\""));
+            }
+            if kind != SourceKind::Impersonate {
+                for (field, set) in [
+                    ("base", identity.base.is_some()),
+                    ("service_account", identity.service_account.is_some()),
+                    ("delegates", !identity.delegates.is_empty()),
+                    ("include_email", !identity.include_email),
+                ] {
+                    if set {
+                        problems.push(only(field, "\"impersonate\""));
                     }
+                }
+            }
+            if identity.iam_endpoint.is_some()
+                && !matches!(kind, SourceKind::Impersonate | SourceKind::ExternalAccount)
+            {
+                problems.push(only(
+                    "iam_endpoint",
+                    "\"impersonate\" or \"external_account\"",
+                ));
+            }
+            if identity.credential_file.is_some()
+                && !matches!(kind, SourceKind::Impersonate | SourceKind::ExternalAccount)
+            {
+                problems.push(only(
+                    "credential_file",
+                    "\"impersonate\" or \"external_account\"",
+                ));
+            }
+            if let Some(endpoint) = &identity.iam_endpoint {
+                if let Err(message) = validate_base_url(endpoint) {
+                    problems.push(Problem::new(key("iam_endpoint"), message));
+                }
+            }
+            match kind {
+                SourceKind::Metadata => {
                     if let Some(host) = &identity.metadata_host {
                         if let Err(message) = validate_host(host) {
                             problems.push(Problem::new(key("metadata_host"), message));
@@ -104,15 +141,61 @@ impl Settings {
                             "required when source = \"service_account_key\"",
                         ));
                     }
-                    if identity.metadata_host.is_some() {
+                }
+                SourceKind::Impersonate if identity.credential_file.is_some() => {
+                    for (field, set) in [
+                        ("base", identity.base.is_some()),
+                        ("service_account", identity.service_account.is_some()),
+                        ("delegates", !identity.delegates.is_empty()),
+                    ] {
+                        if set {
+                            problems.push(Problem::new(
+                                key(field),
+                                "not with credential_file: the impersonated_service_account file names the source, the account and the delegates",
+                            ));
+                        }
+                    }
+                }
+                SourceKind::Impersonate => {
+                    match &identity.base {
+                        None => problems.push(Problem::new(
+                            key("base"),
+                            "required when source = \"impersonate\": the identity whose credential impersonates",
+                        )),
+                        Some(base) if base == &identity.name => problems.push(Problem::new(
+                            key("base"),
+                            "an identity cannot be its own base",
+                        )),
+                        Some(_) => {}
+                    }
+                    match &identity.service_account {
+                        None => problems.push(Problem::new(
+                            key("service_account"),
+                            "required when source = \"impersonate\": the account to mint ID tokens for",
+                        )),
+                        Some(email) => {
+                            if let Err(message) = validate_account_email(email) {
+                                problems.push(Problem::new(key("service_account"), message));
+                            }
+                        }
+                    }
+                    for (j, email) in identity.delegates.iter().enumerate() {
+                        if let Err(message) = validate_account_email(email) {
+                            problems.push(Problem::new(key(&format!("delegates[{j}]")), message));
+                        }
+                    }
+                }
+                SourceKind::ExternalAccount => {
+                    if identity.credential_file.is_none() {
                         problems.push(Problem::new(
-                            key("metadata_host"),
-                            "only for source = \"metadata\"",
+                            key("credential_file"),
+                            "required when source = \"external_account\"",
                         ));
                     }
                 }
             }
         }
+        problems.extend(self.chain_problems());
         for (i, prefetch) in self.prefetch.iter().enumerate() {
             if prefetch.audiences.is_empty() {
                 problems.push(Problem::new(
@@ -378,6 +461,103 @@ impl Settings {
             Err(ConfigError::Invalid(problems))
         }
     }
+}
+
+impl Settings {
+    /// Impersonation chains: every `base` names a configured identity and
+    /// no chain comes back to where it started.
+    fn chain_problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let base_of = |name: &str| {
+            self.identities
+                .iter()
+                .find(|i| i.name == name)
+                .filter(|i| i.source == SourceKind::Impersonate)
+                .and_then(|i| i.base.as_deref())
+        };
+        for (i, identity) in self.identities.iter().enumerate() {
+            let Some(base) = identity.base.as_deref() else {
+                continue;
+            };
+            if identity.source != SourceKind::Impersonate
+                || identity.credential_file.is_some()
+                || base == identity.name
+            {
+                continue;
+            }
+            if !self.identities.iter().any(|other| other.name == base) {
+                problems.push(Problem::new(
+                    format!("identities[{i}].base"),
+                    format!("no identity named {base:?} is configured"),
+                ));
+                continue;
+            }
+            let mut path = vec![identity.name.as_str()];
+            let mut next = Some(base);
+            while let Some(name) = next {
+                if path.contains(&name) {
+                    path.push(name);
+                    problems.push(Problem::new(
+                        format!("identities[{i}].base"),
+                        format!("impersonation chain is a cycle: {}", path.join(" -> ")),
+                    ));
+                    break;
+                }
+                path.push(name);
+                next = base_of(name);
+            }
+        }
+        problems
+    }
+}
+
+/// A service account's email, as IAM Credentials takes it.
+fn validate_account_email(email: &str) -> Result<(), String> {
+    let ok = email.len() <= 254
+        && email.split_once('@').is_some_and(|(user, domain)| {
+            !user.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && email
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '-' | '_'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{email:?} is not a service account email (e.g. \"deploy@my-project.iam.gserviceaccount.com\")"
+        ))
+    }
+}
+
+/// An http(s) base URL without query or fragment; plain http only to loopback.
+fn validate_base_url(text: &str) -> Result<(), String> {
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(format!(
+                "{text:?} must be an https URL (plain http only to loopback)"
+            ))
+        }
+    }
+    if url.query().is_some()
+        || url.fragment().is_some()
+        || !url.path().trim_end_matches('/').is_empty()
+    {
+        return Err(format!(
+            "{text:?} must be a base URL like \"https://iamcredentials.googleapis.com\", without path or query"
+        ));
+    }
+    Ok(())
 }
 
 /// A per-uid share must be at least 1; above its total it is the total

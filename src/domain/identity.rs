@@ -15,6 +15,12 @@ pub enum SourceKind {
     Metadata,
     /// A service-account JSON key file, exchanged at its `token_uri`.
     ServiceAccountKey,
+    /// Another identity's credential impersonating a service account
+    /// through IAM Credentials `generateIdToken`.
+    Impersonate,
+    /// Workload identity federation: an external subject token exchanged at
+    /// STS, then `generateIdToken` for the account it may impersonate.
+    ExternalAccount,
 }
 
 impl SourceKind {
@@ -23,6 +29,8 @@ impl SourceKind {
         match self {
             SourceKind::Metadata => "metadata",
             SourceKind::ServiceAccountKey => "service_account_key",
+            SourceKind::Impersonate => "impersonate",
+            SourceKind::ExternalAccount => "external_account",
         }
     }
 }
@@ -117,7 +125,12 @@ mod tests {
 
     #[test]
     fn source_kind_names_match_serde() {
-        for kind in [SourceKind::Metadata, SourceKind::ServiceAccountKey] {
+        for kind in [
+            SourceKind::Metadata,
+            SourceKind::ServiceAccountKey,
+            SourceKind::Impersonate,
+            SourceKind::ExternalAccount,
+        ] {
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(json, format!("\"{kind}\""));
         }

@@ -352,6 +352,16 @@ impl AccountRegistry {
         account.keys.insert(reg.key_id, reg.public_key);
     }
 
+    /// Adds an account without keys, unless it exists.
+    pub(crate) fn register_keyless(&mut self, email: &str) {
+        self.accounts
+            .entry(email.to_owned())
+            .or_insert_with(|| RegisteredAccount {
+                client_id: random_numeric_id(),
+                keys: HashMap::new(),
+            });
+    }
+
     pub(crate) fn get(&self, email: &str) -> Option<&RegisteredAccount> {
         self.accounts.get(email)
     }

@@ -121,7 +121,13 @@ pub(super) async fn handle(
             if counts_as_email {
                 shared.count_email();
             }
-            (other(&shared, &headers, route, &query), String::new())
+            let scopes = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                .find(|(name, _)| name == "scopes")
+                .map(|(_, value)| value.into_owned());
+            (
+                other(&shared, &headers, route, &query, scopes.as_deref()),
+                String::new(),
+            )
         }
     };
     log_call(uri.path(), &audience, response.status());
@@ -286,7 +292,13 @@ fn fault_text(status: StatusCode) -> String {
 }
 
 /// Every route but `identity`; never faulted.
-fn other(shared: &Shared, headers: &HeaderMap, route: Route, query: &Query) -> Response {
+fn other(
+    shared: &Shared,
+    headers: &HeaderMap,
+    route: Route,
+    query: &Query,
+    scopes: Option<&str>,
+) -> Response {
     if let Some(refusal) = refuse_request(headers) {
         return refusal;
     }
@@ -319,18 +331,31 @@ fn other(shared: &Shared, headers: &HeaderMap, route: Route, query: &Query) -> R
             Leaf::Email => text(StatusCode::OK, shared.default_email.clone()),
             Leaf::Scopes => text(StatusCode::OK, format!("{CLOUD_PLATFORM_SCOPE}\n")),
             Leaf::Aliases => text(StatusCode::OK, "default\n"),
-            // Some libraries read an access token here; the emulator has no
-            // API to use one with, so a placeholder of the right shape does.
-            Leaf::Token => respond(
-                StatusCode::OK,
-                JSON,
-                serde_json::json!({
-                    "access_token": format!("ya29.emulator-{}", super::keys::random_key_id()),
-                    "expires_in": 3599,
-                    "token_type": "Bearer",
-                })
-                .to_string(),
-            ),
+            // A real access token: IAM Credentials accepts it as the
+            // default account's bearer.
+            Leaf::Token => {
+                shared.count(|stats| stats.metadata_token += 1);
+                let scopes = scopes
+                    .map(|s| {
+                        s.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_else(|| vec![CLOUD_PLATFORM_SCOPE.to_owned()]);
+                let (token, expires_in) =
+                    shared.issue_access_token(&shared.default_email, scopes, None);
+                respond(
+                    StatusCode::OK,
+                    JSON,
+                    serde_json::json!({
+                        "access_token": token,
+                        "expires_in": expires_in,
+                        "token_type": "Bearer",
+                    })
+                    .to_string(),
+                )
+            }
             Leaf::Identity | Leaf::Unknown => not_found(),
         },
         Route::Unknown => not_found(),

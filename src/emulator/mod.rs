@@ -12,11 +12,14 @@
 //! Every timestamp comes from the injected [`Clock`], so a test running on
 //! tokio's paused clock moves the emulator's notion of "now" too.
 
+mod aws;
+mod iam;
 mod keys;
 mod metadata;
+mod sts;
 mod token_endpoint;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -33,9 +36,11 @@ use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
 
+pub use iam::Permission;
 pub use keys::{
     generate_service_account_key, write_key_file, GeneratedKey, ServiceAccountRegistration,
 };
+pub use sts::{SubjectTokenIssuer, WorkloadProvider};
 
 /// The metadata server's default service account unless configured otherwise.
 pub const DEFAULT_ACCOUNT_EMAIL: &str = "default@token-broker-emulator.iam.gserviceaccount.com";
@@ -134,6 +139,19 @@ pub struct Stats {
     pub token: EndpointStats,
     /// Metadata server `.../email` and `.../?recursive=true` calls.
     pub email: u64,
+    /// Metadata server `.../token` calls (access tokens).
+    pub metadata_token: u64,
+    /// `POST /token` calls asking for an access token (`scope`); also
+    /// counted in `token`, under audience `""`.
+    pub token_access: u64,
+    /// IAM Credentials `generateIdToken` calls, by audience.
+    pub iam: EndpointStats,
+    /// IAM Credentials `generateAccessToken` calls.
+    pub iam_access: u64,
+    /// STS token exchanges, by workload provider audience.
+    pub sts: EndpointStats,
+    /// Calls to the emulated AWS instance metadata service.
+    pub aws_metadata: u64,
 }
 
 /// Counters of one token-issuing endpoint.
@@ -186,9 +204,11 @@ pub struct Faults {
     /// Emulate the metadata server's own cache: answer the SAME token for an
     /// audience until it has fewer than this many seconds left (GCE: 300).
     pub metadata_cache_secs: Option<u64>,
-    /// `"identity"` or `"token"`: the only endpoint the faults apply to.
-    /// `None`: both.
+    /// `"identity"`, `"token"`, `"iam"` or `"sts"`: the only endpoint the
+    /// faults apply to. `None`: all.
     pub endpoint: Option<String>,
+    /// Lifetime of issued access tokens (default 3599 s).
+    pub access_token_lifetime_secs: Option<u64>,
     /// With `status`: send `Retry-After: N` (seconds), as Google does on
     /// 429 and 503.
     pub retry_after_secs: Option<u64>,
@@ -230,7 +250,7 @@ impl Faults {
         if let Some(endpoint) = self.endpoint.as_deref() {
             if Endpoint::from_name(endpoint).is_none() {
                 problems.push(format!(
-                    "endpoint {endpoint:?} is unknown; use \"identity\" or \"token\""
+                    "endpoint {endpoint:?} is unknown; use \"identity\", \"token\", \"iam\" or \"sts\""
                 ));
             }
         }
@@ -243,6 +263,8 @@ impl Faults {
 pub(crate) enum Endpoint {
     Identity,
     Token,
+    Iam,
+    Sts,
 }
 
 impl Endpoint {
@@ -250,6 +272,8 @@ impl Endpoint {
         match name {
             "identity" => Some(Self::Identity),
             "token" => Some(Self::Token),
+            "iam" => Some(Self::Iam),
+            "sts" => Some(Self::Sts),
             _ => None,
         }
     }
@@ -258,6 +282,8 @@ impl Endpoint {
         match self {
             Self::Identity => "identity",
             Self::Token => "token",
+            Self::Iam => "iam",
+            Self::Sts => "sts",
         }
     }
 }
@@ -389,6 +415,33 @@ pub(crate) struct Shared {
     stats: Mutex<Stats>,
     faults: Mutex<FaultState>,
     pub(crate) metadata_cache: Mutex<HashMap<MetadataCacheKey, MintedTokenEntry>>,
+    /// Access tokens issued and not revoked: token → what it stands for.
+    pub(crate) access_tokens: Mutex<HashMap<String, IssuedAccessToken>>,
+    /// IAM grants: (caller principal, target account, permission).
+    pub(crate) grants: Mutex<HashSet<(String, String, Permission)>>,
+    /// Workload identity providers STS accepts subject tokens from.
+    pub(crate) providers: Mutex<Vec<WorkloadProvider>>,
+    /// User credentials: refresh token → the user and its OAuth client.
+    pub(crate) users: Mutex<HashMap<String, AuthorizedUser>>,
+    /// The emulated AWS instance and its role.
+    pub(crate) aws: Mutex<aws::AwsInstance>,
+}
+
+/// A user who signed in with an OAuth client (`authorized_user` files).
+#[derive(Clone, Debug)]
+pub(crate) struct AuthorizedUser {
+    pub(crate) email: String,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: String,
+}
+
+/// What an issued access token stands for.
+#[derive(Clone, Debug)]
+pub(crate) struct IssuedAccessToken {
+    /// An account email, or a federated `principal://...`.
+    pub(crate) principal: String,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) exp: u64,
 }
 
 /// A token held by the emulated metadata-server cache.
@@ -427,6 +480,36 @@ impl Shared {
 
     pub(crate) fn count_email(&self) {
         lock(&self.stats).email += 1;
+    }
+
+    /// Updates the call counters.
+    pub(crate) fn count(&self, update: impl FnOnce(&mut Stats)) {
+        update(&mut lock(&self.stats));
+    }
+
+    /// Issues an access token for `principal`: (token, lifetime in seconds).
+    pub(crate) fn issue_access_token(
+        &self,
+        principal: &str,
+        scopes: Vec<String>,
+        lifetime: Option<Duration>,
+    ) -> (String, u64) {
+        let forced = lock(&self.faults).faults.access_token_lifetime_secs;
+        let lifetime = forced
+            .map(Duration::from_secs)
+            .or(lifetime)
+            .unwrap_or(Duration::from_secs(3599))
+            .as_secs();
+        let token = format!("ya29.emulator-{}", keys::random_key_id());
+        lock(&self.access_tokens).insert(
+            token.clone(),
+            IssuedAccessToken {
+                principal: principal.to_owned(),
+                scopes,
+                exp: self.clock.unix_seconds().saturating_add(lifetime),
+            },
+        );
+        (token, lifetime)
     }
 
     /// The faults for one call to `endpoint`, using up one `fail_next` unit.
@@ -564,6 +647,8 @@ impl Stats {
         match endpoint {
             Endpoint::Identity => &mut self.identity,
             Endpoint::Token => &mut self.token,
+            Endpoint::Iam => &mut self.iam,
+            Endpoint::Sts => &mut self.sts,
         }
     }
 }
@@ -644,6 +729,11 @@ impl Emulator {
             stats: Mutex::new(Stats::default()),
             faults: Mutex::new(FaultState::default()),
             metadata_cache: Mutex::new(HashMap::new()),
+            access_tokens: Mutex::new(HashMap::new()),
+            grants: Mutex::new(HashSet::new()),
+            providers: Mutex::new(Vec::new()),
+            users: Mutex::new(HashMap::new()),
+            aws: Mutex::new(aws::AwsInstance::new()),
         });
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -690,6 +780,87 @@ impl Emulator {
     /// Accepts a service-account key at the token endpoint from now on.
     pub fn register_service_account(&self, reg: ServiceAccountRegistration) {
         lock(&self.shared.accounts).register(reg);
+    }
+
+    /// Creates a service account without a key (one that is only ever
+    /// impersonated). Accounts with a registered key exist already.
+    pub fn create_service_account(&self, email: &str) {
+        lock(&self.shared.accounts).register_keyless(email);
+    }
+
+    /// Lets `caller` (an account email, or a federated `principal://...`)
+    /// use `permission` on the account `target`.
+    pub fn grant(&self, caller: &str, target: &str, permission: Permission) {
+        lock(&self.shared.grants).insert((caller.to_owned(), target.to_owned(), permission));
+    }
+
+    /// Takes back a grant made with [`Emulator::grant`].
+    pub fn revoke_grant(&self, caller: &str, target: &str, permission: Permission) {
+        lock(&self.shared.grants).remove(&(caller.to_owned(), target.to_owned(), permission));
+    }
+
+    /// Every access token issued and not revoked, for tests that check
+    /// none of them reached a log.
+    pub fn issued_access_tokens(&self) -> Vec<String> {
+        lock(&self.shared.access_tokens).keys().cloned().collect()
+    }
+
+    /// Revokes every access token issued so far: IAM answers 401 to them.
+    pub fn revoke_access_tokens(&self) {
+        lock(&self.shared.access_tokens).clear();
+    }
+
+    /// Registers a user signed in with OAuth client (`client_id`,
+    /// `client_secret`); returns the refresh token the token endpoint's
+    /// refresh grant accepts for them.
+    pub fn register_authorized_user(
+        &self,
+        email: &str,
+        client_id: &str,
+        client_secret: &str,
+    ) -> String {
+        let refresh_token = format!("1//emulator-{}", keys::random_key_id());
+        lock(&self.shared.users).insert(
+            refresh_token.clone(),
+            AuthorizedUser {
+                email: email.to_owned(),
+                client_id: client_id.to_owned(),
+                client_secret: client_secret.to_owned(),
+            },
+        );
+        refresh_token
+    }
+
+    /// The emulated AWS instance role's session ARN, the federated subject
+    /// of its `aws4_request` subject tokens.
+    pub fn aws_role_arn(&self) -> String {
+        lock(&self.shared.aws).arn()
+    }
+
+    /// The emulated AWS role's credentials (access key id, secret, session
+    /// token), as `AWS_ACCESS_KEY_ID` and friends would hold them.
+    pub fn aws_credentials(&self) -> (String, String, String) {
+        let aws = lock(&self.shared.aws);
+        (
+            aws.access_key_id.clone(),
+            aws.secret_access_key.clone(),
+            aws.session_token.clone(),
+        )
+    }
+
+    /// The last `aws4_request` subject token STS accepted.
+    pub fn last_aws_subject_token(&self) -> Option<String> {
+        lock(&self.shared.aws).last_subject_token.clone()
+    }
+
+    /// Makes STS accept subject tokens of `provider`.
+    pub fn add_workload_provider(&self, provider: WorkloadProvider) {
+        lock(&self.shared.providers).push(provider);
+    }
+
+    /// `http://127.0.0.1:PORT/v1/token`, the STS `token_url`.
+    pub fn sts_token_url(&self) -> String {
+        format!("{}/v1/token", self.base_url())
     }
 
     /// A snapshot of the call counters.
@@ -763,6 +934,13 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/computeMetadata/", get(metadata::handle))
         .route("/computeMetadata/{*path}", get(metadata::handle))
         .route("/token", post(token_endpoint::handle))
+        .route("/v1/token", post(sts::handle))
+        .route("/latest/api/token", axum::routing::put(aws::session))
+        .route("/latest/meta-data/{*path}", get(aws::metadata))
+        .route(
+            "/v1/projects/{project}/serviceAccounts/{method}",
+            post(iam::handle),
+        )
         .route("/oauth2/v1/certs", get(certs_v1))
         .route("/oauth2/v3/certs", get(certs_v3))
         .route("/emulator/stats", get(get_stats))

@@ -90,6 +90,9 @@ impl IntoResponse for OAuthError {
 struct TokenForm {
     grant_type: Option<String>,
     assertion: Option<String>,
+    refresh_token: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
 }
 
 impl TokenForm {
@@ -99,6 +102,9 @@ impl TokenForm {
             let slot = match name.as_ref() {
                 "grant_type" => &mut form.grant_type,
                 "assertion" => &mut form.assertion,
+                "refresh_token" => &mut form.refresh_token,
+                "client_id" => &mut form.client_id,
+                "client_secret" => &mut form.client_secret,
                 _ => continue,
             };
             if slot.is_none() {
@@ -174,6 +180,9 @@ fn answer(
         ));
     }
     let grant_type = form.grant_type.as_deref().unwrap_or("");
+    if grant_type == "refresh_token" {
+        return refresh(shared, form);
+    }
     if grant_type != JWT_BEARER {
         return Err(OAuthError::new(
             StatusCode::BAD_REQUEST,
@@ -213,8 +222,25 @@ fn answer(
         }))
         .into_response());
     }
+    let target_audience = match verified.grant {
+        Granted::IdToken(audience) => audience,
+        Granted::AccessToken(scopes) => {
+            shared.count(|stats| stats.token_access += 1);
+            let (token, expires_in) =
+                shared.issue_access_token(&verified.client_email, scopes, None);
+            return Ok((
+                [(header::CACHE_CONTROL, "no-store")],
+                Json(serde_json::json!({
+                    "access_token": token,
+                    "expires_in": expires_in,
+                    "token_type": "Bearer",
+                })),
+            )
+                .into_response());
+        }
+    };
     let request = IdTokenRequest {
-        audience: &verified.target_audience,
+        audience: &target_audience,
         subject: &verified.client_id,
         email: Some(&verified.client_email),
         google: None,
@@ -236,12 +262,54 @@ fn answer(
     }
 }
 
+/// The refresh-token grant of user credentials (`authorized_user`): an
+/// access token for the user, when the refresh token and its OAuth client
+/// match what was registered.
+fn refresh(shared: &Shared, form: &TokenForm) -> Result<Response, OAuthError> {
+    let user = form
+        .refresh_token
+        .as_deref()
+        .and_then(|token| lock(&shared.users).get(token).cloned())
+        .ok_or_else(|| OAuthError::invalid_grant("Token has been expired or revoked."))?;
+    if form.client_id.as_deref() != Some(user.client_id.as_str())
+        || form.client_secret.as_deref() != Some(user.client_secret.as_str())
+    {
+        return Err(OAuthError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Unauthorized",
+        ));
+    }
+    shared.count(|stats| stats.token_access += 1);
+    let scopes = vec![super::iam::CLOUD_PLATFORM_SCOPE.to_owned()];
+    let (token, expires_in) = shared.issue_access_token(&user.email, scopes, None);
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(serde_json::json!({
+            "access_token": token,
+            "expires_in": expires_in,
+            "scope": super::iam::CLOUD_PLATFORM_SCOPE,
+            "token_type": "Bearer",
+        })),
+    )
+        .into_response())
+}
+
 /// What a valid assertion establishes.
 #[derive(Debug)]
 struct VerifiedAssertion {
     client_email: String,
     client_id: String,
-    target_audience: String,
+    grant: Granted,
+}
+
+/// What a valid assertion asked for.
+#[derive(Debug)]
+enum Granted {
+    /// `target_audience`: an ID token.
+    IdToken(String),
+    /// `scope` (space-separated): an access token.
+    AccessToken(Vec<String>),
 }
 
 /// Checks an assertion as Google does, in Google's order: algorithm, account,
@@ -325,8 +393,14 @@ fn verify_assertion(
         return Err(OAuthError::invalid_grant(SHORT_LIVED));
     }
 
-    let target_audience = match claims.get("target_audience").and_then(Value::as_str) {
-        Some(t) if !t.is_empty() => t.to_owned(),
+    let scope = claims
+        .get("scope")
+        .and_then(Value::as_str)
+        .map(|s| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .filter(|scopes| !scopes.is_empty());
+    let grant = match (claims.get("target_audience").and_then(Value::as_str), scope) {
+        (Some(t), _) if !t.is_empty() => Granted::IdToken(t.to_owned()),
+        (_, Some(scopes)) => Granted::AccessToken(scopes),
         // Google's answer when an assertion asks for neither an access token
         // (scope) nor an ID token (target_audience).
         _ => {
@@ -341,7 +415,7 @@ fn verify_assertion(
     Ok(VerifiedAssertion {
         client_email: issuer.to_owned(),
         client_id: account.client_id,
-        target_audience,
+        grant,
     })
 }
 

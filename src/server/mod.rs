@@ -37,7 +37,7 @@ use crate::{
     domain::Problem,
     policy::Policy,
     proto::token_broker_server::TokenBrokerServer,
-    source::{build_source, IdTokenSource},
+    source::{build_sources, IdTokenSource},
 };
 
 /// How long in-flight calls may take to finish after a stop signal.
@@ -84,14 +84,8 @@ impl Prepared {
                 })?),
                 None => None,
             };
-        let mut problems: Vec<Problem> = Vec::new();
-        let mut identities = Vec::new();
-        for (index, identity) in settings.effective_identities(env).into_iter().enumerate() {
-            match build_source(index, &identity, env, &clock) {
-                Ok(source) => identities.push((identity, source)),
-                Err(problem) => problems.push(problem),
-            }
-        }
+        let (identities, mut problems) =
+            build_sources(&settings.effective_identities(env), env, &clock);
         let configured = |name: &str| identities.iter().any(|(id, _)| id.name == name);
         let mut require = |key: String, name: &str| {
             if !configured(name) {
@@ -142,6 +136,10 @@ impl Prepared {
             self.settings.log.filter,
         );
         for (identity, source) in &self.identities {
+            if let Some(chain) = source.chain() {
+                out.push_str(&format!("  {}: {chain}\n", identity.name));
+                continue;
+            }
             out.push_str(&format!(
                 "  {}: {} via {}",
                 identity.name,

@@ -54,6 +54,23 @@ impl ServiceAccountKey {
     /// Reads and checks `path`. A file readable by group or others is
     /// refused unless `allow_insecure_permissions`, then only warned about.
     pub fn load(path: &Path, allow_insecure_permissions: bool) -> Result<Self, KeyFileError> {
+        let text = read_secret_file(path, allow_insecure_permissions)?;
+        Self::parse(path, &text).map_err(|problem| KeyFileError {
+            path: path.to_path_buf(),
+            problem,
+        })
+    }
+}
+
+/// Reads a file holding secrets with the checks key files get: links and
+/// files owned by root or the broker's user only, not readable by group or
+/// others unless `allow_insecure_permissions`, and small. The text is
+/// zeroized on drop.
+pub(crate) fn read_secret_file(
+    path: &Path,
+    allow_insecure_permissions: bool,
+) -> Result<Zeroizing<String>, KeyFileError> {
+    {
         let fail = |problem: String| KeyFileError {
             path: path.to_path_buf(),
             problem,
@@ -116,9 +133,11 @@ impl ServiceAccountKey {
         let mut text = Zeroizing::new(String::new());
         file.read_to_string(&mut text)
             .map_err(|e| fail(format!("cannot be read: {}", io_reason(&e))))?;
-        Self::parse(path, &text).map_err(fail)
+        Ok(text)
     }
+}
 
+impl ServiceAccountKey {
     /// Parses key-file JSON. The error is the problem alone (no path).
     pub fn parse(path: &Path, text: &str) -> Result<Self, String> {
         let json: Value = serde_json::from_str(text).map_err(|e| {

@@ -1,11 +1,17 @@
 //! The metadata server of GCE, GKE, Cloud Run and Cloud Functions
 //! (PROTOCOLS.md §3): `GET .../service-accounts/default/identity?audience=&format=full`
-//! with `Metadata-Flavor: Google`.
+//! with `Metadata-Flavor: Google`; and, for identities built on this one,
+//! the default account's access token from `.../default/token` (§4).
+
+use std::sync::Arc;
 
 use reqwest::StatusCode;
 
 use super::{
-    describe_http_error, http_client, retry_after, sanitize_upstream_text, FetchFuture,
+    access::{
+        parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
+    },
+    describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text, FetchFuture,
     IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
@@ -13,12 +19,23 @@ use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 /// Used when neither the config nor `GCE_METADATA_HOST` names a host.
 pub const DEFAULT_HOST: &str = "metadata.google.internal";
 const IDENTITY_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/identity";
+const TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
 
 /// Fetches ID tokens for the instance's default service account.
 pub struct MetadataSource {
     client: reqwest::Client,
     identity_url: url::Url,
     upstream: String,
+    clock: Clock,
+    access: AccessTokenCache,
+}
+
+/// Fetches the default account's access tokens.
+struct MetadataAccess {
+    client: reqwest::Client,
+    token_url: url::Url,
+    upstream: String,
+    identity: &'static str,
     clock: Clock,
 }
 
@@ -30,12 +47,38 @@ impl MetadataSource {
         let identity_url = base
             .join(IDENTITY_PATH)
             .map_err(|e| format!("{host:?}: {e}"))?;
+        let token_url = base
+            .join(TOKEN_PATH)
+            .map_err(|e| format!("{host:?}: {e}"))?;
+        let client = http_client()?;
+        let upstream = format!("metadata server at http://{host}");
+        let access = MetadataAccess {
+            client: client.clone(),
+            token_url,
+            upstream: upstream.clone(),
+            identity: crate::metrics::identity_label("unknown"),
+            clock: clock.clone(),
+        };
         Ok(Self {
-            client: http_client()?,
+            client,
             identity_url,
-            upstream: format!("metadata server at http://{host}"),
+            upstream,
+            access: AccessTokenCache::new(Arc::new(access), clock.clone()),
             clock,
         })
+    }
+
+    /// Names the identity this source serves, for the metrics of its hops.
+    pub fn named(mut self, identity: &str) -> Self {
+        let access = MetadataAccess {
+            client: self.client.clone(),
+            token_url: self.identity_url.join(TOKEN_PATH).expect("same base"),
+            upstream: self.upstream.clone(),
+            identity: crate::metrics::identity_label(identity),
+            clock: self.clock.clone(),
+        };
+        self.access = AccessTokenCache::new(Arc::new(access), self.clock.clone());
+        self
     }
 
     /// One call: the token, or why not (with any `Retry-After`).
@@ -89,5 +132,65 @@ impl IdTokenSource for MetadataSource {
 
     fn upstream(&self) -> &str {
         &self.upstream
+    }
+
+    fn access_tokens(&self) -> Option<&AccessTokenCache> {
+        Some(&self.access)
+    }
+}
+
+impl MetadataAccess {
+    /// One call for an access token.
+    async fn call(&self, scopes: &str) -> Result<AccessToken, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<std::time::Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
+        let mut request = self
+            .client
+            .get(self.token_url.clone())
+            .header("Metadata-Flavor", "Google");
+        if scopes != super::access::CLOUD_PLATFORM_SCOPE {
+            request = request.query(&[("scopes", scopes.replace(' ', ","))]);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
+        let status = response.status();
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
+        if status == StatusCode::OK {
+            return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
+                SourceError::InvalidResponse {
+                    upstream: self.upstream.clone(),
+                    message: format!("access token: {message}"),
+                }
+            });
+        }
+        let text = sanitize_upstream_text(&String::from_utf8_lossy(&body));
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(unavailable(format!("HTTP {status}: {text}"), wait));
+        }
+        Err(SourceError::Rejected {
+            upstream: self.upstream.clone(),
+            status: status.as_u16(),
+            message: format!("access token: {text}"),
+        })
+    }
+}
+
+impl AccessFetcher for MetadataAccess {
+    fn fetch_access<'a>(&'a self, scopes: &'a str) -> AccessFuture<'a> {
+        Box::pin(async move {
+            let result = self.call(scopes).await;
+            record_hop(self.identity, "metadata", &result);
+            result
+        })
     }
 }

@@ -1,15 +1,19 @@
 //! Service-account key identities (PROTOCOLS.md §2): a self-signed JWT
 //! assertion carrying `target_audience`, exchanged at the key's `token_uri`
-//! for a Google-signed ID token.
+//! for a Google-signed ID token; and, for identities built on this one, the
+//! same grant with a `scope` claim for an access token (§4).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use jsonwebtoken::{Algorithm, Header};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    describe_http_error, http_client, retry_after, sanitize_upstream_text, FetchFuture,
+    access::{
+        parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
+    },
+    describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text, FetchFuture,
     IdTokenSource, ServiceAccountKey, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
@@ -28,10 +32,23 @@ const TRANSIENT_ERRORS: [&str; 3] = [
 
 /// Mints ID tokens with a service-account key.
 pub struct ServiceAccountSource {
+    inner: Arc<KeyGrant>,
+    access: AccessTokenCache,
+}
+
+/// The key and what it takes to use it; shared with the access-token cache.
+struct KeyGrant {
     key: ServiceAccountKey,
     client: reqwest::Client,
     upstream: String,
     clock: Clock,
+    identity: &'static str,
+}
+
+/// What a signed assertion asks for.
+enum Grant<'a> {
+    IdToken { audience: &'a str },
+    AccessToken { scopes: &'a str },
 }
 
 #[derive(Serialize)]
@@ -39,7 +56,10 @@ struct AssertionClaims<'a> {
     iss: &'a str,
     sub: &'a str,
     aud: &'a str,
-    target_audience: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_audience: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
     iat: u64,
     exp: u64,
 }
@@ -54,16 +74,33 @@ struct ErrorBody {
 
 impl ServiceAccountSource {
     pub fn new(key: ServiceAccountKey, clock: Clock) -> Result<Self, String> {
-        Ok(Self {
+        Self::for_identity(key, clock, "unknown")
+    }
+
+    /// Like [`ServiceAccountSource::new`], naming the identity served in
+    /// the metrics of its hops.
+    pub fn for_identity(
+        key: ServiceAccountKey,
+        clock: Clock,
+        identity: &str,
+    ) -> Result<Self, String> {
+        let inner = Arc::new(KeyGrant {
             upstream: format!("token endpoint {}", key.token_uri),
             client: http_client()?,
             key,
-            clock,
+            clock: clock.clone(),
+            identity: crate::metrics::identity_label(identity),
+        });
+        Ok(Self {
+            access: AccessTokenCache::new(inner.clone(), clock),
+            inner,
         })
     }
+}
 
-    /// The signed assertion for one audience.
-    fn assertion(&self, audience: &str) -> Result<String, SourceError> {
+impl KeyGrant {
+    /// The signed assertion for one grant.
+    fn assertion(&self, grant: &Grant<'_>) -> Result<String, SourceError> {
         let iat = self
             .clock
             .unix_seconds()
@@ -72,7 +109,14 @@ impl ServiceAccountSource {
             iss: &self.key.client_email,
             sub: &self.key.client_email,
             aud: self.key.token_uri.as_str(),
-            target_audience: audience,
+            target_audience: match grant {
+                Grant::IdToken { audience } => Some(audience),
+                Grant::AccessToken { .. } => None,
+            },
+            scope: match grant {
+                Grant::IdToken { .. } => None,
+                Grant::AccessToken { scopes } => Some(scopes),
+            },
             iat,
             exp: iat + ASSERTION_LIFETIME.as_secs(),
         };
@@ -86,8 +130,25 @@ impl ServiceAccountSource {
         })
     }
 
-    /// One call: the token, or why not (with any `Retry-After`).
+    /// One call for an ID token: the token, or why not.
     async fn call(&self, audience: &str) -> Result<IdToken, SourceError> {
+        let body = self.exchange(&Grant::IdToken { audience }).await?;
+        self.read_success(&body, audience)
+    }
+
+    /// One call for an access token.
+    async fn call_access(&self, scopes: &str) -> Result<AccessToken, SourceError> {
+        let body = self.exchange(&Grant::AccessToken { scopes }).await?;
+        parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
+            SourceError::InvalidResponse {
+                upstream: self.upstream.clone(),
+                message: format!("access token: {message}"),
+            }
+        })
+    }
+
+    /// Posts one assertion: the 200 body, or why not (with any `Retry-After`).
+    async fn exchange(&self, grant: &Grant<'_>) -> Result<Vec<u8>, SourceError> {
         let unavailable =
             |message: String, retry_after: Option<Duration>| SourceError::Unavailable {
                 upstream: self.upstream.clone(),
@@ -95,7 +156,7 @@ impl ServiceAccountSource {
                 retry_after,
             };
         // A fresh assertion each attempt: its iat/exp track the clock.
-        let assertion = self.assertion(audience)?;
+        let assertion = self.assertion(grant)?;
         let response = self
             .client
             .post(self.key.token_uri.clone())
@@ -113,7 +174,7 @@ impl ServiceAccountSource {
             .await
             .map_err(|e| unavailable(describe_http_error(&e), None))?;
         if status == StatusCode::OK {
-            return self.read_success(&body, audience);
+            return Ok(body.to_vec());
         }
         let error: Option<ErrorBody> = serde_json::from_slice(&body).ok();
         let transient_status = status.is_server_error()
@@ -162,7 +223,7 @@ impl ServiceAccountSource {
 
 impl IdTokenSource for ServiceAccountSource {
     fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a> {
-        Box::pin(self.call(audience))
+        Box::pin(self.inner.call(audience))
     }
 
     fn kind(&self) -> SourceKind {
@@ -170,18 +231,33 @@ impl IdTokenSource for ServiceAccountSource {
     }
 
     fn upstream(&self) -> &str {
-        &self.upstream
+        &self.inner.upstream
     }
 
     fn account(&self) -> Option<&str> {
-        Some(&self.key.client_email)
+        Some(&self.inner.key.client_email)
     }
 
     /// A rotated key (new `private_key_id`) at the same path is a change.
     fn fingerprint(&self) -> String {
+        let key = &self.inner.key;
         format!(
             "service_account_key|{}|{}|{}",
-            self.key.token_uri, self.key.client_email, self.key.private_key_id
+            key.token_uri, key.client_email, key.private_key_id
         )
+    }
+
+    fn access_tokens(&self) -> Option<&AccessTokenCache> {
+        Some(&self.access)
+    }
+}
+
+impl AccessFetcher for KeyGrant {
+    fn fetch_access<'a>(&'a self, scopes: &'a str) -> AccessFuture<'a> {
+        Box::pin(async move {
+            let result = self.call_access(scopes).await;
+            record_hop(self.identity, "service_account_key", &result);
+            result
+        })
     }
 }

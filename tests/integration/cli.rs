@@ -302,29 +302,36 @@ async fn the_demo_serves_tokens_with_the_printed_command() {
     );
     let stdout = broker.child.stdout.take().unwrap();
     // Read the announcement; it names the command to run.
-    let command = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let mut command = None;
-        for line in lines.by_ref() {
+    let commands = tokio::task::spawn_blocking(move || {
+        let mut commands = Vec::new();
+        for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
             if line.trim_start().contains(" token --socket ") {
-                command = Some(line.trim().to_owned());
+                commands.push(line.trim().to_owned());
+            }
+            if line.contains("Stop with Ctrl-C") {
                 break;
             }
         }
-        command
+        commands
     })
     .await
-    .unwrap()
-    .expect("the demo prints a token command");
-    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
-    let (code, token, stderr) = support::run_cli(&args);
-    assert_eq!(code, 0, "{stderr}");
-    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token.trim())
-        .unwrap()
-        .claims;
-    assert_eq!(claims["aud"], token_broker::demo::DEMO_AUDIENCE);
-    assert_eq!(claims["email"], token_broker::demo::DEMO_ACCOUNT);
+    .unwrap();
+    assert_eq!(commands.len(), 2, "the demo prints two token commands");
+    // The default identity (a key), then the keyless one impersonating.
+    for (command, email) in commands.iter().zip([
+        token_broker::demo::DEMO_ACCOUNT,
+        token_broker::demo::DEMO_IMPERSONATED_ACCOUNT,
+    ]) {
+        let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+        let (code, token, stderr) = support::run_cli(&args);
+        assert_eq!(code, 0, "{stderr}");
+        let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token.trim())
+            .unwrap()
+            .claims;
+        assert_eq!(claims["aud"], token_broker::demo::DEMO_AUDIENCE);
+        assert_eq!(claims["email"], email);
+    }
     let status = broker.terminate();
     assert!(status.success());
     assert!(!socket.exists());

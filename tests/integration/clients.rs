@@ -28,7 +28,7 @@ use crate::{
 /// Longest one client program may run.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn examples() -> PathBuf {
+pub(crate) fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
 }
 
@@ -66,7 +66,7 @@ fn run_setup_step(command: &mut Command, what: &str, hint: &str) {
 
 /// A Python venv named `name` with `requirements` (a file under examples/)
 /// installed, whose `imports` import. Returns the venv's python.
-fn python_venv(name: &str, requirements: &Path, imports: &str) -> PathBuf {
+pub(crate) fn python_venv(name: &str, requirements: &Path, imports: &str) -> PathBuf {
     let venv = venvs().join(name);
     let _lock = exclusive_lock(&venvs().join(format!("{name}.lock")));
     let python = venv.join("bin/python");
@@ -170,7 +170,7 @@ fn node_modules() -> PathBuf {
 }
 
 /// Runs a client program to completion: (exit code, stdout, stderr).
-async fn run(mut command: tokio::process::Command) -> (i32, String, String) {
+pub(crate) async fn run(mut command: tokio::process::Command) -> (i32, String, String) {
     let shown = format!("{command:?}");
     command.stdin(Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(RUN_TIMEOUT, command.output())
@@ -186,7 +186,7 @@ async fn run(mut command: tokio::process::Command) -> (i32, String, String) {
 
 /// A command with an environment holding only what it needs: nothing
 /// Google-related leaks in from the developer's shell.
-fn clean_command(program: &Path) -> tokio::process::Command {
+pub(crate) fn clean_command(program: &Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(program);
     command.env_clear();
     for key in ["PATH", "HOME", "LANG", "SSL_CERT_FILE"] {

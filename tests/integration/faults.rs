@@ -57,11 +57,8 @@ async fn engine_with(
     .await
     .unwrap();
     let identity = IdentitySettings {
-        name: "default".into(),
-        source: SourceKind::Metadata,
-        key_file: None,
         metadata_host: Some(emulator.metadata_host()),
-        allow_insecure_key_permissions: false,
+        ..IdentitySettings::new("default", SourceKind::Metadata)
     };
     let source = build_source(0, &identity, &HashMap::new(), &clock).unwrap();
     let cache = TokenCache::new(

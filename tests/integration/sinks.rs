@@ -31,11 +31,8 @@ const AUDIENCE: &str = "https://files.example.com";
 
 async fn cache_with(emulator: &Emulator, clock: &Clock, refresh: RefreshSettings) -> TokenCache {
     let identity = IdentitySettings {
-        name: "default".into(),
-        source: SourceKind::Metadata,
-        key_file: None,
         metadata_host: Some(emulator.metadata_host()),
-        allow_insecure_key_permissions: false,
+        ..IdentitySettings::new("default", SourceKind::Metadata)
     };
     let source = build_source(0, &identity, &HashMap::new(), clock).expect("source");
     TokenCache::new([("default".to_owned(), source)], refresh, clock.clone())

@@ -154,6 +154,19 @@ impl Broker {
         Self::spawn_with(dir, socket, args, log_filter, |_| {})
     }
 
+    /// [`Broker::spawn`] with `env` added to the clean environment.
+    pub fn spawn_with_env(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[&str],
+        log_filter: &str,
+        env: &[(&str, &str)],
+    ) -> Broker {
+        Self::spawn_with(dir, socket, args, log_filter, |command| {
+            command.envs(env.iter().copied());
+        })
+    }
+
     fn spawn_with(
         dir: tempfile::TempDir,
         socket: PathBuf,
@@ -302,6 +315,7 @@ pub fn base_command(args: &[&str]) -> Command {
     cmd.args(args)
         .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
         .env_remove("GCE_METADATA_HOST")
+        .env_remove("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES")
         .env_remove("TOKEN_BROKER_SOCKET")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
