@@ -22,12 +22,7 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
         };
         let cache = TokenCache { inner };
         // An entry evicted for room (max_entries) has no refresher anymore.
-        let current = cache
-            .inner
-            .entries
-            .get(&entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e.value(), &entry));
-        if !current {
+        if !cache.inner.entries.holds(&entry) {
             return;
         }
         let now = Instant::now();
@@ -37,10 +32,7 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
             .is_none_or(|used| now >= used + cache.inner.settings.idle_evict_after);
         if idle && !slot.pinned && !entry.watched() && !slot.fetching {
             drop(slot);
-            cache
-                .inner
-                .entries
-                .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, &entry));
+            cache.inner.entries.remove(&entry);
             tracing::debug!(
                 identity = entry.key.identity(),
                 audience = entry.key.audience(),

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::{live::Live, peer::PeerCredentials};
 use crate::{
-    cache::{CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
+    cache::{AdmitError, CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
     config::DEFAULT_IDENTITY,
     policy::Decision,
     proto::{self, token_broker_server::TokenBroker},
@@ -25,8 +25,6 @@ use crate::{
 
 /// Longest a request waits for upstream when the client set no deadline.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
-/// Longest `min_valid_for` that can make sense: Google's tokens live 1h.
-const MAX_MIN_VALID: Duration = Duration::from_secs(3600);
 
 pub struct BrokerService {
     cache: TokenCache,
@@ -204,7 +202,7 @@ impl TokenBroker for BrokerService {
 
 impl BrokerService {
     /// Validates, checks the policy and the rate limit: the key to look up.
-    fn admit<'a>(&self, audit: &mut Audit<'a>) -> Result<CacheKey, Status> {
+    fn admit<'a>(&self, audit: &mut Audit<'a>, min_valid: Duration) -> Result<CacheKey, Status> {
         let known = self.cache.knows(audit.identity);
         if known {
             audit.metric_identity = audit.identity;
@@ -232,20 +230,36 @@ impl BrokerService {
                 audit.identity.to_owned(),
             )));
         }
-        // Only the request that brings a new audience into the cache spends
-        // from its uid's bucket; concurrent askers of that key join it.
-        if let Some(uid) = audit.peer.uid {
-            if self.cache.reserve(&key) {
+        // A request that brings a new audience into the cache spends from its
+        // uid's bucket (concurrent askers of that key join it and spend
+        // nothing); a refused one leaves nothing behind in the cache. A
+        // request whose `min_valid_for` forces a new token, although the
+        // held one serves everybody else, spends from the same bucket.
+        let new = match audit.peer.uid {
+            Some(uid) => {
                 let (limits, limiter) = self.live.limits();
-                if let Err(retry_in) = limiter.check(uid) {
-                    self.cache.release_unused(&key);
-                    return Err(Status::resource_exhausted(format!(
-                        "uid {uid} asked for too many new audiences (limit {} per minute, burst {}); retry in {}s",
-                        limits.new_audiences_per_minute,
-                        limits.new_audience_burst,
-                        retry_in.as_secs().max(1)
-                    )));
-                }
+                self.cache
+                    .admit(&key, || limiter.check(uid))
+                    .map_err(|err| match err {
+                        AdmitError::Refused(retry_in) => {
+                            too_many(uid, &limits, retry_in, "asked for too many new audiences")
+                        }
+                        AdmitError::Cache(err) => to_status(err),
+                    })?
+            }
+            None => false,
+        };
+        if !new && self.cache.forces_mint(&key, min_valid).map_err(to_status)? {
+            if let Some(uid) = audit.peer.uid {
+                let (limits, limiter) = self.live.limits();
+                limiter.check(uid).map_err(|retry_in| {
+                    too_many(
+                        uid,
+                        &limits,
+                        retry_in,
+                        "forced too many new tokens with min_valid_for, which count as new audiences",
+                    )
+                })?;
             }
         }
         Ok(key)
@@ -257,8 +271,8 @@ impl BrokerService {
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
     ) -> Result<proto::IdToken, Status> {
-        let min_valid = min_valid(min_valid_for)?;
-        let key = self.admit(audit)?;
+        let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        let key = self.admit(audit, min_valid)?;
         let lookup = tokio::time::timeout(wait, self.cache.get(&key, min_valid))
             .await
             .map_err(|_| deadline_exceeded(audit.identity, wait))?
@@ -279,8 +293,8 @@ impl BrokerService {
         ),
         Status,
     > {
-        let min_valid = min_valid(min_valid_for)?;
-        let key = self.admit(audit)?;
+        let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        let key = self.admit(audit, min_valid)?;
         let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "too many open WatchIdToken streams (limits.max_streams = {})",
@@ -378,14 +392,42 @@ fn to_proto(token: &IdToken, identity: &str, audience: &str) -> proto::IdToken {
     }
 }
 
-fn min_valid(requested: Option<prost_types::Duration>) -> Result<Duration, Status> {
+/// `min_valid_for`, refused above `max`: a fresh token's usable life
+/// ([`TokenCache::max_min_valid`]). More could never be served from the
+/// cache and would make every call mint a token.
+fn min_valid(requested: Option<prost_types::Duration>, max: Duration) -> Result<Duration, Status> {
     match requested {
         None => Ok(Duration::ZERO),
         Some(d) => Duration::try_from(d)
             .ok()
-            .filter(|d| *d <= MAX_MIN_VALID)
-            .ok_or_else(|| Status::invalid_argument("min_valid_for must be between 0s and 1h")),
+            .filter(|d| *d <= max)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "min_valid_for must be between 0s and {}s: a fresh token lives {}s and is \
+                     refreshed in its last {}s (refresh.refresh_before_expiry)",
+                    max.as_secs(),
+                    crate::cache::GOOGLE_TOKEN_LIFETIME.as_secs(),
+                    crate::cache::GOOGLE_TOKEN_LIFETIME
+                        .saturating_sub(max)
+                        .as_secs()
+                ))
+            }),
     }
+}
+
+/// RESOURCE_EXHAUSTED for a uid out of new-audience budget.
+fn too_many(
+    uid: u32,
+    limits: &crate::config::LimitSettings,
+    retry_in: Duration,
+    what: &str,
+) -> Status {
+    Status::resource_exhausted(format!(
+        "uid {uid} {what} (limit {} per minute, burst {}); retry in {}s",
+        limits.new_audiences_per_minute,
+        limits.new_audience_burst,
+        retry_in.as_secs().max(1)
+    ))
 }
 
 fn deadline_exceeded(identity: &str, wait: Duration) -> Status {
@@ -401,6 +443,7 @@ pub fn to_status(err: CacheError) -> Status {
         CacheError::InvalidAudience(_) => Status::invalid_argument(err.to_string()),
         CacheError::UnknownIdentity(_) => Status::not_found(err.to_string()),
         CacheError::TooShortLived { .. } => Status::failed_precondition(err.to_string()),
+        CacheError::Full { .. } => Status::resource_exhausted(err.to_string()),
         CacheError::Upstream(source) => match source {
             SourceError::Rejected { .. } => Status::failed_precondition(err.to_string()),
             _ => Status::unavailable(err.to_string()),

@@ -516,6 +516,9 @@ impl EndpointState {
             }
             CacheError::UnknownIdentity(identity) => unknown_identity(identity),
             CacheError::Upstream(source) => upstream_failure(source, ""),
+            CacheError::Full { .. } => {
+                Refusal::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
+            }
             _ => Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
         }
     }
