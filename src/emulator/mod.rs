@@ -164,8 +164,9 @@ pub struct Faults {
     /// (`internal_failure` for 5xx), a text body on the metadata server.
     pub status: Option<u16>,
     /// Only the next N matching calls get the failure faults (status, delay,
-    /// malformed, missing_id_token, non_json, expired, wrong_audience); later
-    /// calls are answered normally. Without it the faults last until cleared.
+    /// malformed, missing_id_token, non_json, expired, wrong_audience,
+    /// huge_token_bytes); later calls are answered normally. Without it the
+    /// faults last until cleared.
     pub fail_next: Option<u64>,
     /// Sleep this long (tokio time, so paused clocks apply) before answering.
     pub delay_ms: Option<u64>,
@@ -188,6 +189,9 @@ pub struct Faults {
     /// `"identity"` or `"token"`: the only endpoint the faults apply to.
     /// `None`: both.
     pub endpoint: Option<String>,
+    /// Issue validly signed tokens carrying a `padding` claim of this many
+    /// bytes: a huge answer from an upstream that otherwise behaves.
+    pub huge_token_bytes: Option<u64>,
 }
 
 impl Faults {
@@ -248,6 +252,7 @@ pub(crate) struct ActiveFaults {
     pub(crate) wrong_audience: bool,
     pub(crate) token_lifetime: Option<Duration>,
     pub(crate) metadata_cache: Option<Duration>,
+    pub(crate) huge_token: Option<usize>,
 }
 
 impl ActiveFaults {
@@ -383,6 +388,9 @@ impl Shared {
             active.non_json = faults.non_json;
             active.expired = faults.expired;
             active.wrong_audience = faults.wrong_audience;
+            active.huge_token = faults
+                .huge_token_bytes
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         }
         active
     }
@@ -439,6 +447,9 @@ impl Shared {
         }
         if let Some(google) = &request.google {
             claims.insert("google".into(), google.clone());
+        }
+        if let Some(bytes) = faults.huge_token {
+            claims.insert("padding".into(), "x".repeat(bytes).into());
         }
         let jwt = self.issuer.sign(&claims)?;
         Ok(MintedToken { jwt, exp })

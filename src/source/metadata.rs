@@ -5,8 +5,8 @@
 use reqwest::StatusCode;
 
 use super::{
-    describe_http_error, http_client, retry::Attempt, sanitize_upstream_text, FetchFuture,
-    IdTokenSource, RetryPolicy, SourceError,
+    describe_http_error, http_client, read_body, retry::Attempt, sanitize_upstream_text,
+    FetchFuture, IdTokenSource, RetryPolicy, SourceError,
 };
 use crate::{clock::Clock, config::SourceKind, token::IdToken};
 
@@ -53,9 +53,9 @@ impl MetadataSource {
             Err(e) => return Attempt::Retry(describe_http_error(&e)),
         };
         let status = response.status();
-        let body = match response.text().await {
-            Ok(body) => body,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
+        let body = match read_body(response, &self.upstream).await {
+            Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+            Err(attempt) => return attempt,
         };
         if status == StatusCode::OK {
             return match IdToken::parse(&body, audience, self.clock.now()) {

@@ -143,6 +143,53 @@ pub(crate) fn http_client() -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
+/// Largest upstream answer read. Google's ID tokens are about 1 KB and its
+/// error bodies a few hundred bytes: anything larger is broken or hostile,
+/// and must not be buffered, cached or passed on.
+pub const MAX_UPSTREAM_BODY: usize = 64 * 1024;
+
+/// Reads an upstream answer chunk by chunk, never more than
+/// [`MAX_UPSTREAM_BODY`]. A 200 that would exceed it is refused (an error
+/// naming `upstream`, not retried at once: the same upstream would send the
+/// same); an error answer is cut at the limit, since only its start is shown.
+pub(crate) async fn read_body<T>(
+    mut response: reqwest::Response,
+    upstream: &str,
+) -> Result<Vec<u8>, retry::Attempt<T>> {
+    let ok = response.status().is_success();
+    let too_large = |size: String| {
+        retry::Attempt::Fail(SourceError::InvalidResponse {
+            upstream: upstream.to_owned(),
+            message: format!(
+                "the answer is {size} bytes, more than the {} KiB any ID token needs; refused",
+                MAX_UPSTREAM_BODY / 1024
+            ),
+        })
+    };
+    if let Some(length) = response.content_length() {
+        if ok && length > MAX_UPSTREAM_BODY as u64 {
+            return Err(too_large(length.to_string()));
+        }
+    }
+    let mut body = Vec::new();
+    loop {
+        let chunk = match response.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(retry::Attempt::Retry(describe_http_error(&e))),
+        };
+        let room = MAX_UPSTREAM_BODY - body.len();
+        if chunk.len() > room {
+            if ok {
+                return Err(too_large(format!("more than {}", MAX_UPSTREAM_BODY)));
+            }
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(body);
+        }
+        body.extend_from_slice(&chunk);
+    }
+}
+
 /// Upstream text fit to pass on: JWT-looking strings removed, length capped.
 pub(crate) fn sanitize_upstream_text(text: &str) -> String {
     const MAX: usize = 512;

@@ -9,8 +9,8 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    describe_http_error, http_client, retry::Attempt, sanitize_upstream_text, FetchFuture,
-    IdTokenSource, RetryPolicy, ServiceAccountKey, SourceError,
+    describe_http_error, http_client, read_body, retry::Attempt, sanitize_upstream_text,
+    FetchFuture, IdTokenSource, RetryPolicy, ServiceAccountKey, SourceError,
 };
 use crate::{clock::Clock, config::SourceKind, token::IdToken};
 
@@ -108,9 +108,9 @@ impl ServiceAccountSource {
             Err(e) => return Attempt::Retry(describe_http_error(&e)),
         };
         let status = response.status();
-        let body = match response.bytes().await {
+        let body = match read_body(response, &self.upstream).await {
             Ok(body) => body,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
+            Err(attempt) => return attempt,
         };
         if status == StatusCode::OK {
             return self.read_success(&body, audience);

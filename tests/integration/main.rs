@@ -7,6 +7,7 @@ mod cache_engine;
 mod cli;
 mod clients;
 mod key_files;
+mod memory_bounds;
 mod metadata_endpoint;
 mod metadata_source;
 mod operations;
