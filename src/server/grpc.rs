@@ -236,33 +236,37 @@ impl BrokerService {
         // request whose `min_valid_for` forces a new token, although the
         // held one serves everybody else, spends from the same bucket.
         let new = match audit.peer.uid {
-            Some(uid) => {
-                let (limits, limiter) = self.live.limits();
-                self.cache
-                    .admit(&key, || limiter.check(uid))
-                    .map_err(|err| match err {
-                        AdmitError::Refused(retry_in) => {
-                            too_many(uid, &limits, retry_in, "asked for too many new audiences")
-                        }
-                        AdmitError::Cache(err) => to_status(err),
-                    })?
-            }
+            Some(uid) => self
+                .cache
+                .admit(&key, || self.spend(uid, "asked for too many new audiences"))
+                .map_err(|err| match err {
+                    AdmitError::Refused(status) => status,
+                    AdmitError::Cache(err) => to_status(err),
+                })?,
             None => false,
         };
         if !new && self.cache.forces_mint(&key, min_valid).map_err(to_status)? {
             if let Some(uid) = audit.peer.uid {
-                let (limits, limiter) = self.live.limits();
-                limiter.check(uid).map_err(|retry_in| {
-                    too_many(
-                        uid,
-                        &limits,
-                        retry_in,
-                        "forced too many new tokens with min_valid_for, which count as new audiences",
-                    )
-                })?;
+                self.spend(
+                    uid,
+                    "forced too many new tokens with min_valid_for, which count as new audiences",
+                )?;
             }
         }
         Ok(key)
+    }
+
+    /// Spends one unit of `uid`'s new-audience budget, or says why not.
+    fn spend(&self, uid: u32, what: &str) -> Result<(), Status> {
+        let (limits, limiter) = self.live.limits();
+        limiter.check(uid).map_err(|retry_in| {
+            Status::resource_exhausted(format!(
+                "uid {uid} {what} (limit {} per minute, burst {}); retry in {}s",
+                limits.new_audiences_per_minute,
+                limits.new_audience_burst,
+                retry_in.as_secs().max(1)
+            ))
+        })
     }
 
     async fn get(
@@ -413,21 +417,6 @@ fn min_valid(requested: Option<prost_types::Duration>, max: Duration) -> Result<
                 ))
             }),
     }
-}
-
-/// RESOURCE_EXHAUSTED for a uid out of new-audience budget.
-fn too_many(
-    uid: u32,
-    limits: &crate::config::LimitSettings,
-    retry_in: Duration,
-    what: &str,
-) -> Status {
-    Status::resource_exhausted(format!(
-        "uid {uid} {what} (limit {} per minute, burst {}); retry in {}s",
-        limits.new_audiences_per_minute,
-        limits.new_audience_burst,
-        retry_in.as_secs().max(1)
-    ))
 }
 
 fn deadline_exceeded(identity: &str, wait: Duration) -> Status {

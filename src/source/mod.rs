@@ -228,3 +228,75 @@ pub(crate) fn describe_http_error(err: &reqwest::Error) -> String {
         format!("{what}: {cause}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+
+    use axum::{body::Body, http::StatusCode, routing::get, Router};
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+
+    const CHUNK: usize = 1024;
+    /// 256 MiB, far more than any buffer between the two ends.
+    const CHUNKS: usize = 256 * 1024;
+
+    /// A server streaming 1 KiB chunks without a Content-Length, counting
+    /// the chunks it produced.
+    async fn endless(status: StatusCode) -> (String, Arc<AtomicUsize>) {
+        let produced = Arc::new(AtomicUsize::new(0));
+        let counter = produced.clone();
+        let app = Router::new().route(
+            "/",
+            get(move || {
+                let counter = counter.clone();
+                let chunks = tokio_stream::iter(0..CHUNKS).map(move |_| {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    Ok::<_, std::convert::Infallible>(vec![b'x'; CHUNK])
+                });
+                async move { (status, Body::from_stream(chunks)) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, produced)
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_refused_at_the_limit_without_reading_the_rest() {
+        let (url, produced) = endless(StatusCode::OK).await;
+        let response = reqwest::get(&url).await.unwrap();
+        assert_eq!(response.content_length(), None, "the test needs a chunked body");
+        match read_body::<()>(response, "the test upstream").await {
+            Err(retry::Attempt::Fail(err)) => {
+                let text = err.to_string();
+                assert!(
+                    text.contains("the test upstream") && text.contains("64 KiB"),
+                    "{text}"
+                );
+                assert!(!err.is_permanent());
+            }
+            Ok(body) => panic!("read {} bytes", body.len()),
+            Err(_) => panic!("not refused as too large"),
+        }
+        // Reading it whole would have drained all 256 MiB.
+        let produced = produced.load(Ordering::Relaxed);
+        assert!(produced < CHUNKS / 4, "{produced} KiB were produced");
+    }
+
+    #[tokio::test]
+    async fn a_huge_error_answer_is_cut_at_the_limit() {
+        let (url, produced) = endless(StatusCode::SERVICE_UNAVAILABLE).await;
+        let response = reqwest::get(&url).await.unwrap();
+        let Ok(body) = read_body::<()>(response, "the test upstream").await else {
+            panic!("an error answer is kept, cut");
+        };
+        assert_eq!(body.len(), MAX_UPSTREAM_BODY);
+        assert!(produced.load(Ordering::Relaxed) < CHUNKS / 4);
+    }
+}
