@@ -69,14 +69,16 @@ impl Entries {
             .is_some_and(|item| Arc::ptr_eq(item.value(), entry))
     }
 
+    /// How many entries are held. From the order, not the map: the map's
+    /// count adds up its shards one by one, so while an eviction in one
+    /// shard and an insertion in another run it can count one too many.
     pub(super) fn len(&self) -> usize {
-        self.map.len()
+        lock_order(&self.order).len()
     }
 
-    /// Every entry held, for listings. Taken as a snapshot so no map guard
-    /// outlives this call.
+    /// Every entry held, at one instant, for listings.
     pub(super) fn snapshot(&self) -> Vec<Arc<Entry>> {
-        self.map.iter().map(|item| item.value().clone()).collect()
+        lock_order(&self.order).items().cloned().collect()
     }
 
     /// The entry for `key`, admitting it when not held: `gate` is asked
@@ -243,6 +245,11 @@ impl<T> RecencyOrder<T> {
         self.by_stamp.remove(&stamp)
     }
 
+    /// Every item, least recently used first.
+    pub(super) fn items(&self) -> impl Iterator<Item = &T> {
+        self.by_stamp.values()
+    }
+
     /// The least recently used item and its stamp.
     pub(super) fn oldest(&self) -> Option<(u64, &T)> {
         self.by_stamp.first_key_value().map(|(s, item)| (*s, item))
@@ -254,7 +261,7 @@ mod tests {
     use super::RecencyOrder;
 
     fn order_of(order: &RecencyOrder<&'static str>) -> Vec<&'static str> {
-        order.by_stamp.values().copied().collect()
+        order.items().copied().collect()
     }
 
     #[test]

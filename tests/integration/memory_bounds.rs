@@ -165,9 +165,10 @@ async fn refused_new_audiences_leave_nothing_behind() {
 }
 
 /// `max_entries` used to be checked before an unlocked insert: concurrent
-/// new audiences passed it (26,255 of 10,000). With max_entries = 100 and 8
-/// clients asking for 2,000 new audiences each, `ListTokens` and the
-/// `cache_entries` gauge, sampled throughout, never see more than 100.
+/// new audiences passed it (26,255 of 10,000), and evicted entries lived on
+/// until their next refresh. With max_entries = 100 and 8 clients asking for
+/// 2,000 new audiences each, `ListTokens` and the `cache_entries` gauge,
+/// sampled throughout, never see more than 100, and RSS stays flat.
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_new_audiences_never_exceed_max_entries() {
     const MAX: usize = 100;
@@ -189,6 +190,15 @@ async fn concurrent_new_audiences_never_exceed_max_entries() {
         "",
     )
     .await;
+    // Fill the cache past its bound once, so the RSS baseline holds a full
+    // cache and every later admission evicts.
+    let mut client = broker.client().await;
+    for i in 0..2 * MAX {
+        let audience = format!("https://fill-{i}.example.com");
+        client.get_id_token(request(&audience, None)).await.unwrap();
+    }
+    let pid = broker.child.id();
+    let rss_before = support::vm_rss_kib(pid);
     let done = Arc::new(AtomicBool::new(false));
     let mut sampler_client = broker.client().await;
     let sampler = {
@@ -225,7 +235,7 @@ async fn concurrent_new_audiences_never_exceed_max_entries() {
     }
     done.store(true, Ordering::Relaxed);
     let mut samples = sampler.await.unwrap();
-    let mut client = broker.client().await;
+    let rss_after = support::vm_rss_kib(pid);
     samples.push(entries(&mut client).await as f64);
     samples.push(cache_entries_gauge(port).await);
     let most = samples.iter().copied().fold(0.0, f64::max);
@@ -243,6 +253,12 @@ async fn concurrent_new_audiences_never_exceed_max_entries() {
     assert!(served >= CLIENTS * AUDIENCES * 99 / 100, "{served} served");
     // The cache ends full, not emptied by eviction.
     assert_eq!(*samples.last().unwrap(), MAX as f64);
+    // Evicted entries are freed at once, their refresher tasks included (they
+    // used to sleep until the token's refresh time, ~45 minutes, holding it):
+    // 16,000 evictions at ~3 KB each would be ~47 MiB.
+    let growth = rss_after.saturating_sub(rss_before);
+    println!("RSS {rss_before} KiB -> {rss_after} KiB over the churn (+{growth} KiB)");
+    assert!(growth < 16 * 1024, "RSS grew {growth} KiB while evicting");
 }
 
 /// An upstream answering a 10 MB "ID token" (validly signed) used to have it
