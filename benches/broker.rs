@@ -33,7 +33,8 @@ use tonic::{transport::Channel, Request, Response, Status};
 
 use token_broker::{
     clock::Clock,
-    config::{IdentitySettings, Settings, SourceKind},
+    config::{IdentitySettings, Settings},
+    domain::SourceKind,
     emulator::{Emulator, EmulatorOptions},
     proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest, ListTokensRequest},
     server::{Prepared, Server},
@@ -631,7 +632,7 @@ async fn rss(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> RssResults {
     // Listed only after RSS was read: the listing allocates in the child.
     let entries = TokenBrokerClient::new(channel)
         .max_decoding_message_size(64 << 20)
-        .list_tokens(ListTokensRequest {})
+        .list_tokens(ListTokensRequest::default())
         .await
         .expect("ListTokens")
         .into_inner()

@@ -208,6 +208,27 @@ async fn entries_gauge(http: &reqwest::Client, port: u16) -> u64 {
         .expect("token_broker_cache_entries in /metrics") as u64
 }
 
+/// How many entries `ListTokens` lists, page by page.
+async fn list_all(mut client: TokenBrokerClient<Channel>) -> usize {
+    let mut listed = 0;
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_tokens(ListTokensRequest {
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .expect("ListTokens")
+            .into_inner();
+        listed += page.tokens.len();
+        if page.next_page_token.is_empty() {
+            return listed;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 /// `VmRSS` and `VmHWM` of `pid`, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
@@ -336,14 +357,7 @@ async fn run(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> Results {
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (rss_after, rss_peak) = rss_kib(pid);
-    let listed = TokenBrokerClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .list_tokens(ListTokensRequest {})
-        .await
-        .expect("ListTokens")
-        .into_inner()
-        .tokens
-        .len();
+    let listed = list_all(TokenBrokerClient::new(channel)).await;
     Results {
         idle,
         churn,

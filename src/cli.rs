@@ -86,7 +86,7 @@ pub struct TokenArgs {
     #[arg(long, short)]
     pub audience: String,
     /// The configured identity to use.
-    #[arg(long, short, default_value = config::DEFAULT_IDENTITY)]
+    #[arg(long, short, default_value = crate::domain::DEFAULT_IDENTITY)]
     pub identity: String,
     /// Minimum life the token must have left, e.g. 10m.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -147,7 +147,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Token(args) => report(token(args).await),
@@ -156,7 +156,10 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::CheckConfig(args) => check_config(args),
             Command::Emulator(args) => emulator(args).await,
         }
-    })
+    });
+    // Lines still queued for the log writer thread are written before exit.
+    logging::flush();
+    code
 }
 
 fn report(result: Result<(), ClientError>) -> ExitCode {
@@ -294,11 +297,23 @@ async fn token(args: TokenArgs) -> Result<(), ClientError> {
 
 async fn status(args: StatusArgs) -> Result<(), ClientError> {
     let mut client = client::connect(&client_socket(&args.client)?).await?;
-    let tokens = client
-        .list_tokens(proto::ListTokensRequest {})
-        .await?
-        .into_inner()
-        .tokens;
+    // Page through: one reply for 100,000 entries would exceed gRPC's 4 MiB.
+    let mut tokens = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let reply = client
+            .list_tokens(proto::ListTokensRequest {
+                page_size: 0,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        tokens.extend(reply.tokens);
+        if reply.next_page_token.is_empty() {
+            break;
+        }
+        page_token = reply.next_page_token;
+    }
     if args.json {
         let rows: Vec<_> = tokens
             .iter()

@@ -6,7 +6,8 @@
 use std::{io::Write, path::Path};
 
 use crate::{
-    config::{IdentitySettings, Settings, SourceKind, DEFAULT_IDENTITY},
+    config::{IdentitySettings, Settings},
+    domain::{SourceKind, DEFAULT_IDENTITY},
     emulator::{write_key_file, Emulator, EmulatorOptions},
 };
 

@@ -2,7 +2,7 @@
 //! them into Google-signed OIDC ID tokens for any audience, keeps every token
 //! in use fresh, and serves them over gRPC on a Unix socket.
 //!
-//! The flow (see DESIGN.md): [`server`] accepts a request, [`cache`] answers
+//! The flow (see ARCHITECTURE.md): [`server`] accepts a request, [`cache`] answers
 //! it from memory or makes one shared fetch through the identity's
 //! [`source`], and [`token`] checks what upstream returned.
 
@@ -12,6 +12,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod domain;
 pub mod emulator;
 pub mod logging;
 pub mod metadata_protocol;

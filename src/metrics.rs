@@ -59,6 +59,7 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     pub min_time_to_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub connected_clients: Gauge,
+    pub log_lines_dropped: Counter,
 }
 
 fn upstream_histogram() -> Histogram {
@@ -97,6 +98,7 @@ pub fn get() -> &'static Metrics {
             cache_entries: Gauge::default(),
             min_time_to_expiry: Gauge::default(),
             connected_clients: Gauge::default(),
+            log_lines_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -138,6 +140,12 @@ pub fn get() -> &'static Metrics {
             "connected_clients",
             "Open client connections on the socket",
             m.connected_clients.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log output could not keep up \
+             (served-request audit lines and debug lines only, unless the output is wedged)",
+            m.log_lines_dropped.clone(),
         );
         Metrics { registry, ..m }
     })

@@ -11,45 +11,13 @@
 //! With no rule configured, every peer that can open the socket is allowed
 //! (startup warns). With rules, a request is denied unless one allows it.
 
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
-
-use crate::config::Problem;
-
-/// A user or group as written in the config: a number or a name.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum Principal {
-    Id(u32),
-    Name(String),
-}
-
-impl fmt::Display for Principal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Principal::Id(id) => write!(f, "{id}"),
-            Principal::Name(name) => write!(f, "{name:?}"),
-        }
-    }
-}
-
-/// One `[[policy]]` table as written.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleSettings {
-    /// Users (ids or names) this rule applies to.
-    #[serde(default)]
-    pub uids: Vec<Principal>,
-    /// Groups (ids or names); matched against the peer's primary gid.
-    #[serde(default)]
-    pub gids: Vec<Principal>,
-    /// Identities granted; `"*"` grants all.
-    pub identities: Vec<String>,
-    /// Audiences granted: exact strings, or patterns where `*` matches
-    /// within one DNS label (`https://*.a.run.app`); `"*"` alone grants any.
-    pub audiences: Vec<String>,
-}
+use crate::{
+    config::RuleSettings,
+    domain::{
+        principal::{lookup_group, lookup_user},
+        Principal, Problem, MAX_AUDIENCE_LEN,
+    },
+};
 
 /// The caller, as the kernel reported it at connect time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,18 +73,8 @@ impl Policy {
         let mut compiled = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
             let key = |field: &str| format!("policy[{i}].{field}");
-            let uids = resolve(&rule.uids, &key("uids"), &mut problems, |name| {
-                nix::unistd::User::from_name(name)
-                    .ok()
-                    .flatten()
-                    .map(|u| u.uid.as_raw())
-            });
-            let gids = resolve(&rule.gids, &key("gids"), &mut problems, |name| {
-                nix::unistd::Group::from_name(name)
-                    .ok()
-                    .flatten()
-                    .map(|g| g.gid.as_raw())
-            });
+            let uids = resolve(&rule.uids, &key("uids"), &mut problems, lookup_user);
+            let gids = resolve(&rule.gids, &key("gids"), &mut problems, lookup_group);
             if rule.uids.is_empty() && rule.gids.is_empty() {
                 problems.push(Problem::new(
                     key("uids"),
@@ -193,18 +151,15 @@ fn resolve(
     principals
         .iter()
         .enumerate()
-        .filter_map(|(j, p)| match p {
-            Principal::Id(id) => Some(*id),
-            Principal::Name(name) => match name.parse::<u32>().ok().or_else(|| lookup(name)) {
-                Some(id) => Some(id),
-                None => {
-                    problems.push(Problem::new(
-                        format!("{key}[{j}]"),
-                        format!("no such user or group {name:?} on this system"),
-                    ));
-                    None
-                }
-            },
+        .filter_map(|(j, p)| {
+            let id = p.resolve(&lookup);
+            if id.is_none() {
+                problems.push(Problem::new(
+                    format!("{key}[{j}]"),
+                    format!("no such user or group {p} on this system"),
+                ));
+            }
+            id
         })
         .collect()
 }
@@ -238,7 +193,7 @@ impl AudiencePattern {
                 "{text:?} contains whitespace or a control character"
             ));
         }
-        if text.len() > crate::config::MAX_AUDIENCE_LEN {
+        if text.len() > MAX_AUDIENCE_LEN {
             return Err("longer than 2048 bytes".into());
         }
         if !text.contains('*') {

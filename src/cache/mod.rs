@@ -32,11 +32,12 @@ use tokio::{
     time::Instant,
 };
 
-pub use key::{validate_audience, AudienceError, CacheKey};
+pub use key::CacheKey;
 
 use crate::{
     clock::Clock,
     config::RefreshSettings,
+    domain::AudienceError,
     source::{IdTokenSource, SourceError},
     token::IdToken,
 };
@@ -646,10 +647,7 @@ impl TokenCache {
         let started = Instant::now();
         let result = upstream.source.fetch(key.audience()).await;
         let metrics = crate::metrics::get();
-        let source = match upstream.source.kind() {
-            crate::config::SourceKind::Metadata => "metadata",
-            crate::config::SourceKind::ServiceAccountKey => "service_account_key",
-        };
+        let source = upstream.source.kind().as_str();
         metrics
             .upstream_duration
             .get_or_create(&crate::metrics::SourceLabels {

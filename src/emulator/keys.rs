@@ -16,10 +16,6 @@ use std::path::Path;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
-use rsa::pkcs1::DecodeRsaPrivateKey;
-use rsa::pkcs8::DecodePrivateKey;
-use rsa::traits::PublicKeyParts;
-use rsa::{RsaPrivateKey, RsaPublicKey};
 use serde::{Deserialize, Serialize};
 
 use super::EmulatorError;
@@ -66,8 +62,8 @@ impl IssuerKey {
         Ok(Self {
             key_id: random_key_id(),
             encoding_key,
-            modulus: public_key.n().to_bytes_be(),
-            exponent: public_key.e().to_bytes_be(),
+            modulus: public_key.n.clone(),
+            exponent: public_key.e.clone(),
             certificate_pem: certificate.pem(),
         })
     }
@@ -336,9 +332,9 @@ pub(crate) struct RegisteredAccount {
 
 impl RegisteredAccount {
     pub(crate) fn decoding_key(&self, key_id: &str) -> Option<DecodingKey> {
-        self.keys.get(key_id).map(|k| {
-            DecodingKey::from_rsa_raw_components(&k.n().to_bytes_be(), &k.e().to_bytes_be())
-        })
+        self.keys
+            .get(key_id)
+            .map(|k| DecodingKey::from_rsa_raw_components(&k.n, &k.e))
     }
 }
 
@@ -366,23 +362,51 @@ fn generate_rsa_key_pair() -> Result<rcgen::KeyPair, EmulatorError> {
         .map_err(|e| EmulatorError::KeyGeneration(e.to_string()))
 }
 
+/// The public half of an RSA key: modulus and exponent, big-endian, as a
+/// JWKS publishes them and a verifier needs them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RsaPublicKey {
+    n: Vec<u8>,
+    e: Vec<u8>,
+}
+
+impl RsaPublicKey {
+    /// Reads the public half of an RSA private key in PKCS#8 DER, or in
+    /// PKCS#1 DER when `pkcs1` is set.
+    fn from_private_der(der: &[u8], pkcs1: bool) -> Result<Self, String> {
+        use aws_lc_rs::signature::KeyPair as _;
+        let pair = if pkcs1 {
+            aws_lc_rs::rsa::KeyPair::from_der(der)
+        } else {
+            aws_lc_rs::rsa::KeyPair::from_pkcs8(der)
+        }
+        .map_err(|e| e.to_string())?;
+        let public = pair.public_key();
+        Ok(Self {
+            n: public.modulus().big_endian_without_leading_zero().to_vec(),
+            e: public.exponent().big_endian_without_leading_zero().to_vec(),
+        })
+    }
+}
+
 fn public_key_from_pkcs8_der(der: &[u8]) -> Result<RsaPublicKey, EmulatorError> {
-    RsaPrivateKey::from_pkcs8_der(der)
-        .map(|k| k.to_public_key())
+    RsaPublicKey::from_private_der(der, false)
         .map_err(|e| EmulatorError::KeyGeneration(format!("generated key unreadable: {e}")))
 }
 
 /// Google key files hold PKCS#8 ("PRIVATE KEY"); PKCS#1 ("RSA PRIVATE KEY")
 /// is accepted too since openssl-made test keys often use it.
-fn public_key_from_pem(pem: &str) -> Result<RsaPublicKey, EmulatorError> {
-    let private = if pem.contains("BEGIN RSA PRIVATE KEY") {
-        RsaPrivateKey::from_pkcs1_pem(pem).map_err(|e| e.to_string())
-    } else {
-        RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| e.to_string())
-    };
-    private.map(|k| k.to_public_key()).map_err(|e| {
+fn public_key_from_pem(text: &str) -> Result<RsaPublicKey, EmulatorError> {
+    let invalid = |e: String| {
         EmulatorError::InvalidKey(format!("private_key is not an RSA private key in PEM: {e}"))
-    })
+    };
+    let block = pem::parse(text).map_err(|e| invalid(e.to_string()))?;
+    let pkcs1 = match block.tag() {
+        "PRIVATE KEY" => false,
+        "RSA PRIVATE KEY" => true,
+        other => return Err(invalid(format!("a {other:?} block"))),
+    };
+    RsaPublicKey::from_private_der(block.contents(), pkcs1).map_err(invalid)
 }
 
 /// A 40-hex-digit key id, the shape of Google's `private_key_id`.

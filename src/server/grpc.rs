@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use super::{live::Live, peer::PeerCredentials};
 use crate::{
     cache::{AdmitError, CacheError, CacheKey, CacheOutcome, EntryState, TokenCache},
-    config::DEFAULT_IDENTITY,
+    domain::DEFAULT_IDENTITY,
     policy::Decision,
     proto::{self, token_broker_server::TokenBroker},
     source::SourceError,
@@ -116,6 +116,7 @@ impl<'a> Audit<'a> {
         let audience = loggable(self.audience);
         match result {
             Ok(token) => tracing::info!(
+                target: crate::logging::SERVED_TARGET,
                 peer_uid = peer.uid, peer_gid = peer.gid, peer_pid = peer.pid, peer_exe = peer.exe.as_deref(),
                 identity = self.identity, %audience, decision, rule, cache, latency_us,
                 expire_time = token.expire_time.as_ref().map_or(0, |t| t.seconds),
@@ -168,8 +169,10 @@ impl TokenBroker for BrokerService {
         let peer = PeerCredentials::of_request(&request);
         let caller = peer.caller();
         let policy = self.live.policy();
-        // A caller sees only the entries it may read.
-        let tokens: Vec<proto::TokenInfo> = self
+        let size = super::listing::page_size(request.get_ref().page_size)?;
+        let after = super::listing::decode_token(&request.get_ref().page_token)?;
+        // A caller sees only the entries it may read, and pages through those.
+        let readable: Vec<_> = self
             .cache
             .list()
             .into_iter()
@@ -178,6 +181,10 @@ impl TokenBroker for BrokerService {
                     .decide(caller, info.key.identity(), info.key.audience())
                     .allowed()
             })
+            .collect();
+        let (page, next_page_token) = super::listing::page(readable, after.as_ref(), size);
+        let tokens: Vec<proto::TokenInfo> = page
+            .into_iter()
             .map(|info| proto::TokenInfo {
                 identity: info.key.identity().to_owned(),
                 audience: info.key.audience().to_owned(),
@@ -196,7 +203,10 @@ impl TokenBroker for BrokerService {
             result = "OK",
             "ListTokens"
         );
-        Ok(Response::new(proto::ListTokensResponse { tokens }))
+        Ok(Response::new(proto::ListTokensResponse {
+            tokens,
+            next_page_token,
+        }))
     }
 }
 

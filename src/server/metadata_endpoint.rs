@@ -330,6 +330,7 @@ async fn handle(
     match result {
         Ok(response) => {
             tracing::info!(
+                target: crate::logging::SERVED_TARGET,
                 %peer, %method, %path, identity = %state.identity, audience, cache,
                 latency_us, status = response.status().as_u16(), "metadata endpoint"
             );

@@ -3,6 +3,7 @@
 //! to stop, then drain and remove the socket.
 
 pub mod grpc;
+mod listing;
 mod live;
 pub mod metadata_endpoint;
 pub mod peer;
@@ -24,8 +25,8 @@ use std::{
 use crate::{
     cache::{CacheKey, TokenCache},
     clock::Clock,
-    config::LimitSettings,
-    config::{ConfigError, IdentitySettings, Problem, Settings},
+    config::{ConfigError, IdentitySettings, LimitSettings, Settings},
+    domain::Problem,
     policy::Policy,
     proto::token_broker_server::TokenBrokerServer,
     source::{build_source, IdTokenSource},
@@ -58,12 +59,19 @@ impl Prepared {
         env: &HashMap<String, String>,
         clock: Clock,
     ) -> Result<Self, ConfigError> {
-        settings.validate()?;
-        // validate() compiled both once already; these cannot fail now.
-        let policy = Arc::new(Policy::compile(&settings.policy).map_err(ConfigError::Invalid)?);
+        // The config's own problems and the policy's, reported together.
+        let mut problems = settings.problems();
+        let policy = Policy::compile(&settings.policy).unwrap_or_else(|policy_problems| {
+            problems.extend(policy_problems);
+            Policy::default()
+        });
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        let policy = Arc::new(policy);
         let socket_group =
             match &settings.server.socket_group {
-                Some(group) => Some(crate::config::resolve_group(group).map_err(|m| {
+                Some(group) => Some(group.resolve_group().map_err(|m| {
                     ConfigError::Invalid(vec![Problem::new("server.socket_group", m)])
                 })?),
                 None => None,

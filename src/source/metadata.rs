@@ -8,7 +8,7 @@ use super::{
     describe_http_error, http_client, read_body, retry::Attempt, sanitize_upstream_text,
     FetchFuture, IdTokenSource, RetryPolicy, SourceError,
 };
-use crate::{clock::Clock, config::SourceKind, token::IdToken};
+use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
 /// Used when neither the config nor `GCE_METADATA_HOST` names a host.
 pub const DEFAULT_HOST: &str = "metadata.google.internal";

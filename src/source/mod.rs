@@ -19,7 +19,8 @@ pub use service_account::ServiceAccountSource;
 
 use crate::{
     clock::Clock,
-    config::{IdentitySettings, Problem, SourceKind},
+    config::IdentitySettings,
+    domain::{Problem, SourceKind},
     token::{IdToken, TokenError},
 };
 

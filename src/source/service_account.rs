@@ -12,7 +12,7 @@ use super::{
     describe_http_error, http_client, read_body, retry::Attempt, sanitize_upstream_text,
     FetchFuture, IdTokenSource, RetryPolicy, ServiceAccountKey, SourceError,
 };
-use crate::{clock::Clock, config::SourceKind, token::IdToken};
+use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Google rejects assertions living longer than 60 minutes.

@@ -113,6 +113,102 @@ async fn status_lists_entries_without_token_text() {
         .all(|r| r["state"] == "fresh" && r["identity"] == "default"));
 }
 
+/// At 100,000 entries one ListTokens reply was 7.4 MB, over gRPC's 4 MiB
+/// decode limit, and `status` failed. Replies now come in pages that
+/// `status` walks; 1,201 entries take three default pages.
+#[tokio::test(flavor = "multi_thread")]
+async fn list_tokens_pages_and_status_walks_every_page() {
+    use token_broker::proto::{GetIdTokenRequest, ListTokensRequest};
+
+    const ENTRIES: usize = 1201;
+    let emulator = support::emulator().await;
+    let host = support::metadata_identity("default", &emulator);
+    let broker = Broker::start(
+        |socket| {
+            format!(
+                "{}\n[limits]\nnew_audience_burst = 5000\nnew_audiences_per_minute = 5000\n",
+                support::config_text(socket, &host)
+            )
+        },
+        "warn",
+    )
+    .await;
+    let client = broker.client().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in 0..8 {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            let mut tokens = Vec::new();
+            for i in (chunk..ENTRIES).step_by(8) {
+                let token = client
+                    .get_id_token(GetIdTokenRequest {
+                        audience: format!("https://svc-{i:04}.example.com"),
+                        identity: String::new(),
+                        min_valid_for: None,
+                    })
+                    .await
+                    .expect("token")
+                    .into_inner();
+                tokens.push(token.token);
+            }
+            tokens
+        });
+    }
+    while let Some(tokens) = tasks.join_next().await {
+        broker.served.lock().unwrap().extend(tokens.unwrap());
+    }
+
+    // gRPC pages of 500: ordered, disjoint, complete.
+    let mut client = client.clone();
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let reply = client
+            .list_tokens(ListTokensRequest {
+                page_size: 500,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(reply.tokens.len() <= 500);
+        seen.extend(reply.tokens.into_iter().map(|t| t.audience));
+        if reply.next_page_token.is_empty() {
+            break;
+        }
+        page_token = reply.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    let mut expected: Vec<_> = (0..ENTRIES)
+        .map(|i| format!("https://svc-{i:04}.example.com"))
+        .collect();
+    expected.sort();
+    assert_eq!(seen, expected, "every entry once, in order");
+
+    for (page_size, page_token, what) in [
+        (-1, String::new(), "page_size"),
+        (0, "not-a-token!".to_owned(), "page_token"),
+    ] {
+        let err = client
+            .list_tokens(ListTokensRequest {
+                page_size,
+                page_token,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(what), "{}", err.message());
+    }
+
+    let socket = broker.socket.to_str().unwrap().to_owned();
+    let (code, stdout, stderr) = support::run_cli(&["status", "--json", "--socket", &socket]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(rows.len(), ENTRIES);
+}
+
 #[test]
 fn check_config_prints_what_it_would_run_and_names_bad_keys() {
     let dir = support::workdir();
@@ -152,6 +248,36 @@ fn check_config_prints_what_it_would_run_and_names_bad_keys() {
         support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(stderr.contains("soket_path"), "{stderr}");
+}
+
+#[test]
+fn check_config_refuses_an_empty_file_and_reports_config_and_policy_problems_together() {
+    let dir = support::workdir();
+    let config = dir.path().join("empty.toml");
+    std::fs::write(&config, "# nothing but a comment\n").unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("empty.toml") && stderr.contains("has no settings"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &config,
+        "[refresh]\nmax_entries = 0\n[[policy]]\nuids = [\"no-such-user-xyz\"]\nidentities = [\"*\"]\naudiences = [\"https://**.x\"]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    for key in [
+        "refresh.max_entries",
+        "policy[0].uids[0]",
+        "policy[0].audiences[0]",
+    ] {
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
 }
 
 #[test]

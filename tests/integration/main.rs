@@ -7,6 +7,8 @@ mod cache_engine;
 mod cli;
 mod clients;
 mod key_files;
+mod layering;
+mod log_output;
 mod memory_bounds;
 mod metadata_endpoint;
 mod metadata_source;

@@ -71,7 +71,7 @@ fn request(audience: &str, min_valid_for: Option<u64>) -> GetIdTokenRequest {
 
 async fn entries(client: &mut TokenBrokerClient<Channel>) -> usize {
     client
-        .list_tokens(ListTokensRequest {})
+        .list_tokens(ListTokensRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -327,7 +327,7 @@ async fn a_huge_upstream_answer_is_refused_and_not_cached() {
     assert_eq!(calls.identity.total, 1 + 3, "one call per huge answer: {calls:?}");
     assert_eq!(calls.token.total, 1 + 3, "one call per huge answer: {calls:?}");
     let tokens = client
-        .list_tokens(ListTokensRequest {})
+        .list_tokens(ListTokensRequest::default())
         .await
         .unwrap()
         .into_inner()

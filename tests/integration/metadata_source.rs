@@ -258,7 +258,7 @@ async fn malformed_expired_or_misaddressed_tokens_are_refused_and_not_cached() {
         let listed = broker
             .client()
             .await
-            .list_tokens(ListTokensRequest {})
+            .list_tokens(ListTokensRequest::default())
             .await
             .unwrap()
             .into_inner();

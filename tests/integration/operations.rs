@@ -205,6 +205,52 @@ async fn sighup_applies_a_new_policy_and_log_filter_without_dropping_tokens() {
     assert_eq!(emulator.stats().identity.total, calls + 1);
 }
 
+/// `: > config.toml; kill -HUP` used to load an empty config: every cached
+/// token dropped and the policy opened to everyone. Now the reload is
+/// rejected and the running config, policy included, stays in force.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emptied_config_is_rejected_on_reload_and_the_policy_stays_closed() {
+    let emulator = support::emulator().await;
+    let identity = support::metadata_identity("default", &emulator);
+    let broker = Broker::start(
+        move |socket: &std::path::Path| {
+            format!(
+                "{}\n{}",
+                support::config_text(socket, &identity),
+                policy_for(0, "https://a.example.com")
+            )
+        },
+        "",
+    )
+    .await;
+    broker
+        .get("default", "https://a.example.com")
+        .await
+        .unwrap();
+    let calls = emulator.stats().identity.total;
+    let config = broker.dir.path().join("config.toml");
+    for (round, text) in ["", "# truncated mid-write\n"].into_iter().enumerate() {
+        std::fs::write(&config, text).unwrap();
+        support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
+        wait_for_log_count(&broker, "reload rejected", round + 1).await;
+        assert!(broker.log().contains("has no settings"), "{}", broker.log());
+        let err = broker
+            .get("default", "https://b.example.com")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::PermissionDenied,
+            "the policy stayed closed"
+        );
+        broker
+            .get("default", "https://a.example.com")
+            .await
+            .unwrap();
+        assert_eq!(emulator.stats().identity.total, calls, "the cache was kept");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_drops_removed_and_changed_identities_only() {
     let emulator = support::emulator().await;

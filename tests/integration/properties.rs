@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use token_broker::{
-    cache::validate_audience,
     config::{Overrides, Settings},
+    domain::validate_audience,
     policy::AudiencePattern,
 };
 

@@ -301,7 +301,7 @@ async fn unusable_200_answers_are_unavailable_named_and_not_cached() {
         let listed = broker
             .client()
             .await
-            .list_tokens(ListTokensRequest {})
+            .list_tokens(ListTokensRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -181,6 +181,18 @@ impl Broker {
 
     /// The daemon's log so far.
     pub fn log(&self) -> String {
+        // The daemon writes its log from a thread behind a queue, so a line
+        // logged just before this call may land a moment later: read once
+        // the file has stopped growing for 20 ms (at most 1 s).
+        let mut last = None;
+        for _ in 0..50 {
+            let len = std::fs::metadata(&self.log_path).map(|m| m.len()).ok();
+            if len.is_some() && len == last {
+                break;
+            }
+            last = len;
+            std::thread::sleep(Duration::from_millis(20));
+        }
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 

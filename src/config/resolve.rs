@@ -1,0 +1,90 @@
+//! What the settings resolve to on this machine: the identities to run
+//! (application default credentials when none are configured) and the
+//! socket's path and mode.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use super::{IdentitySettings, Settings, CREDENTIALS_ENV, SOCKET_ENV};
+use crate::domain::{SourceKind, DEFAULT_IDENTITY};
+
+impl Settings {
+    /// The identities to run: those configured, else application default
+    /// `GOOGLE_APPLICATION_CREDENTIALS`, else the metadata server).
+    pub fn effective_identities(&self, env: &HashMap<String, String>) -> Vec<IdentitySettings> {
+        if !self.identities.is_empty() {
+            return self.identities.clone();
+        }
+        let adc = env.get(CREDENTIALS_ENV).filter(|path| !path.is_empty());
+        vec![IdentitySettings {
+            name: DEFAULT_IDENTITY.into(),
+            source: if adc.is_some() {
+                SourceKind::ServiceAccountKey
+            } else {
+                SourceKind::Metadata
+            },
+            key_file: adc.map(PathBuf::from),
+            metadata_host: None,
+            allow_insecure_key_permissions: false,
+        }]
+    }
+
+    /// The socket to serve on: the configured one (flag and
+    /// `TOKEN_BROKER_SOCKET` are already folded in by [`Settings::load`]),
+    /// else the default for this user.
+    pub fn socket_path(&self, env: &HashMap<String, String>) -> PathBuf {
+        self.server
+            .socket_path
+            .clone()
+            .unwrap_or_else(|| default_socket_path(env))
+    }
+
+    /// Socket permission bits (validated).
+    pub fn socket_mode(&self) -> u32 {
+        parse_mode(&self.server.socket_mode).unwrap_or(0o660)
+    }
+}
+
+/// Socket resolution shared by the server and the clients: flag, then env
+/// `TOKEN_BROKER_SOCKET`, then config, then the default for this user.
+pub fn resolve_socket_path(
+    flag: Option<&Path>,
+    env: &HashMap<String, String>,
+    configured: Option<&Path>,
+) -> PathBuf {
+    if let Some(path) = flag {
+        return path.to_path_buf();
+    }
+    if let Some(path) = env.get(SOCKET_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    if let Some(path) = configured {
+        return path.to_path_buf();
+    }
+    default_socket_path(env)
+}
+
+fn default_socket_path(env: &HashMap<String, String>) -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/token-broker/broker.sock");
+    }
+    match env.get("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
+        Some(dir) => Path::new(dir).join("token-broker.sock"),
+        None => std::env::temp_dir().join(format!(
+            "token-broker-{}.sock",
+            nix::unistd::geteuid().as_raw()
+        )),
+    }
+}
+
+pub(super) fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if !digits.is_empty() && mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{text:?} is not an octal permission string like \"0660\""
+        )),
+    }
+}

@@ -1,0 +1,241 @@
+//! The settings types: what each section and key of the config file means,
+//! with its default. Deserialized with `deny_unknown_fields`, so a typo is an
+//! error that names the key rather than a silently ignored setting.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Principal, SourceKind, DEFAULT_IDENTITY};
+
+/// Everything the daemon runs with.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// The Unix socket clients connect to.
+    pub server: ServerSettings,
+    /// When tokens are refreshed and how upstream failures are retried.
+    pub refresh: RefreshSettings,
+    /// Named credentials the broker mints tokens with.
+    pub identities: Vec<IdentitySettings>,
+    /// Audiences fetched at startup and kept fresh.
+    pub prefetch: Vec<PrefetchSettings>,
+    /// Optional GCE-metadata-compatible HTTP endpoint for unmodified clients.
+    pub metadata_endpoint: Option<MetadataEndpointSettings>,
+    /// Who may ask for which identity and audience; none = anyone who can
+    /// open the socket.
+    pub policy: Vec<RuleSettings>,
+    /// Bounds on what clients can make the daemon do.
+    pub limits: LimitSettings,
+    /// Optional Prometheus `/metrics`, `/healthz` and `/readyz` listener.
+    pub telemetry: Option<TelemetrySettings>,
+    /// Logging format and filter.
+    pub log: LogSettings,
+}
+
+/// `[server]`: the Unix socket.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Socket path; when unset: `/run/token-broker/broker.sock` for root,
+    /// else `$XDG_RUNTIME_DIR/token-broker.sock`.
+    pub socket_path: Option<PathBuf>,
+    /// Permission bits of the socket file, as an octal string.
+    pub socket_mode: String,
+    /// Group (name or id) given to the socket file, so its members can connect.
+    pub socket_group: Option<Principal>,
+    /// Report NOT_SERVING on the health service until every `[[prefetch]]`
+    /// audience holds a token.
+    pub ready_after_prefetch: bool,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            socket_path: None,
+            socket_mode: "0660".into(),
+            socket_group: None,
+            ready_after_prefetch: false,
+        }
+    }
+}
+
+/// A loopback HTTP endpoint answering like the GCE metadata server, so
+/// programs using Google's client libraries get tokens from the broker with
+/// only `GCE_METADATA_HOST` changed (PROTOCOLS.md §3).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataEndpointSettings {
+    /// Address to listen on, e.g. "127.0.0.1:8181". Loopback only unless
+    /// `allow_non_loopback`.
+    pub listen: std::net::SocketAddr,
+    /// The identity whose tokens the endpoint serves as `default`.
+    #[serde(default = "default_identity_name")]
+    pub identity: String,
+    /// Audiences the endpoint may serve; empty means any valid audience.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Permit a non-loopback `listen` address (anyone who can reach it gets tokens).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+/// Audiences of one identity to fetch at startup and keep fresh, so the
+/// first client after boot never waits on Google.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSettings {
+    /// The identity whose tokens are prefetched.
+    #[serde(default = "default_identity_name")]
+    pub identity: String,
+    /// The audiences to fetch at startup and keep fresh.
+    pub audiences: Vec<String>,
+}
+
+fn default_identity_name() -> String {
+    DEFAULT_IDENTITY.to_owned()
+}
+
+/// `[refresh]`: the token lifecycle.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefreshSettings {
+    /// A token with less than this left is stale: served while refreshed.
+    #[serde(with = "humantime_serde")]
+    pub refresh_before_expiry: Duration,
+    /// Spread of refresh times so that many keys do not refresh together.
+    #[serde(with = "humantime_serde")]
+    pub jitter: Duration,
+    /// First backoff after an upstream failure.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Backoff ceiling.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Keys nobody asked for this long stop being refreshed and are dropped.
+    #[serde(with = "humantime_serde")]
+    pub idle_evict_after: Duration,
+    /// Most (identity, audience) entries held at once.
+    pub max_entries: usize,
+    /// Most concurrent upstream calls per identity.
+    pub upstream_concurrency: usize,
+}
+
+impl Default for RefreshSettings {
+    fn default() -> Self {
+        Self {
+            refresh_before_expiry: Duration::from_secs(15 * 60),
+            jitter: Duration::from_secs(2 * 60),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            idle_evict_after: Duration::from_secs(24 * 3600),
+            max_entries: 10_000,
+            upstream_concurrency: 8,
+        }
+    }
+}
+
+/// Where to serve metrics and HTTP health probes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// e.g. "127.0.0.1:9464". Metrics name identities and counts; they
+    /// carry no secrets, but keep it off public interfaces.
+    pub listen: std::net::SocketAddr,
+}
+
+/// Limits on what clients can make the daemon do. Each has a safe default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// New audiences (requests that would cause an upstream fetch for a key
+    /// not in the cache) each uid may ask for per minute, on average.
+    pub new_audiences_per_minute: u32,
+    /// How many new audiences a uid may ask for at once before the rate applies.
+    pub new_audience_burst: u32,
+    /// Most client connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Most `WatchIdToken` streams open at once.
+    pub max_streams: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 64 * 1024,
+            new_audiences_per_minute: 60,
+            new_audience_burst: 30,
+            max_connections: 1024,
+            max_streams: 1024,
+        }
+    }
+}
+
+/// One `[[identities]]` table: a named credential.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// What requests call this identity.
+    pub name: String,
+    /// Where its tokens come from.
+    pub source: SourceKind,
+    /// The key file (`service_account_key` only).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// host[:port] of the metadata server (`metadata` only); defaults to
+    /// `$GCE_METADATA_HOST`, else `metadata.google.internal`.
+    #[serde(default)]
+    pub metadata_host: Option<String>,
+    /// Accept a key file readable by group or others (logged as a warning).
+    #[serde(default)]
+    pub allow_insecure_key_permissions: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One `key=value` line per event, for people.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// `[log]`: format and filter.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// `RUST_LOG` syntax; the `RUST_LOG` env var wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// One `[[policy]]` table as written.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSettings {
+    /// Users (ids or names) this rule applies to.
+    #[serde(default)]
+    pub uids: Vec<Principal>,
+    /// Groups (ids or names); matched against the peer's primary gid.
+    #[serde(default)]
+    pub gids: Vec<Principal>,
+    /// Identities granted; `"*"` grants all.
+    pub identities: Vec<String>,
+    /// Audiences granted: exact strings, or patterns where `*` matches
+    /// within one DNS label (`https://*.a.run.app`); `"*"` alone grants any.
+    pub audiences: Vec<String>,
+}

@@ -1,0 +1,267 @@
+//! Loading and validation, tested through files and env maps.
+
+use std::{collections::HashMap, io::Write, path::Path, time::Duration};
+
+use super::*;
+use crate::domain::SourceKind;
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let f = file(text);
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Settings::load(Some(f.path()), &env, &Overrides::default())
+}
+
+#[test]
+fn defaults_apply_without_a_file() {
+    let s = Settings::load(None, &HashMap::new(), &Overrides::default()).unwrap();
+    assert_eq!(s, Settings::default());
+    s.validate().unwrap();
+    assert_eq!(s.socket_mode(), 0o660);
+}
+
+#[test]
+fn file_then_env_then_flag() {
+    let text =
+        "[server]\nsocket_path = \"/file.sock\"\n[refresh]\njitter = \"30s\"\nmax_entries = 5\n";
+    let s = load(text, &[]).unwrap();
+    assert_eq!(s.refresh.jitter, Duration::from_secs(30));
+    assert_eq!(s.refresh.max_entries, 5);
+    let s = load(
+        text,
+        &[
+            ("TOKEN_BROKER__SERVER__SOCKET_PATH", "/env.sock"),
+            ("TOKEN_BROKER__REFRESH__MAX_ENTRIES", "7"),
+            ("TOKEN_BROKER__SERVER__SOCKET_MODE", "0600"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        s.server.socket_path.as_deref(),
+        Some(Path::new("/env.sock"))
+    );
+    assert_eq!(s.refresh.max_entries, 7);
+    assert_eq!(s.socket_mode(), 0o600);
+    let f = file(text);
+    let flagged = Settings::load(
+        Some(f.path()),
+        &HashMap::from([(
+            "TOKEN_BROKER__SERVER__SOCKET_PATH".into(),
+            "/env.sock".into(),
+        )]),
+        &Overrides {
+            socket_path: Some("/flag.sock".into()),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        flagged.server.socket_path.as_deref(),
+        Some(Path::new("/flag.sock"))
+    );
+    let s = load(text, &[(SOCKET_ENV, "/socket-env.sock")]).unwrap();
+    assert_eq!(
+        s.server.socket_path.as_deref(),
+        Some(Path::new("/socket-env.sock"))
+    );
+}
+
+#[test]
+fn unknown_keys_and_bad_types_name_the_key() {
+    let err = load("[server]\nsocket_pth = \"/x\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("socket_pth"), "{err}");
+    let err = load("[refresh]\njitter = \"soon\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("jitter"), "{err}");
+    let err = Settings::load(
+        Some(Path::new("/nonexistent.toml")),
+        &HashMap::new(),
+        &Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("/nonexistent.toml") && err.contains("no such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn validation_reports_every_problem_with_its_key() {
+    let text = r#"
+[server]
+socket_mode = "rw-rw----"
+[refresh]
+refresh_before_expiry = "10s"
+retry_initial = "10s"
+retry_max = "1s"
+[[identities]]
+name = "a"
+source = "service_account_key"
+[[identities]]
+name = "a"
+source = "metadata"
+metadata_host = "http://x/"
+[[identities]]
+name = "bad name"
+source = "metadata"
+[log]
+filter = "=[["
+"#;
+    let err = load(text, &[]).unwrap().validate().unwrap_err();
+    let ConfigError::Invalid(problems) = err else {
+        panic!()
+    };
+    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "server.socket_mode",
+        "refresh.refresh_before_expiry",
+        "refresh.retry_max",
+        "identities[0].key_file",
+        "identities[1].name",
+        "identities[1].metadata_host",
+        "identities[2].name",
+        "log.filter",
+    ] {
+        assert!(keys.contains(&key), "{key} missing from {keys:?}");
+    }
+}
+
+#[test]
+fn application_default_credentials() {
+    let s = Settings::default();
+    let ids = s.effective_identities(&HashMap::new());
+    assert_eq!(ids[0].name, "default");
+    assert_eq!(ids[0].source, SourceKind::Metadata);
+    let env = HashMap::from([(CREDENTIALS_ENV.to_owned(), "/k.json".to_owned())]);
+    let ids = s.effective_identities(&env);
+    assert_eq!(ids[0].source, SourceKind::ServiceAccountKey);
+    assert_eq!(ids[0].key_file.as_deref(), Some(Path::new("/k.json")));
+}
+
+#[test]
+fn socket_resolution_order() {
+    let env = HashMap::from([(SOCKET_ENV.to_owned(), "/env.sock".to_owned())]);
+    let flag = Path::new("/flag.sock");
+    let conf = Path::new("/conf.sock");
+    assert_eq!(resolve_socket_path(Some(flag), &env, Some(conf)), flag);
+    assert_eq!(
+        resolve_socket_path(None, &env, Some(conf)),
+        Path::new("/env.sock")
+    );
+    assert_eq!(resolve_socket_path(None, &HashMap::new(), Some(conf)), conf);
+}
+
+#[test]
+fn an_empty_or_comment_only_file_is_refused() {
+    for text in ["", "   \n\n", "# only a comment\n# [server]\n"] {
+        let err = load(text, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("has no settings") && err.contains("atomically"),
+            "{text:?}: {err}"
+        );
+    }
+    // One section is enough; a syntax error still names its line.
+    load("[server]\n", &[]).unwrap();
+    let err = load("[server\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("line 1"), "{err}");
+}
+
+/// A `Settings` with every optional section present and one element in
+/// every list, so that serializing it names every key the types define.
+fn every_key_present() -> Settings {
+    let mut s = Settings::default();
+    s.identities.push(IdentitySettings {
+        name: "default".into(),
+        source: SourceKind::Metadata,
+        key_file: None,
+        metadata_host: None,
+        allow_insecure_key_permissions: false,
+    });
+    s.prefetch.push(PrefetchSettings {
+        identity: "default".into(),
+        audiences: vec!["https://a".into()],
+    });
+    s.policy.push(RuleSettings {
+        uids: vec![],
+        gids: vec![],
+        identities: vec![],
+        audiences: vec![],
+    });
+    s.metadata_endpoint = Some(MetadataEndpointSettings {
+        listen: "127.0.0.1:8181".parse().unwrap(),
+        identity: "default".into(),
+        audiences: vec![],
+        allow_non_loopback: false,
+    });
+    s.telemetry = Some(TelemetrySettings {
+        listen: "127.0.0.1:9464".parse().unwrap(),
+    });
+    s
+}
+
+/// Dotted key paths of a serialized config: `section.key`, and `name[].key`
+/// for arrays of tables.
+fn key_paths(value: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, child) in map {
+                let path = format!("{prefix}{key}");
+                match child {
+                    serde_json::Value::Object(_) => key_paths(child, &format!("{path}."), out),
+                    serde_json::Value::Array(items)
+                        if items.first().is_some_and(|i| i.is_object()) =>
+                    {
+                        key_paths(&items[0], &format!("{path}[]."), out)
+                    }
+                    _ => out.push(path),
+                }
+            }
+        }
+        _ => panic!("settings must serialize to a table"),
+    }
+}
+
+#[test]
+fn readme_documents_exactly_the_keys_the_settings_types_define() {
+    let value = serde_json::to_value(every_key_present()).unwrap();
+    // A new optional section or list must be filled in above, or its keys
+    // would go unchecked.
+    for (section, v) in value.as_object().unwrap() {
+        assert!(
+            !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()),
+            "fill `{section}` in every_key_present() so its keys are checked"
+        );
+    }
+    let mut keys = Vec::new();
+    key_paths(&value, "", &mut keys);
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    // Rows of the key table: "| `key` | default | meaning |", up to the
+    // blank line that ends it.
+    let documented: Vec<String> = readme
+        .lines()
+        .skip_while(|line| *line != "| key | default | meaning |")
+        .take_while(|line| !line.is_empty())
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split_once("` |").map(|(key, _)| key.to_owned()))
+        .collect();
+    assert!(!documented.is_empty(), "README.md has no key table");
+    let missing: Vec<_> = keys.iter().filter(|k| !documented.contains(k)).collect();
+    let unknown: Vec<_> = documented.iter().filter(|k| !keys.contains(k)).collect();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        "README.md's key table is out of step with the settings types:\n  \
+         missing rows: {missing:?}\n  rows for keys that do not exist: {unknown:?}"
+    );
+}
