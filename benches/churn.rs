@@ -331,9 +331,7 @@ async fn run(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> Results {
                     Ok(_) => served += 1,
                     // The cache refuses a key only when every entry it looks
                     // at is in use; counted, not fatal.
-                    Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                        refused += 1
-                    }
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => refused += 1,
                     Err(status) => panic!("GetIdToken({audience}) failed: {status}"),
                 }
             }

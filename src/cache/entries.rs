@@ -198,7 +198,9 @@ fn find_victim(order: &mut RecencyOrder<Arc<Entry>>) -> Option<u64> {
 fn lock_order<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Held for map and index updates only; a panic elsewhere cannot leave
     // the two half-updated in a way that matters more than refusing service.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Items in the order they were last used: each holds a stamp from a

@@ -487,12 +487,7 @@ impl TokenCache {
             .entries
             .snapshot()
             .into_iter()
-            .filter_map(|entry| {
-                lock(&entry.state)
-                    .token
-                    .as_ref()
-                    .map(|t| t.remaining(now))
-            })
+            .filter_map(|entry| lock(&entry.state).token.as_ref().map(|t| t.remaining(now)))
             .min()
     }
 

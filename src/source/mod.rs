@@ -272,7 +272,11 @@ mod tests {
     async fn a_streamed_answer_is_refused_at_the_limit_without_reading_the_rest() {
         let (url, produced) = endless(StatusCode::OK).await;
         let response = reqwest::get(&url).await.unwrap();
-        assert_eq!(response.content_length(), None, "the test needs a chunked body");
+        assert_eq!(
+            response.content_length(),
+            None,
+            "the test needs a chunked body"
+        );
         match read_body::<()>(response, "the test upstream").await {
             Err(retry::Attempt::Fail(err)) => {
                 let text = err.to_string();

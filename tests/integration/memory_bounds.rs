@@ -119,7 +119,10 @@ async fn refused_new_audiences_leave_nothing_behind() {
         "",
     )
     .await;
-    broker.get("", "https://admitted.example.com").await.unwrap();
+    broker
+        .get("", "https://admitted.example.com")
+        .await
+        .unwrap();
     let pid = broker.child.id();
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
@@ -133,7 +136,10 @@ async fn refused_new_audiences_leave_nothing_behind() {
                 tokio::spawn(async move {
                     for i in 0..n / CLIENTS {
                         let audience = format!("https://refused-{round}-{c}-{i}.example.com");
-                        let status = client.get_id_token(request(&audience, None)).await.unwrap_err();
+                        let status = client
+                            .get_id_token(request(&audience, None))
+                            .await
+                            .unwrap_err();
                         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
                     }
                     client
@@ -152,9 +158,17 @@ async fn refused_new_audiences_leave_nothing_behind() {
     let mut clients = refuse(clients, 1, REFUSALS).await;
     let after = support::vm_rss_kib(pid);
 
-    assert_eq!(entries(&mut clients[0]).await, 1, "only the admitted audience is held");
+    assert_eq!(
+        entries(&mut clients[0]).await,
+        1,
+        "only the admitted audience is held"
+    );
     assert_eq!(cache_entries_gauge(port).await, 1.0);
-    assert_eq!(emulator.stats().identity.total, 1, "refusals never reach upstream");
+    assert_eq!(
+        emulator.stats().identity.total,
+        1,
+        "refusals never reach upstream"
+    );
     let growth = after.saturating_sub(before);
     println!("RSS {before} KiB -> {after} KiB over {REFUSALS} refusals (+{growth} KiB)");
     // The leak was ~3.7 KB per refusal: 20,000 of them would be ~72 MiB.
@@ -293,7 +307,10 @@ async fn a_huge_upstream_answer_is_refused_and_not_cached() {
     .await;
     // Warm up the connection paths with normal answers first.
     broker.get("", "https://normal.example.com").await.unwrap();
-    broker.get("keyed", "https://normal.example.com").await.unwrap();
+    broker
+        .get("keyed", "https://normal.example.com")
+        .await
+        .unwrap();
     let pid = broker.child.id();
     let before = support::vm_rss_kib(pid);
     emulator.set_faults(Faults {
@@ -302,7 +319,10 @@ async fn a_huge_upstream_answer_is_refused_and_not_cached() {
     });
     let mut client = broker.client().await;
     for (identity, upstream) in [
-        ("", format!("metadata server at http://{}", emulator.metadata_host())),
+        (
+            "",
+            format!("metadata server at http://{}", emulator.metadata_host()),
+        ),
         ("keyed", format!("token endpoint {}", emulator.token_uri())),
     ] {
         for i in 0..3 {
@@ -324,8 +344,16 @@ async fn a_huge_upstream_answer_is_refused_and_not_cached() {
     }
     let after = support::vm_rss_kib(pid);
     let calls = emulator.stats();
-    assert_eq!(calls.identity.total, 1 + 3, "one call per huge answer: {calls:?}");
-    assert_eq!(calls.token.total, 1 + 3, "one call per huge answer: {calls:?}");
+    assert_eq!(
+        calls.identity.total,
+        1 + 3,
+        "one call per huge answer: {calls:?}"
+    );
+    assert_eq!(
+        calls.token.total,
+        1 + 3,
+        "one call per huge answer: {calls:?}"
+    );
     let tokens = client
         .list_tokens(ListTokensRequest::default())
         .await
@@ -338,7 +366,10 @@ async fn a_huge_upstream_answer_is_refused_and_not_cached() {
         .collect();
     assert_eq!(huge.len(), 6);
     for entry in huge {
-        assert!(entry.expire_time.is_none(), "a huge token was cached: {entry:?}");
+        assert!(
+            entry.expire_time.is_none(),
+            "a huge token was cached: {entry:?}"
+        );
         assert!(entry.last_error.contains("64 KiB"), "{entry:?}");
     }
     let growth = after.saturating_sub(before);
@@ -445,6 +476,12 @@ async fn min_valid_for_cannot_force_a_mint_per_call() {
     println!("forced: {calls} upstream calls, {refused} of 50 refused");
     // The first fetch, then at most the rest of the burst (three new
     // audiences spent three) plus a token or two refilled meanwhile.
-    assert!(calls <= 1 + BURST - 3 + 2, "{calls} upstream calls for 50 forced requests");
-    assert!(refused >= 50 - (BURST - 3 + 2), "only {refused} of 50 were refused");
+    assert!(
+        calls <= 1 + BURST - 3 + 2,
+        "{calls} upstream calls for 50 forced requests"
+    );
+    assert!(
+        refused >= 50 - (BURST - 3 + 2),
+        "only {refused} of 50 were refused"
+    );
 }
