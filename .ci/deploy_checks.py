@@ -36,7 +36,7 @@ def load(name):
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
 
 # kustomization: every manifest is either applied or a documented template.
-TEMPLATES = {"secret-example.yaml", "client-example.yaml"}
+TEMPLATES = {"secret-example.yaml", "client-example.yaml", "token-file-client-example.yaml"}
 kust = load("kustomization.yaml")
 resources = kust.get("resources", [])
 for r in resources:
@@ -144,6 +144,27 @@ for c in cpod["containers"]:
         if m["name"] in chost:
             check(m.get("readOnly") is True and m["mountPath"] == socket_dir,
                   f"client-example: mount {socket_dir} read-only at the same path")
+
+# The token-file example mounts the sink directory the init container
+# prepares, read-only, and nothing else from the host.
+files_dir = f"{socket_dir}/files"
+for c in init:
+    script = " ".join(c.get("command", []) + c.get("args", []))
+    check(f"chown {uid}:{gid} {files_dir}" in script and f"chmod 0711 {files_dir}" in script,
+          f"daemonset: init container {c['name']} must prepare {files_dir} (0711, {uid}:{gid})")
+tfc = load("token-file-client-example.yaml")
+tpod = tfc["spec"]["template"]["spec"]
+thost = {v["name"]: v["hostPath"]["path"] for v in tpod["volumes"] if "hostPath" in v}
+check(list(thost.values()) == [files_dir],
+      f"token-file-client-example: must mount hostPath {files_dir} only")
+for c in tpod["containers"]:
+    for m in c.get("volumeMounts", []):
+        if m["name"] in thost:
+            check(m.get("readOnly") is True,
+                  "token-file-client-example: mount the token files read-only")
+sink_example = re.search(r'#\s*path = "([^"]+)"', config_text.split("[[sinks]]", 1)[-1])
+check(sink_example and sink_example.group(1).startswith(files_dir + "/"),
+      f"configmap.yaml: the commented [[sinks]] example must write under {files_dir}")
 
 # The Secret template holds placeholder text only.
 secret = load("secret-example.yaml")

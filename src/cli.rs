@@ -212,6 +212,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    server::raise_descriptor_limit();
     let server = match Server::bind(prepared) {
         Ok(s) => s,
         Err(e) => {
@@ -353,7 +354,7 @@ async fn status(args: StatusArgs) -> Result<(), ClientError> {
             "{:<12} {:<8} {:<22} {:<10} {}",
             t.identity,
             state_name(t.state),
-            rfc3339(t.expire_time.as_ref()).unwrap_or_else(|| "-".into()),
+            table_time(t.expire_time.as_ref()),
             left,
             t.audience
         );
@@ -496,7 +497,50 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
+/// A protocol timestamp in RFC 3339, or `None` for one that names no time
+/// RFC 3339 can write (any `Timestamp` a server sends must print, not panic).
 fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
-    let time = SystemTime::try_from(*ts?).ok()?;
-    Some(humantime::format_rfc3339_seconds(time).to_string())
+    crate::token::rfc3339(SystemTime::try_from(*ts?).ok()?)
+}
+
+/// [`rfc3339`] for the status table: "-" when absent, the raw seconds when
+/// out of range.
+fn table_time(ts: Option<&prost_types::Timestamp>) -> String {
+    match ts {
+        None => "-".into(),
+        Some(t) => rfc3339(Some(t)).unwrap_or_else(|| format!("out of range ({}s)", t.seconds)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn any_protocol_timestamp_formats_without_panicking(seconds: i64, nanos: i32) {
+            let ts = prost_types::Timestamp { seconds, nanos };
+            let _ = rfc3339(Some(&ts));
+            proptest::prop_assert!(!table_time(Some(&ts)).is_empty());
+        }
+    }
+
+    #[test]
+    fn extreme_timestamps_are_named_not_formatted() {
+        for (seconds, nanos) in [
+            (i64::MAX, i32::MAX),
+            (i64::MIN, i32::MIN),
+            (-1, 0),
+            (253_402_300_800, 0),
+        ] {
+            let ts = prost_types::Timestamp { seconds, nanos };
+            assert_eq!(rfc3339(Some(&ts)), None, "{ts:?}");
+            assert!(table_time(Some(&ts)).starts_with("out of range"), "{ts:?}");
+        }
+        let ts = prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 0,
+        };
+        assert_eq!(rfc3339(Some(&ts)).as_deref(), Some("2027-01-15T08:00:00Z"));
+    }
 }

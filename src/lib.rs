@@ -19,6 +19,7 @@ pub mod metadata_protocol;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+pub mod sink;
 pub mod source;
 pub mod token;
 

@@ -23,7 +23,9 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
-    pub gid: u32,
+    /// `None` when no group is known (a TCP peer whose uid has no entry in
+    /// the user database): only `uids` rules can match it.
+    pub gid: Option<u32>,
 }
 
 /// What the policy decided, and by which rule (for the audit line).
@@ -134,7 +136,8 @@ impl Policy {
         self.rules
             .iter()
             .position(|rule| {
-                (rule.uids.contains(&caller.uid) || rule.gids.contains(&caller.gid))
+                (rule.uids.contains(&caller.uid)
+                    || caller.gid.is_some_and(|gid| rule.gids.contains(&gid)))
                     && rule.identities.iter().any(|i| i == "*" || i == identity)
                     && rule.audiences.iter().any(|p| p.matches(audience))
             })
@@ -165,20 +168,38 @@ fn resolve(
 }
 
 /// An audience grant: an exact string, `*` for any audience, or a pattern
-/// in which each `*` matches one or more characters within a single DNS
-/// label (no `.`, `/`, `:`, `@`, `?`, `#`), so `https://*.a.run.app` grants
-/// every Cloud Run service URL in that form and nothing under another domain.
+/// in which each `*` matches one or more of the characters a DNS label may
+/// hold (`A-Z a-z 0-9 -`), so `https://*.a.run.app` grants every Cloud Run
+/// service URL in that form and nothing that a URL parser could read as
+/// another host (no `.`, `/`, `:`, `@`, `%`, `\`, ...).
+///
+/// A pattern is compiled once, at config load, to a `regex` automaton: its
+/// matching time is linear in the audience's length whatever the pattern,
+/// so no audience can make the policy check expensive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AudiencePattern {
     Any,
     Exact(String),
-    Wildcard(Vec<String>),
+    Wildcard(Wildcard),
 }
 
-/// Characters a `*` never matches: label and URL structure.
-fn is_separator(c: char) -> bool {
-    matches!(c, '.' | '/' | ':' | '@' | '?' | '#')
+/// A compiled pattern with at least one `*`.
+#[derive(Debug, Clone)]
+pub struct Wildcard {
+    text: String,
+    regex: regex::Regex,
 }
+
+impl PartialEq for Wildcard {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Wildcard {}
+
+/// What one `*` matches: one DNS label's characters, at least one.
+const LABEL: &str = "[A-Za-z0-9-]+";
 
 impl AudiencePattern {
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -204,39 +225,22 @@ impl AudiencePattern {
                 "{text:?}: `**` is not supported; `*` matches within one DNS label"
             ));
         }
-        Ok(AudiencePattern::Wildcard(
-            text.split('*').map(str::to_owned).collect(),
-        ))
+        let literals: Vec<String> = text.split('*').map(regex::escape).collect();
+        let regex = regex::Regex::new(&format!(r"\A{}\z", literals.join(LABEL)))
+            .map_err(|e| format!("{text:?} cannot be compiled: {e}"))?;
+        Ok(AudiencePattern::Wildcard(Wildcard {
+            text: text.to_owned(),
+            regex,
+        }))
     }
 
     pub fn matches(&self, audience: &str) -> bool {
         match self {
             AudiencePattern::Any => true,
             AudiencePattern::Exact(exact) => exact == audience,
-            AudiencePattern::Wildcard(parts) => match_parts(parts, audience),
+            AudiencePattern::Wildcard(w) => w.regex.is_match(audience),
         }
     }
-}
-
-/// `parts` are the literal pieces between `*`s. Each `*` consumes one or
-/// more non-separator characters. Backtracking is bounded: each `*` tries
-/// at most one label's worth of lengths.
-fn match_parts(parts: &[String], text: &str) -> bool {
-    let Some((first, rest)) = parts.split_first() else {
-        return text.is_empty();
-    };
-    let Some(remaining) = text.strip_prefix(first.as_str()) else {
-        return false;
-    };
-    if rest.is_empty() {
-        return remaining.is_empty();
-    }
-    // A `*` follows: try every non-empty run of label characters.
-    let label_end = remaining.find(is_separator).unwrap_or(remaining.len());
-    remaining[..label_end]
-        .char_indices()
-        .map(|(i, c)| i + c.len_utf8())
-        .any(|end| match_parts(rest, &remaining[end..]))
 }
 
 #[cfg(test)]
@@ -264,6 +268,46 @@ mod tests {
         assert!(!pattern("https://exact").matches("https://exact2"));
         assert!(AudiencePattern::parse("https://**.x").is_err());
         assert!(AudiencePattern::parse("").is_err());
+        // Regex syntax in a pattern is literal text.
+        let p = pattern("https://*.a.run.app/(x|y)+");
+        assert!(p.matches("https://s.a.run.app/(x|y)+"));
+        assert!(!p.matches("https://s.a.run.app/xx"));
+    }
+
+    #[test]
+    fn a_star_matches_only_dns_label_characters() {
+        let p = pattern("https://*.a.run.app");
+        assert!(p.matches("https://Svc-09-uc.a.run.app"));
+        for other_origin in [
+            r"https://payments%2Eexample%2Ecom\.a.run.app",
+            "https://payments%2Eexample%2Ecom.a.run.app",
+            r"https://evil.com\.a.run.app",
+            "https://user@evil.a.run.app",
+            "https://evil:443.a.run.app",
+            "https://evil_1.a.run.app",
+            "https://évil.a.run.app",
+            "https://evil?.a.run.app",
+            "https://evil#.a.run.app",
+        ] {
+            assert!(!p.matches(other_origin), "{other_origin}");
+        }
+    }
+
+    #[test]
+    fn matching_a_hostile_audience_is_linear() {
+        // Every `-` is a place each of the three stars could end, so the
+        // old backtracking matcher tried ~n^3/6 splits (18 s of CPU here).
+        let p = pattern("https://*-*-*.b.run.app");
+        let hostile = format!("https://{}.c.run.app", "-".repeat(2030));
+        assert_eq!(hostile.len(), 2048);
+        let started = std::time::Instant::now();
+        assert!(!p.matches(&hostile));
+        let took = started.elapsed();
+        println!("pattern match on a 2,048-byte hostile audience: {took:?}");
+        assert!(took < std::time::Duration::from_millis(50), "{took:?}");
+        assert!(p.matches("https://a-b-c.b.run.app"));
+        assert!(p.matches("https://a-b-c-d.b.run.app"));
+        assert!(!p.matches("https://a-b.b.run.app"));
     }
 
     fn rules() -> Vec<RuleSettings> {
@@ -291,11 +335,11 @@ mod tests {
         let policy = Policy::compile(&rules()).unwrap();
         let alice = Some(Caller {
             uid: 1000,
-            gid: 1000,
+            gid: Some(1000),
         });
         let team = Some(Caller {
             uid: 1500,
-            gid: 2000,
+            gid: Some(2000),
         });
         assert_eq!(
             policy.decide(alice, "default", "https://svc.a.run.app"),
@@ -339,7 +383,10 @@ mod tests {
         let policy = Policy::compile(&r).unwrap();
         assert!(policy
             .decide(
-                Some(Caller { uid: 0, gid: 5 }),
+                Some(Caller {
+                    uid: 0,
+                    gid: Some(5)
+                }),
                 "default",
                 "https://a.a.run.app"
             )

@@ -114,7 +114,7 @@ impl Entries {
                 evicted.wake.notify_one();
                 tracing::debug!(
                     identity = evicted.key.identity(),
-                    audience = evicted.key.audience(),
+                    audience = crate::domain::LogText::new(evicted.key.audience()).as_str(),
                     "evicted least recently used entry"
                 );
             }

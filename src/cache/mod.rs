@@ -8,7 +8,12 @@
 //! [`EXPIRY_MARGIN`] it counts as expired and callers wait on the shared
 //! fetch. After a failed attempt, further attempts back off
 //! ([`backoff::Backoff`]), and callers with nothing valid to be served get
-//! the last error at once instead of hammering upstream.
+//! the last error at once instead of hammering upstream. An answer that
+//! leaves nothing to serve (the same token again, or a token with no more
+//! than [`EXPIRY_MARGIN`] of life) is such a failure, not a success.
+//!
+//! Whatever happens inside a fetch, a panic included, its completion runs
+//! ([`InFlight`]): no key can be left marked as fetching.
 //!
 //! Every entry has one background refresher ([`refresher`]) that renews its
 //! token before it turns stale, at a time spread by jitter
@@ -37,11 +42,12 @@ pub use key::CacheKey;
 use crate::{
     clock::Clock,
     config::RefreshSettings,
-    domain::AudienceError,
-    source::{IdTokenSource, SourceError},
+    domain::{AudienceError, IdentityError},
+    source::{IdTokenSource, SourceError, ATTEMPT_TIMEOUT},
     token::IdToken,
 };
 use backoff::Backoff;
+pub use backoff::ON_DEMAND_RETRY_CAP;
 use entries::{Entries, Refusal};
 
 /// A token with less life than this is treated as expired (clock skew).
@@ -50,6 +56,22 @@ pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 /// How long Google's ID tokens live (PROTOCOLS.md): the life a freshly
 /// minted token is assumed to have when bounding `min_valid_for`.
 pub const GOOGLE_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Longest a caller of a key that never held a token rides the key's
+/// retries: every attempt it waits for ends within this of its arrival (an
+/// attempt lasts at most [`ATTEMPT_TIMEOUT`]). Well inside the 30 s a
+/// request waits by default, so a cold caller behind a failing or hung
+/// upstream gets UNAVAILABLE with the upstream's last error, not
+/// DEADLINE_EXCEEDED.
+pub const COLD_WAIT_BUDGET: Duration = Duration::from_secs(15);
+
+/// What a waiting caller does next.
+enum Next {
+    /// Wait for the attempt after generation `.1` to complete.
+    Join(watch::Receiver<u64>, u64),
+    /// Sleep until the key's next attempt may start.
+    Sleep(Instant),
+}
 
 /// How a request was answered, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,9 +113,13 @@ pub enum CacheError {
     #[error(transparent)]
     InvalidAudience(#[from] AudienceError),
     #[error(transparent)]
+    InvalidIdentity(#[from] IdentityError),
+    #[error(transparent)]
     Upstream(#[from] SourceError),
+    /// The caller's `min_valid_for` asks for more life than the newest
+    /// token has.
     #[error(
-        "min_valid_for of {}s is more than the {}s of life a freshly minted token has",
+        "min_valid_for of {}s is more than the {}s of life left in the newest token the upstream gave",
         wanted.as_secs(), available.as_secs()
     )]
     TooShortLived {
@@ -105,6 +131,13 @@ pub enum CacheError {
          by fetches, watch streams or prefetch; retry shortly"
     )]
     Full { max_entries: usize },
+    /// Nothing servable is held and no attempt may start yet (backoff), with
+    /// no upstream error to report.
+    #[error(
+        "no token with more than {}s of life is held (the cached one has {}s left); the next upstream attempt is due in {}s",
+        EXPIRY_MARGIN.as_secs(), left.as_secs(), retry_in.as_secs()
+    )]
+    NoFreshToken { left: Duration, retry_in: Duration },
 }
 
 /// Why [`TokenCache::admit`] did not admit a key.
@@ -276,6 +309,13 @@ impl TokenCache {
     /// A token for `key` with more than `min_valid` (and [`EXPIRY_MARGIN`])
     /// of life left. Waits on the shared upstream fetch when needed; callers
     /// bound the wait with their own deadline.
+    ///
+    /// A caller of a key that never held a token rides the key's retries (on
+    /// its backoff schedule, not extra ones) for as long as the next attempt
+    /// can end within [`COLD_WAIT_BUDGET`] of its arrival; then it gets the
+    /// last upstream error. Every other caller with nothing to be served
+    /// gets the error of the one attempt it waited for, or at once when the
+    /// key is backing off.
     pub async fn get(&self, key: &CacheKey, min_valid: Duration) -> Result<Lookup, CacheError> {
         if !self.upstreams().contains_key(key.identity()) {
             return Err(CacheError::UnknownIdentity(key.identity().to_owned()));
@@ -283,10 +323,11 @@ impl TokenCache {
         let need = min_valid.max(EXPIRY_MARGIN);
         let entry = self.entry(key)?;
         self.inner.entries.touch(&entry);
+        let arrived = Instant::now();
         let mut started = false;
         let mut waited = false;
         loop {
-            let (mut attempts, seen) = {
+            let next = {
                 let mut slot = lock(&entry.state);
                 let now = self.inner.clock.now();
                 slot.last_used = Some(Instant::now());
@@ -307,26 +348,54 @@ impl TokenCache {
                         return Ok(Lookup { token, outcome });
                     }
                 }
-                if waited {
+                // Nothing servable: join the running attempt, or start one
+                // unless the key is backing off. A key that never held a token
+                // has nothing to lose by asking sooner after an outage
+                // (ON_DEMAND_RETRY_CAP); one that held a token waits out its
+                // backoff, even inside the margin.
+                let now = Instant::now();
+                let cold = slot.token.is_none();
+                let may_start = if cold {
+                    slot.backoff.ready_on_demand(now)
+                } else {
+                    slot.backoff.ready(now)
+                };
+                if waited && !cold {
                     // One attempt completed since we began waiting and it gave
                     // nothing usable: answer with what it said, never loop.
-                    return Err(self.failure(&slot, need));
+                    return Err(self.failure(&slot, min_valid));
                 }
-                if !slot.fetching && !slot.backoff.ready(Instant::now()) {
-                    if let Some(err) = &slot.last_error {
-                        return Err(CacheError::Upstream(err.clone()));
-                    }
-                }
-                let attempts = entry.attempts.subscribe();
-                if !slot.fetching {
+                if slot.fetching {
+                    Next::Join(entry.attempts.subscribe(), slot.generation)
+                } else if may_start {
+                    let attempts = entry.attempts.subscribe();
                     started = true;
                     self.start_fetch(&entry, &mut slot);
+                    Next::Join(attempts, slot.generation)
+                } else {
+                    let retry_at = slot.backoff.on_demand_at().unwrap_or(now);
+                    let permanent = slot
+                        .last_error
+                        .as_ref()
+                        .is_some_and(SourceError::is_permanent);
+                    if cold
+                        && !permanent
+                        && retry_at + ATTEMPT_TIMEOUT <= arrived + COLD_WAIT_BUDGET
+                    {
+                        Next::Sleep(retry_at)
+                    } else {
+                        return Err(self.failure(&slot, min_valid));
+                    }
                 }
-                (attempts, slot.generation)
             };
-            // The sender lives in `entry`, which we hold: this cannot fail.
-            let _ = attempts.wait_for(|generation| *generation > seen).await;
-            waited = true;
+            match next {
+                Next::Join(mut attempts, seen) => {
+                    // The sender lives in `entry`, which we hold: this cannot fail.
+                    let _ = attempts.wait_for(|generation| *generation > seen).await;
+                    waited = true;
+                }
+                Next::Sleep(until) => tokio::time::sleep_until(until).await,
+            }
         }
     }
 
@@ -396,7 +465,7 @@ impl TokenCache {
                 Err(err) => {
                     tracing::warn!(
                         identity = key.identity(),
-                        audience = key.audience(),
+                        audience = crate::domain::LogText::new(key.audience()).as_str(),
                         error = %err,
                         "cannot prefetch"
                     );
@@ -556,42 +625,79 @@ impl TokenCache {
     /// caller, so a client that goes away does not cancel it for the others.
     fn start_fetch(&self, entry: &Arc<Entry>, slot: &mut Slot) {
         slot.fetching = true;
-        let cache = self.clone();
-        let entry = entry.clone();
+        let flight = InFlight {
+            cache: self.clone(),
+            entry: entry.clone(),
+            recorded: false,
+        };
         tokio::spawn(async move {
-            let result = cache.fetch(&entry.key).await;
-            cache.complete(&entry, result);
+            let result = flight.cache.fetch(&flight.entry.key).await;
+            flight.finish(result);
         });
     }
 
-    /// Records one finished upstream attempt and tells everyone waiting.
-    fn complete(&self, entry: &Entry, result: Result<IdToken, SourceError>) {
+    /// Records one finished upstream attempt (the slot's token, error and
+    /// backoff) and publishes a new token to watchers. [`InFlight`] then
+    /// ends the attempt and tells everyone waiting.
+    fn record(&self, entry: &Entry, result: Result<IdToken, SourceError>) {
         let settings = &self.inner.settings;
         let now = self.inner.clock.now();
-        let (generation, new_token) = {
+        let new_token = {
             let mut slot = lock(&entry.state);
             let mut new_token = None;
+            let same = match &result {
+                Ok(token) => slot
+                    .token
+                    .as_ref()
+                    .is_some_and(|old| old.same_token_as(token)),
+                Err(_) => false,
+            };
+            // A token that cannot be served (the same one again with no
+            // more than the margin left, or one minted with so little life)
+            // is a failed attempt: it backs off rather than being asked for
+            // again at once.
+            let result = result.and_then(|token| {
+                let left = token.remaining(now);
+                if left > EXPIRY_MARGIN {
+                    return Ok(token);
+                }
+                let upstream = self
+                    .source(entry.key.identity())
+                    .map(|s| s.upstream().to_owned())
+                    .unwrap_or_else(|| format!("identity {:?}", entry.key.identity()));
+                let message = if same {
+                    format!(
+                        "it returned the token it already gave, now with {}s left; the broker serves a token only while more than {}s are left, and the upstream has no fresher one yet",
+                        left.as_secs(),
+                        EXPIRY_MARGIN.as_secs()
+                    )
+                } else {
+                    format!(
+                        "it returned a token with only {}s of life; the broker serves a token only while more than {}s are left",
+                        left.as_secs(),
+                        EXPIRY_MARGIN.as_secs()
+                    )
+                };
+                Err(SourceError::InvalidResponse { upstream, message })
+            });
             match result {
                 Ok(token) => {
-                    let same = slot
-                        .token
-                        .as_ref()
-                        .is_some_and(|old| old.same_token_as(&token));
                     if same {
-                        // The metadata server answered from its own cache: a
-                        // success, but the next try waits for a new token.
+                        // The metadata server answered from its own cache:
+                        // still usable, but not a new token. It ends no
+                        // backoff; the next try waits for a new token.
                         tracing::debug!(
                             identity = entry.key.identity(),
-                            audience = entry.key.audience(),
+                            audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
                             "upstream returned the same token"
                         );
                     } else {
                         new_token = Some(token.clone());
+                        slot.backoff.succeeded();
                     }
                     slot.refresh_at = Some(schedule::plan_refresh(&token, now, same, settings));
                     slot.token = Some(token);
                     slot.last_error = None;
-                    slot.backoff.succeeded();
                 }
                 Err(err) => {
                     if slot.token.is_some() {
@@ -604,43 +710,62 @@ impl TokenCache {
                     }
                     tracing::warn!(
                         identity = entry.key.identity(),
-                        audience = entry.key.audience(),
-                        error = %err,
+                        audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
+                        error = err.to_string(),
                         "upstream fetch failed"
                     );
                     slot.backoff.failed(
                         Instant::now(),
-                        err.is_permanent(),
+                        &err,
                         settings.retry_initial,
                         settings.retry_max,
                     );
                     slot.last_error = Some(err);
                 }
             }
-            slot.fetching = false;
-            slot.generation += 1;
-            (slot.generation, new_token)
+            new_token
         };
         if let Some(token) = new_token {
             entry.tokens.send_replace(Some(token));
         }
-        entry.attempts.send_replace(generation);
-        entry.wake.notify_one();
     }
 
+    /// One upstream attempt, bounded by [`ATTEMPT_TIMEOUT`] from the moment
+    /// it is asked for, waiting for a free upstream slot included.
     async fn fetch(&self, key: &CacheKey) -> Result<IdToken, SourceError> {
         let Some(upstream) = self.upstreams().get(key.identity()).cloned() else {
             // Removed by a reload while this fetch was queued.
             return Err(SourceError::Unavailable {
                 upstream: format!("identity {:?}", key.identity()),
-                attempts: 0,
                 message: "the identity was removed from the configuration".into(),
+                retry_after: None,
             });
         };
+        let timed_out = |message: String| SourceError::Unavailable {
+            upstream: upstream.source.upstream().to_owned(),
+            message,
+            retry_after: None,
+        };
+        let deadline = Instant::now() + ATTEMPT_TIMEOUT;
         // The semaphore is never closed, so acquire cannot fail.
-        let _permit = upstream.permits.acquire().await;
+        let _permit = tokio::time::timeout_at(deadline, upstream.permits.acquire())
+            .await
+            .map_err(|_| {
+                timed_out(format!(
+                    "no upstream call slot came free within {}s (refresh.upstream_concurrency = {} calls are in flight and not finishing)",
+                    ATTEMPT_TIMEOUT.as_secs(),
+                    self.inner.settings.upstream_concurrency
+                ))
+            })?;
         let started = Instant::now();
-        let result = upstream.source.fetch(key.audience()).await;
+        let result = tokio::time::timeout_at(deadline, upstream.source.fetch(key.audience()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(timed_out(format!(
+                    "no answer within {}s",
+                    ATTEMPT_TIMEOUT.as_secs()
+                )))
+            });
         let metrics = crate::metrics::get();
         let source = upstream.source.kind().as_str();
         metrics
@@ -665,7 +790,7 @@ impl TokenCache {
             .inc();
         tracing::debug!(
             identity = key.identity(),
-            audience = key.audience(),
+            audience = crate::domain::LogText::new(key.audience()).as_str(),
             upstream = upstream.source.upstream(),
             ok = result.is_ok(),
             latency_ms = started.elapsed().as_millis() as u64,
@@ -674,18 +799,81 @@ impl TokenCache {
         result
     }
 
-    fn failure(&self, slot: &Slot, need: Duration) -> CacheError {
-        match (&slot.last_error, &slot.token) {
-            (Some(err), _) => CacheError::Upstream(err.clone()),
-            (None, Some(token)) => CacheError::TooShortLived {
-                wanted: need,
-                available: token.remaining(self.inner.clock.now()),
-            },
-            (None, None) => CacheError::TooShortLived {
-                wanted: need,
-                available: Duration::ZERO,
+    /// Why a caller asking for `min_valid` (its own `min_valid_for`, zero
+    /// when it sent none) gets no token now.
+    fn failure(&self, slot: &Slot, min_valid: Duration) -> CacheError {
+        let left = slot
+            .token
+            .as_ref()
+            .map_or(Duration::ZERO, |t| t.remaining(self.inner.clock.now()));
+        match &slot.last_error {
+            Some(err) => CacheError::Upstream(err.clone()),
+            None if min_valid > EXPIRY_MARGIN && left > EXPIRY_MARGIN => {
+                CacheError::TooShortLived {
+                    wanted: min_valid,
+                    available: left,
+                }
+            }
+            None => CacheError::NoFreshToken {
+                left,
+                retry_in: slot.backoff.retry_at().map_or(Duration::ZERO, |at| {
+                    at.saturating_duration_since(Instant::now())
+                }),
             },
         }
+    }
+}
+
+/// One upstream attempt under way for an entry. However the attempt ends
+/// (an answer, a panic in the source or in recording, the runtime shutting
+/// down), dropping this clears `fetching`, bumps the generation and wakes
+/// waiters and the refresher, so no bug can wedge a key.
+struct InFlight {
+    cache: TokenCache,
+    entry: Arc<Entry>,
+    recorded: bool,
+}
+
+impl InFlight {
+    fn finish(mut self, result: Result<IdToken, SourceError>) {
+        self.recorded = true;
+        self.cache.record(&self.entry, result);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.recorded {
+            // A panic under the fetch (a bug), or the runtime dropping the
+            // task as the broker stops.
+            tracing::warn!(
+                identity = self.entry.key.identity(),
+                audience = self.entry.key.audience(),
+                "an upstream fetch ended without an answer (it panicked, or the broker is stopping); the key backs off and retries"
+            );
+            let upstream = self
+                .cache
+                .source(self.entry.key.identity())
+                .map(|s| s.upstream().to_owned())
+                .unwrap_or_else(|| format!("identity {:?}", self.entry.key.identity()));
+            self.recorded = true;
+            self.cache.record(
+                &self.entry,
+                Err(SourceError::Unavailable {
+                    upstream,
+                    message: "the fetch ended without an answer (an internal error; see the broker's log)".into(),
+                    retry_after: None,
+                }),
+            );
+        }
+        let generation = {
+            let mut slot = lock(&self.entry.state);
+            slot.fetching = false;
+            slot.generation += 1;
+            slot.generation
+        };
+        self.entry.attempts.send_replace(generation);
+        self.entry.wake.notify_one();
     }
 }
 

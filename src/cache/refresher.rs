@@ -35,7 +35,7 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
             cache.inner.entries.remove(&entry);
             tracing::debug!(
                 identity = entry.key.identity(),
-                audience = entry.key.audience(),
+                audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
                 "dropped idle entry"
             );
             return;

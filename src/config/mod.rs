@@ -18,7 +18,8 @@ pub use load::{process_env, Overrides};
 pub use resolve::resolve_socket_path;
 pub use settings::{
     IdentitySettings, LimitSettings, LogFormat, LogSettings, MetadataEndpointSettings,
-    PrefetchSettings, RefreshSettings, RuleSettings, ServerSettings, Settings, TelemetrySettings,
+    PrefetchSettings, RefreshSettings, RuleSettings, ServerSettings, Settings, SinkFormat,
+    SinkSettings, TelemetrySettings,
 };
 
 use crate::domain::Problem;

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{IdentitySettings, Settings, CREDENTIALS_ENV, SOCKET_ENV};
+use super::{IdentitySettings, Settings, SinkSettings, CREDENTIALS_ENV, SOCKET_ENV};
 use crate::domain::{SourceKind, DEFAULT_IDENTITY};
 
 impl Settings {
@@ -86,5 +86,12 @@ pub(super) fn parse_mode(text: &str) -> Result<u32, String> {
         _ => Err(format!(
             "{text:?} is not an octal permission string like \"0660\""
         )),
+    }
+}
+
+impl SinkSettings {
+    /// The file's permission bits (validated).
+    pub fn mode_bits(&self) -> u32 {
+        parse_mode(&self.mode).unwrap_or(0o600)
     }
 }

@@ -31,6 +31,8 @@ pub struct Settings {
     pub telemetry: Option<TelemetrySettings>,
     /// Logging format and filter.
     pub log: LogSettings,
+    /// Tokens kept in files for programs that can only read a file.
+    pub sinks: Vec<SinkSettings>,
 }
 
 /// `[server]`: the Unix socket.
@@ -78,6 +80,41 @@ pub struct MetadataEndpointSettings {
     /// Permit a non-loopback `listen` address (anyone who can reach it gets tokens).
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Most connections open at once; more are closed at accept.
+    #[serde(default = "default_endpoint_max_connections")]
+    pub max_connections: usize,
+    /// Most connections one uid may hold open at once (at most `max_connections`).
+    #[serde(default = "default_endpoint_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Longest a client may take to send a request's headers, counted from
+    /// when the connection is ready for a request (so also the longest an
+    /// idle keep-alive connection stays open).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a connection may stay open with no request being answered
+    /// (a client that stops reading its answer, or trickles a body).
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+fn default_endpoint_max_connections() -> usize {
+    256
+}
+
+fn default_endpoint_max_connections_per_uid() -> usize {
+    64
+}
+
+fn default_telemetry_max_connections() -> usize {
+    32
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_http_idle_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Audiences of one identity to fetch at startup and keep fresh, so the
@@ -109,7 +146,7 @@ pub struct RefreshSettings {
     /// First backoff after an upstream failure.
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
-    /// Backoff ceiling.
+    /// Backoff ceiling; also caps the wait an upstream asks for (`Retry-After`).
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
     /// Keys nobody asked for this long stop being refreshed and are dropped.
@@ -139,9 +176,23 @@ impl Default for RefreshSettings {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
-    /// e.g. "127.0.0.1:9464". Metrics name identities and counts; they
-    /// carry no secrets, but keep it off public interfaces.
+    /// e.g. "127.0.0.1:9464". Loopback only unless `allow_non_loopback`.
+    /// Metrics name identities and counts; they carry no secrets, but
+    /// describe what runs here to anyone who can reach them.
     pub listen: std::net::SocketAddr,
+    /// Permit a non-loopback `listen` address (for a scraper on another host).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+    /// Most connections open at once; more are closed at accept.
+    #[serde(default = "default_telemetry_max_connections")]
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers (also the
+    /// longest an idle keep-alive connection stays open).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a connection may stay open with no request being answered.
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 /// Limits on what clients can make the daemon do. Each has a safe default.
@@ -161,6 +212,16 @@ pub struct LimitSettings {
     pub max_connections: usize,
     /// Most `WatchIdToken` streams open at once.
     pub max_streams: usize,
+    /// Most client connections one uid may hold open at once (at most
+    /// `max_connections`), so no user can take them all.
+    pub max_connections_per_uid: usize,
+    /// Most `WatchIdToken` streams one uid may hold open at once (at most
+    /// `max_streams`).
+    pub max_streams_per_uid: usize,
+    /// A connection with no call open this long is closed (clients
+    /// reconnect on their next call).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for LimitSettings {
@@ -171,6 +232,9 @@ impl Default for LimitSettings {
             new_audience_burst: 30,
             max_connections: 1024,
             max_streams: 1024,
+            max_connections_per_uid: 256,
+            max_streams_per_uid: 256,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -240,4 +304,74 @@ pub struct RuleSettings {
     /// Audiences granted: exact strings, or patterns where `*` matches
     /// within one DNS label (`https://*.a.run.app`); `"*"` alone grants any.
     pub audiences: Vec<String>,
+}
+
+/// What a sink file holds.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    /// The bare token, no newline.
+    #[default]
+    Jwt,
+    /// `{"token", "expire_time", "issue_time", "identity", "audience"}`.
+    Json,
+    /// `NAME=token`, for systemd's `EnvironmentFile=`.
+    Env,
+    /// `Authorization: Bearer token`.
+    Header,
+}
+
+/// One `[[sinks]]` table: an ID token kept fresh in a file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// The identity whose token is written.
+    #[serde(default = "default_identity_name")]
+    pub identity: String,
+    /// The audience of the ID token written.
+    pub audience: String,
+    /// The file, written atomically (a temporary file in the same directory,
+    /// then a rename) at every refresh. Absolute.
+    pub path: PathBuf,
+    /// `jwt`, `json`, `env` or `header`.
+    #[serde(default)]
+    pub format: SinkFormat,
+    /// The variable name for `format = "env"`.
+    #[serde(default = "default_env_name")]
+    pub env_name: String,
+    /// The file's owner (name or id); unset: the daemon's user.
+    #[serde(default)]
+    pub owner: Option<Principal>,
+    /// The file's group (name or id); unset: the daemon's group.
+    #[serde(default)]
+    pub group: Option<Principal>,
+    /// Permission bits as an octal string.
+    #[serde(default = "default_sink_mode")]
+    pub mode: String,
+    /// A command run after each write: an argv array, no shell, the program
+    /// as an absolute path.
+    #[serde(default)]
+    pub on_refresh: Vec<String>,
+    /// Longest `on_refresh` may run before it is killed.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub on_refresh_timeout: Duration,
+    /// A signal (e.g. `"SIGHUP"`) sent after each write to the process whose
+    /// pid is in `pid_file`; instead of `on_refresh`.
+    #[serde(default)]
+    pub signal: Option<String>,
+    /// The pid file read for `signal`.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+}
+
+fn default_env_name() -> String {
+    "ID_TOKEN".into()
+}
+
+fn default_sink_mode() -> String {
+    "0600".into()
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(30)
 }

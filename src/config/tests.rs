@@ -203,10 +203,20 @@ fn every_key_present() -> Settings {
         identity: "default".into(),
         audiences: vec![],
         allow_non_loopback: false,
+        max_connections: 256,
+        max_connections_per_uid: 64,
+        header_read_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(30),
     });
     s.telemetry = Some(TelemetrySettings {
         listen: "127.0.0.1:9464".parse().unwrap(),
+        allow_non_loopback: false,
+        max_connections: 32,
+        header_read_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(30),
     });
+    s.sinks
+        .push(toml::from_str("audience = \"https://a\"\npath = \"/run/t/a.jwt\"\n").unwrap());
     s
 }
 

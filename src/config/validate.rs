@@ -6,7 +6,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use super::{resolve::parse_mode, ConfigError, Settings};
-use crate::domain::{validate_audience, validate_identity_name, Problem, SourceKind};
+use crate::domain::{validate_audience, validate_identity_name, Principal, Problem, SourceKind};
 
 impl Settings {
     /// Every semantic problem this layer can see, each naming its key.
@@ -159,6 +159,35 @@ impl Settings {
         if l.max_streams == 0 {
             problems.push(Problem::new("limits.max_streams", "must be at least 1"));
         }
+        share_problems(
+            "limits.max_connections_per_uid",
+            l.max_connections_per_uid,
+            &mut problems,
+        );
+        share_problems(
+            "limits.max_streams_per_uid",
+            l.max_streams_per_uid,
+            &mut problems,
+        );
+        timeout_problems("limits.idle_timeout", l.idle_timeout, &mut problems);
+        if let Some(telemetry) = &self.telemetry {
+            if telemetry.max_connections == 0 {
+                problems.push(Problem::new(
+                    "telemetry.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            timeout_problems(
+                "telemetry.header_read_timeout",
+                telemetry.header_read_timeout,
+                &mut problems,
+            );
+            timeout_problems(
+                "telemetry.idle_timeout",
+                telemetry.idle_timeout,
+                &mut problems,
+            );
+        }
         if let Some(endpoint) = &self.metadata_endpoint {
             if !endpoint.listen.ip().is_loopback() && !endpoint.allow_non_loopback {
                 problems.push(Problem::new(
@@ -170,6 +199,27 @@ impl Settings {
                     ),
                 ));
             }
+            if endpoint.max_connections == 0 {
+                problems.push(Problem::new(
+                    "metadata_endpoint.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            share_problems(
+                "metadata_endpoint.max_connections_per_uid",
+                endpoint.max_connections_per_uid,
+                &mut problems,
+            );
+            timeout_problems(
+                "metadata_endpoint.header_read_timeout",
+                endpoint.header_read_timeout,
+                &mut problems,
+            );
+            timeout_problems(
+                "metadata_endpoint.idle_timeout",
+                endpoint.idle_timeout,
+                &mut problems,
+            );
             for (j, audience) in endpoint.audiences.iter().enumerate() {
                 if let Err(e) = validate_audience(audience) {
                     problems.push(Problem::new(
@@ -177,6 +227,18 @@ impl Settings {
                         e.to_string(),
                     ));
                 }
+            }
+        }
+        if let Some(telemetry) = &self.telemetry {
+            if !telemetry.listen.ip().is_loopback() && !telemetry.allow_non_loopback {
+                problems.push(Problem::new(
+                    "telemetry.listen",
+                    format!(
+                        "{} is not a loopback address; anyone who can reach it reads the metrics. \
+                         Use 127.0.0.1, or set telemetry.allow_non_loopback = true",
+                        telemetry.listen
+                    ),
+                ));
             }
         }
         if self.server.ready_after_prefetch && self.prefetch.is_empty() {
@@ -188,7 +250,123 @@ impl Settings {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             problems.push(Problem::new("log.filter", e.to_string()));
         }
+        self.sink_problems(&mut problems);
         problems
+    }
+
+    fn sink_problems(&self, problems: &mut Vec<Problem>) {
+        let mut paths = HashSet::new();
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let key = |field: &str| format!("sinks[{i}].{field}");
+            if let Err(message) = validate_identity_name(&sink.identity) {
+                problems.push(Problem::new(key("identity"), message));
+            }
+            if let Err(e) = validate_audience(&sink.audience) {
+                problems.push(Problem::new(key("audience"), e.to_string()));
+            }
+            let path_ok = sink.path.is_absolute()
+                && sink.path.file_name().is_some()
+                && sink
+                    .path
+                    .parent()
+                    .is_some_and(|p| p != std::path::Path::new("/"));
+            if !path_ok {
+                problems.push(Problem::new(
+                    key("path"),
+                    format!(
+                        "{:?} must be an absolute path to a file inside a directory, e.g. \"/run/tokens/api.jwt\"",
+                        sink.path
+                    ),
+                ));
+            } else if !paths.insert(sink.path.as_path()) {
+                problems.push(Problem::new(
+                    key("path"),
+                    format!("{:?} is written by another sink too", sink.path),
+                ));
+            }
+            let name_ok = !sink.env_name.is_empty()
+                && sink.env_name.len() <= 128
+                && !sink.env_name.starts_with(|c: char| c.is_ascii_digit())
+                && sink
+                    .env_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !name_ok {
+                problems.push(Problem::new(
+                    key("env_name"),
+                    format!(
+                        "{:?} is not an environment variable name (A-Z a-z 0-9 _, not starting with a digit)",
+                        sink.env_name
+                    ),
+                ));
+            }
+            match parse_mode(&sink.mode) {
+                Err(message) => problems.push(Problem::new(key("mode"), message)),
+                Ok(mode) if mode & 0o133 != 0 => problems.push(Problem::new(
+                    key("mode"),
+                    format!(
+                        "{:?} lets others change the file or marks it executable; a token file \
+                         should be at most \"0644\" (\"0600\" or \"0640\" with a group are better)",
+                        sink.mode
+                    ),
+                )),
+                Ok(_) => {}
+            }
+            for (field, principal, resolve) in [
+                (
+                    "owner",
+                    &sink.owner,
+                    Principal::resolve_user as fn(&Principal) -> _,
+                ),
+                ("group", &sink.group, Principal::resolve_group),
+            ] {
+                if let Some(Err(message)) = principal.as_ref().map(resolve) {
+                    problems.push(Problem::new(key(field), message));
+                }
+            }
+            if let Some(program) = sink.on_refresh.first() {
+                if !std::path::Path::new(program).is_absolute() {
+                    problems.push(Problem::new(
+                        key("on_refresh"),
+                        format!("the program {program:?} must be an absolute path (no shell, no PATH search)"),
+                    ));
+                }
+            }
+            if !(Duration::from_secs(1)..=Duration::from_secs(600))
+                .contains(&sink.on_refresh_timeout)
+            {
+                problems.push(Problem::new(
+                    key("on_refresh_timeout"),
+                    "must be between 1s and 10m",
+                ));
+            }
+            match (&sink.signal, &sink.pid_file) {
+                (Some(signal), Some(pid_file)) => {
+                    if signal.parse::<nix::sys::signal::Signal>().is_err() {
+                        problems.push(Problem::new(
+                            key("signal"),
+                            format!("{signal:?} is not a signal name like \"SIGHUP\""),
+                        ));
+                    }
+                    if !pid_file.is_absolute() {
+                        problems.push(Problem::new(key("pid_file"), "must be an absolute path"));
+                    }
+                    if !sink.on_refresh.is_empty() {
+                        problems.push(Problem::new(
+                            key("signal"),
+                            "set either on_refresh or signal with pid_file, not both",
+                        ));
+                    }
+                }
+                (Some(_), None) => {
+                    problems.push(Problem::new(key("pid_file"), "required with signal"))
+                }
+                (None, Some(_)) => {
+                    problems.push(Problem::new(key("signal"), "required with pid_file"))
+                }
+                (None, None) => {}
+            }
+        }
     }
 
     /// `Ok` when [`Settings::problems`] finds none.
@@ -199,6 +377,21 @@ impl Settings {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+}
+
+/// A per-uid share must be at least 1; above its total it is the total
+/// (so lowering a total alone stays valid).
+fn share_problems(key: &str, share: usize, problems: &mut Vec<Problem>) {
+    if share == 0 {
+        problems.push(Problem::new(key, "must be at least 1"));
+    }
+}
+
+/// A connection timeout must leave a client time to talk.
+fn timeout_problems(key: &str, timeout: Duration, problems: &mut Vec<Problem>) {
+    if timeout < Duration::from_millis(100) {
+        problems.push(Problem::new(key, "must be at least 100ms"));
     }
 }
 

@@ -32,6 +32,12 @@ impl Principal {
         }
     }
 
+    /// As a user: its uid, or an error naming the unknown user.
+    pub fn resolve_user(&self) -> Result<u32, String> {
+        self.resolve(lookup_user)
+            .ok_or_else(|| format!("no such user {self} on this system"))
+    }
+
     /// As a group: its gid, or an error naming the unknown group.
     pub fn resolve_group(&self) -> Result<u32, String> {
         self.resolve(lookup_group)

@@ -163,13 +163,14 @@ async fn identity(shared: &Shared, headers: &HeaderMap, account: &str, query: &Q
     let response = identity_answer(shared, headers, account, query, &faults);
     let succeeded = response.status() == StatusCode::OK && !faults.corrupts_tokens();
     shared.count_outcome(Endpoint::Identity, succeeded);
-    response
+    faults.deliver(response).await
 }
 
 impl ActiveFaults {
-    /// Whether a 200 answer carries something other than a correct token.
+    /// Whether a 200 answer carries something other than a correct token
+    /// delivered in time.
     fn corrupts_tokens(&self) -> bool {
-        self.malformed || self.expired || self.wrong_audience
+        self.malformed || self.bends_tokens() || self.stall_after_headers || self.trickle.is_some()
     }
 }
 
@@ -227,7 +228,7 @@ fn identity_answer(
     let minted = match faults.metadata_cache {
         // Deliberately bad tokens are never cached: a real cache only ever
         // holds what the server issued normally.
-        Some(min_left) if !faults.expired && !faults.wrong_audience => {
+        Some(min_left) if !faults.bends_tokens() => {
             let key: MetadataCacheKey = (audience.to_owned(), full.to_string(), licenses);
             let now = shared.clock.unix_seconds();
             let mut cache = lock(&shared.metadata_cache);

@@ -163,9 +163,9 @@ pub struct Faults {
     /// Answer this HTTP status: a JSON OAuth error body on `/token`
     /// (`internal_failure` for 5xx), a text body on the metadata server.
     pub status: Option<u16>,
-    /// Only the next N matching calls get the failure faults (status, delay,
-    /// malformed, missing_id_token, non_json, expired, wrong_audience,
-    /// huge_token_bytes); later calls are answered normally. Without it the
+    /// Only the next N matching calls get the failure faults (every field
+    /// but `token_lifetime_secs`, `metadata_cache_secs`, `endpoint` and
+    /// `flap_secs`); later calls are answered normally. Without it the
     /// faults last until cleared.
     pub fail_next: Option<u64>,
     /// Sleep this long (tokio time, so paused clocks apply) before answering.
@@ -189,9 +189,23 @@ pub struct Faults {
     /// `"identity"` or `"token"`: the only endpoint the faults apply to.
     /// `None`: both.
     pub endpoint: Option<String>,
-    /// Issue validly signed tokens carrying a `padding` claim of this many
-    /// bytes: a huge answer from an upstream that otherwise behaves.
-    pub huge_token_bytes: Option<u64>,
+    /// With `status`: send `Retry-After: N` (seconds), as Google does on
+    /// 429 and 503.
+    pub retry_after_secs: Option<u64>,
+    /// Accept the request and never answer (a hung upstream).
+    pub hang: bool,
+    /// Answer 200 with headers, then never send the body.
+    pub stall_after_headers: bool,
+    /// Send the answer's body at this many bytes per second.
+    pub trickle_bytes_per_sec: Option<u64>,
+    /// Flapping: the failure faults apply for N seconds, then not for N
+    /// seconds, and so on, starting (down) when the faults are set.
+    pub flap_secs: Option<u64>,
+    /// Pad issued tokens with a junk claim to about this many bytes.
+    pub huge_body_bytes: Option<u64>,
+    /// Claims written over those of issued tokens (e.g. `exp` = 1e19, a
+    /// string `iat`, an `exp` ten years out), signed as usual.
+    pub override_claims: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Faults {
@@ -203,6 +217,15 @@ impl Faults {
             if !(100..=599).contains(&status) {
                 problems.push(format!("status {status} is not an HTTP status"));
             }
+        }
+        if self.retry_after_secs.is_some() && self.status.is_none() {
+            problems.push("retry_after_secs needs a status (429 or 503)".to_owned());
+        }
+        if self.trickle_bytes_per_sec == Some(0) {
+            problems.push("trickle_bytes_per_sec must be at least 1".to_owned());
+        }
+        if self.flap_secs == Some(0) {
+            problems.push("flap_secs must be at least 1".to_owned());
         }
         if let Some(endpoint) = self.endpoint.as_deref() {
             if Endpoint::from_name(endpoint).is_none() {
@@ -252,15 +275,63 @@ pub(crate) struct ActiveFaults {
     pub(crate) wrong_audience: bool,
     pub(crate) token_lifetime: Option<Duration>,
     pub(crate) metadata_cache: Option<Duration>,
-    pub(crate) huge_token: Option<usize>,
+    pub(crate) retry_after: Option<u64>,
+    pub(crate) hang: bool,
+    pub(crate) stall_after_headers: bool,
+    pub(crate) trickle: Option<u64>,
+    pub(crate) huge_body: Option<u64>,
+    pub(crate) override_claims: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ActiveFaults {
-    /// Sleeps for the injected delay, if any.
+    /// Sleeps for the injected delay, if any; a hang never returns (the
+    /// client's timeout ends the call).
     pub(crate) async fn delay(&self) {
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
         }
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether issued tokens are bent (never kept by the metadata cache).
+    pub(crate) fn bends_tokens(&self) -> bool {
+        self.expired
+            || self.wrong_audience
+            || self.override_claims.is_some()
+            || self.huge_body.is_some()
+    }
+
+    /// Delivers `response` as the transport faults say: `Retry-After` on an
+    /// injected status, headers then silence, or a trickle.
+    pub(crate) async fn deliver(&self, mut response: Response) -> Response {
+        use axum::body::{Body, Bytes};
+        use tokio_stream::StreamExt;
+        if let (Some(secs), Some(_)) = (self.retry_after, self.status) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        if self.stall_after_headers {
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+            let never = tokio_stream::pending::<Result<Bytes, std::convert::Infallible>>();
+            *response.body_mut() = Body::from_stream(never);
+        } else if let Some(rate) = self.trickle {
+            let (parts, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
+            let chunks: Vec<Result<Bytes, std::convert::Infallible>> = bytes
+                .chunks(usize::try_from(rate).unwrap_or(usize::MAX).max(1))
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            let mut parts = parts;
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let slow = tokio_stream::iter(chunks).throttle(Duration::from_secs(1));
+            response = Response::from_parts(parts, Body::from_stream(slow));
+        }
+        response
     }
 }
 
@@ -269,6 +340,8 @@ struct FaultState {
     faults: Faults,
     /// Calls left that get the failure faults; `None` = unlimited.
     remaining: Option<u64>,
+    /// When the faults were set (the flapping cycle starts here).
+    set_at: Option<std::time::SystemTime>,
 }
 
 /// The fake instance the metadata server runs on, for `format=full` tokens.
@@ -370,14 +443,22 @@ impl Shared {
             metadata_cache: faults.metadata_cache_secs.map(Duration::from_secs),
             ..ActiveFaults::default()
         };
-        let failing = match state.remaining {
-            None => true,
-            Some(0) => false,
-            Some(n) => {
-                state.remaining = Some(n - 1);
-                true
+        let down = match (faults.flap_secs, state.set_at) {
+            (Some(period), Some(set_at)) => {
+                let elapsed = self.clock.now().duration_since(set_at).unwrap_or_default();
+                (elapsed.as_secs() / period) % 2 == 0
             }
+            _ => true,
         };
+        let failing = down
+            && match state.remaining {
+                None => true,
+                Some(0) => false,
+                Some(n) => {
+                    state.remaining = Some(n - 1);
+                    true
+                }
+            };
         if failing {
             active.status = faults
                 .status
@@ -388,9 +469,12 @@ impl Shared {
             active.non_json = faults.non_json;
             active.expired = faults.expired;
             active.wrong_audience = faults.wrong_audience;
-            active.huge_token = faults
-                .huge_token_bytes
-                .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+            active.retry_after = faults.retry_after_secs;
+            active.hang = faults.hang;
+            active.stall_after_headers = faults.stall_after_headers;
+            active.trickle = faults.trickle_bytes_per_sec;
+            active.huge_body = faults.huge_body_bytes;
+            active.override_claims = faults.override_claims;
         }
         active
     }
@@ -398,6 +482,7 @@ impl Shared {
     fn set_faults(&self, faults: Faults) {
         let mut state = lock(&self.faults);
         state.remaining = faults.fail_next;
+        state.set_at = Some(self.clock.now());
         state.faults = faults;
         // A new fault set starts from an empty metadata cache, so a test that
         // turns caching on sees exactly the tokens issued after that.
@@ -448,8 +533,15 @@ impl Shared {
         if let Some(google) = &request.google {
             claims.insert("google".into(), google.clone());
         }
-        if let Some(bytes) = faults.huge_token {
-            claims.insert("padding".into(), "x".repeat(bytes).into());
+        if let Some(bytes) = faults.huge_body {
+            // base64 grows text by 4/3: pad to about `bytes` of JWT.
+            let pad = usize::try_from(bytes / 4 * 3).unwrap_or(usize::MAX);
+            claims.insert("padding".into(), "x".repeat(pad).into());
+        }
+        if let Some(overrides) = &faults.override_claims {
+            for (name, value) in overrides {
+                claims.insert(name.clone(), value.clone());
+            }
         }
         let jwt = self.issuer.sign(&claims)?;
         Ok(MintedToken { jwt, exp })
@@ -866,6 +958,89 @@ mod tests {
         assert_eq!(response.status(), 204);
         assert_eq!(emulator.stats(), Stats::default());
         emulator.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hostile_upstream_faults() {
+        let emulator = Emulator::start(EmulatorOptions {
+            clock: Clock::tokio(),
+            ..EmulatorOptions::default()
+        })
+        .await
+        .expect("start");
+        let client = client();
+        let send = || {
+            client
+                .get(identity_url(&emulator, "aud", "full"))
+                .header("Metadata-Flavor", "Google")
+                .send()
+        };
+
+        emulator.set_faults(Faults {
+            status: Some(429),
+            retry_after_secs: Some(30),
+            ..Faults::default()
+        });
+        let response = send().await.expect("send");
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "30");
+
+        // Claims written over, signed as usual; padding to a huge size.
+        emulator.set_faults(Faults {
+            override_claims: serde_json::json!({"exp": 9.3e18, "iat": "soon"})
+                .as_object()
+                .cloned(),
+            huge_body_bytes: Some(100_000),
+            ..Faults::default()
+        });
+        let jwt = get_identity(&client, &emulator, "aud", "full").await;
+        assert!(jwt.len() >= 99_000, "{}", jwt.len());
+        let claims = unverified(&jwt);
+        assert_eq!(claims["exp"], 9.3e18);
+        assert_eq!(claims["iat"], "soon");
+
+        // Flapping: down for 20 s, up for 20 s, down again.
+        emulator.set_faults(Faults {
+            status: Some(503),
+            flap_secs: Some(20),
+            ..Faults::default()
+        });
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(send().await.expect("send").status().as_u16());
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        }
+        assert_eq!(seen, [503, 200, 503]);
+
+        // A trickle delivers the whole body, slowly.
+        emulator.set_faults(Faults {
+            trickle_bytes_per_sec: Some(100),
+            ..Faults::default()
+        });
+        let started = tokio::time::Instant::now();
+        let jwt = get_identity(&client, &emulator, "aud", "full").await;
+        assert!(started.elapsed() >= Duration::from_secs(jwt.len() as u64 / 100 - 1));
+        verify(&jwt, &emulator.issuer_decoding_key(), "aud");
+
+        // Headers, then nothing; and no answer at all.
+        emulator.set_faults(Faults {
+            stall_after_headers: true,
+            ..Faults::default()
+        });
+        let response = send().await.expect("headers arrive");
+        assert_eq!(response.status(), 200);
+        let body = tokio::time::timeout(Duration::from_secs(600), response.text()).await;
+        assert!(body.is_err(), "the body never comes");
+        emulator.set_faults(Faults {
+            hang: true,
+            ..Faults::default()
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_secs(600), send())
+                .await
+                .is_err(),
+            "no answer"
+        );
     }
 
     #[tokio::test]

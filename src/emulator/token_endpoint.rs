@@ -139,11 +139,12 @@ pub(super) async fn handle(
         && !(faults.malformed
             || faults.missing_id_token
             || faults.non_json
-            || faults.expired
-            || faults.wrong_audience);
+            || faults.bends_tokens()
+            || faults.stall_after_headers
+            || faults.trickle.is_some());
     shared.count_outcome(Endpoint::Token, succeeded);
     log_call("/token", &audience, response.status());
-    response
+    faults.deliver(response).await
 }
 
 fn answer(

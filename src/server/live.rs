@@ -1,8 +1,14 @@
 //! The parts of the running configuration a reload changes in place: the
 //! access policy and the per-uid new-audience limit. Read on every request
 //! (an `Arc` clone under a briefly held lock), replaced by SIGHUP.
+//!
+//! Each applied reload is also announced ([`Live::reloaded`]), so open
+//! `WatchIdToken` streams re-check their grant at once instead of at their
+//! next token.
 
 use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
 
 use super::rate_limit::MissLimiter;
 use crate::{config::LimitSettings, policy::Policy};
@@ -10,6 +16,8 @@ use crate::{config::LimitSettings, policy::Policy};
 pub struct Live {
     policy: RwLock<Arc<Policy>>,
     limits: RwLock<(LimitSettings, Arc<MissLimiter>)>,
+    /// Counts applied reloads.
+    reloads: watch::Sender<u64>,
 }
 
 impl Live {
@@ -18,7 +26,19 @@ impl Live {
         Self {
             policy: RwLock::new(policy),
             limits: RwLock::new((limits, limiter)),
+            reloads: watch::Sender::new(0),
         }
+    }
+
+    /// Sees each reload announced after this call.
+    pub fn reloads(&self) -> watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Announces a reload once the new policy and identities are all in
+    /// place, so what a stream re-checks is the whole new configuration.
+    pub fn reloaded(&self) {
+        self.reloads.send_modify(|n| *n += 1);
     }
 
     pub fn policy(&self) -> Arc<Policy> {

@@ -13,11 +13,25 @@
 //! | `.../service-accounts/{default,EMAIL}/?recursive=true` | 200 application/json: `aliases`, `email`, `scopes` |
 //! | `.../service-accounts/{default,EMAIL}/token` | 404: access tokens are not served |
 //!
-//! Refusals: 403 without `Metadata-Flavor: Google` (except on `/`, which
-//! Go's detection probes without it) or with `X-Forwarded-For` (SSRF); 403
-//! for an audience off the optional `audiences` allow-list; 400 for a
-//! missing or invalid audience or format; 404 for anything else; 405 for
-//! methods other than GET.
+//! Who is asking: each connection's peer is resolved at accept to the uid
+//! owning its socket ([`super::loopback_peer`]); tokens are then admitted
+//! exactly as over the socket ([`super::admission`]: `[[policy]]`, the
+//! per-uid new-audience limit), and every request's log line carries
+//! `peer_uid`. A peer whose uid cannot be resolved gets 403 on every path:
+//! it is never treated as "no policy, open".
+//!
+//! Refusals, in the order checked: 403 for a `Host` that does not name this
+//! endpoint (`localhost`, `metadata.google.internal`, `metadata` or the
+//! address connected to, with or without its port: a DNS-rebinding web page
+//! sends its own name), for an absolute-form request target (a proxy
+//! request), or with `X-Forwarded-For`, `Forwarded` or `X-Real-IP` (SSRF
+//! through a proxy); 403 for an unresolved peer; 405 for methods other than
+//! GET; 403 without `Metadata-Flavor: Google` (except on `/`, which Go's
+//! detection probes without it); 403 for an audience off the optional
+//! `audiences` allow-list or one `[[policy]]` does not grant the peer; 429
+//! (with `Retry-After`) past the peer's new-audience limit; 400 for a
+//! missing or invalid audience or format; 404 for anything else. HTTP/2
+//! (h2c or prior knowledge) is not spoken at all ([`super::http_listener`]).
 //!
 //! Upstream failures: 503 when upstream is unavailable or answered something
 //! unusable (google-auth retries 5xx, and the cache's single flight and
@@ -38,17 +52,25 @@ use std::{
 };
 
 use axum::{
-    extract::{ConnectInfo, State},
+    extract::{Extension, State},
     http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     Router,
 };
 use tokio::time::Instant;
 
+use super::{
+    admission::{self, Refused},
+    http_listener::{Connection, ConnectionLimits, HttpListener},
+    live::Live,
+    peer::PeerCredentials,
+};
 use crate::{
-    cache::{CacheError, CacheKey, CacheOutcome, TokenCache},
+    cache::{CacheError, CacheOutcome, TokenCache},
     config::MetadataEndpointSettings,
+    domain::LogText,
     metadata_protocol::{account_and_leaf, Leaf, Query},
+    policy::Decision,
     source::SourceError,
 };
 
@@ -85,6 +107,7 @@ pub enum BindError {
 pub struct MetadataEndpoint {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
+    limits: ConnectionLimits,
     state: Arc<EndpointState>,
 }
 
@@ -96,6 +119,8 @@ pub struct RunningEndpoint {
 
 struct EndpointState {
     cache: TokenCache,
+    /// The policy and rate limit, shared with gRPC and replaced by reloads.
+    live: Arc<Live>,
     identity: String,
     audiences: Vec<String>,
     email: AccountEmail,
@@ -104,7 +129,11 @@ struct EndpointState {
 impl MetadataEndpoint {
     /// Binds `settings.listen` now, so a busy port fails startup. Must be
     /// called inside the tokio runtime.
-    pub fn bind(settings: &MetadataEndpointSettings, cache: TokenCache) -> Result<Self, BindError> {
+    pub(crate) fn bind(
+        settings: &MetadataEndpointSettings,
+        cache: TokenCache,
+        live: Arc<Live>,
+    ) -> Result<Self, BindError> {
         let addr = settings.listen;
         let listen_error = |source| BindError::Listen { addr, source };
         let listener = std::net::TcpListener::bind(addr).map_err(listen_error)?;
@@ -117,8 +146,15 @@ impl MetadataEndpoint {
         Ok(Self {
             listener,
             addr,
+            limits: ConnectionLimits {
+                max_connections: settings.max_connections,
+                max_connections_per_uid: settings.max_connections_per_uid,
+                header_read_timeout: settings.header_read_timeout,
+                idle_timeout: settings.idle_timeout,
+            },
             state: Arc::new(EndpointState {
                 cache,
+                live,
                 identity: settings.identity.clone(),
                 audiences: settings.audiences.clone(),
                 email: AccountEmail::new(known),
@@ -143,18 +179,16 @@ impl MetadataEndpoint {
             allow_list = self.state.audiences.len(),
             "metadata endpoint listening"
         );
-        let task = tokio::spawn(async move {
-            let serving = axum::serve(
-                self.listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            });
-            if let Err(error) = serving.await {
-                tracing::error!(%error, "metadata endpoint stopped with an error");
-            }
-        });
+        let listener = HttpListener {
+            name: "metadata_endpoint",
+            listener: self.listener,
+            router: app,
+            limits: self.limits,
+            resolve_owner: true,
+        };
+        let task = tokio::spawn(listener.serve(async move {
+            let _ = stop_rx.await;
+        }));
         RunningEndpoint {
             stop: Some(stop_tx),
             task,
@@ -256,6 +290,8 @@ impl AccountEmail {
 struct Refusal {
     status: StatusCode,
     message: String,
+    /// Seconds, for a `Retry-After` header.
+    retry_after: Option<u64>,
 }
 
 impl Refusal {
@@ -263,6 +299,7 @@ impl Refusal {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -307,50 +344,251 @@ fn route(path: &str) -> Route {
 struct Outcome {
     audience: Option<String>,
     cache: Option<CacheOutcome>,
+    decision: Option<Decision>,
+}
+
+/// Status logged for a request whose client went away before the answer
+/// (nginx's "client closed request"); nothing is sent.
+const CLIENT_CLOSED: u16 = 499;
+
+/// One request's log line, written once: by [`RequestLine::write`] with the
+/// answer, or on drop, when the client went away first and hyper dropped
+/// the handler mid-fetch. Every field a client or upstream wrote is capped
+/// and quoted ([`LogText`]).
+struct RequestLine {
+    peer: SocketAddr,
+    /// The uid owning the client's socket and its group, when resolved.
+    peer_uid: Option<u32>,
+    peer_gid: Option<u32>,
+    method: LogText,
+    path: LogText,
+    identity: LogText,
+    outcome: Outcome,
+    started: Instant,
+    written: bool,
+}
+
+impl RequestLine {
+    fn write(&mut self, status: u16, error: Option<&str>) {
+        if self.written {
+            return;
+        }
+        self.written = true;
+        let latency_us = self.started.elapsed().as_micros() as u64;
+        let audience = self.outcome.audience.as_deref().map(LogText::new);
+        let error = error.map(LogText::new);
+        let decision = self
+            .outcome
+            .decision
+            .map(|d| if d.allowed() { "allowed" } else { "denied" });
+        let rule = self.outcome.decision.map(Decision::rule);
+        // Served lines have a target of their own: the only info lines a
+        // full log queue may drop (logging::pipe).
+        macro_rules! line {
+            ($($target:tt)*) => { tracing::info!(
+            $($target)*
+            peer = %self.peer,
+            peer_uid = self.peer_uid,
+            peer_gid = self.peer_gid,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
+            identity = self.identity.as_str(),
+            audience = audience.as_ref().map(LogText::as_str),
+            decision,
+            rule,
+            cache = self.outcome.cache.map(CacheOutcome::as_str),
+            latency_us,
+            status,
+            error = error.as_ref().map(LogText::as_str),
+            "metadata endpoint"
+        ) };
+        }
+        if status < 300 {
+            line!(target: crate::logging::SERVED_TARGET,);
+        } else {
+            line!();
+        }
+    }
+}
+
+impl Drop for RequestLine {
+    fn drop(&mut self) {
+        self.write(
+            CLIENT_CLOSED,
+            Some("the client went away before the answer"),
+        );
+    }
 }
 
 /// Every request: checks, routing, one log line.
 async fn handle(
     State(state): State<Arc<EndpointState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(connection): Extension<Connection>,
     method: Method,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let started = Instant::now();
-    let mut outcome = Outcome::default();
-    let result = answer(&state, &method, &headers, &uri, &mut outcome).await;
-    let latency_us = started.elapsed().as_micros() as u64;
-    let path = loggable(uri.path());
-    let audience = outcome
-        .audience
-        .as_deref()
-        .map(|a| tracing::field::display(loggable(a)));
-    let cache = outcome.cache.map(CacheOutcome::as_str);
+    let resolved = connection.owner.as_ref().and_then(|o| o.as_ref().ok());
+    let mut line = RequestLine {
+        peer: connection.peer,
+        peer_uid: resolved.and_then(|peer| peer.uid),
+        peer_gid: resolved.and_then(|peer| peer.gid),
+        method: LogText::new(method.as_str()),
+        path: LogText::new(uri.path()),
+        identity: LogText::new(&state.identity),
+        outcome: Outcome::default(),
+        started: Instant::now(),
+        written: false,
+    };
+    let result = match admit_connection(&connection, &headers, &uri) {
+        Ok(peer) => answer(&state, &peer, &method, &headers, &uri, &mut line.outcome).await,
+        Err(refusal) => Err(refusal),
+    };
     match result {
         Ok(response) => {
-            tracing::info!(
-                target: crate::logging::SERVED_TARGET,
-                %peer, %method, %path, identity = %state.identity, audience, cache,
-                latency_us, status = response.status().as_u16(), "metadata endpoint"
-            );
+            line.write(response.status().as_u16(), None);
             response
         }
         Err(refusal) => {
-            tracing::info!(
-                %peer, %method, %path, identity = %state.identity, audience, cache,
-                latency_us, status = refusal.status.as_u16(), error = %refusal.message,
-                "metadata endpoint"
-            );
+            line.write(refusal.status.as_u16(), Some(&refusal.message));
             let mut message = refusal.message;
             message.push('\n');
-            respond(refusal.status, TEXT, message)
+            let mut response = respond(refusal.status, TEXT, message);
+            if let Some(retry_after) = refusal.retry_after {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            response
         }
+    }
+}
+
+/// Checks that do not depend on the path: the request is addressed to this
+/// endpoint by a local program, not relayed or rebound to it, and its
+/// peer's uid is known. Returns the peer as policy decisions see it.
+fn admit_connection(
+    connection: &Connection,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<PeerCredentials, Refusal> {
+    // A web page whose name was rebound to 127.0.0.1 still sends its own
+    // name as Host; only names for this endpoint are served.
+    let host = headers.get(header::HOST).map(|h| h.to_str().unwrap_or("?"));
+    match host {
+        Some(host) if host_names_endpoint(host, connection.local) => {}
+        Some(host) => {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Host {} does not name this metadata endpoint and was rejected: use \
+                     localhost, metadata.google.internal, metadata or {} (DNS-rebinding \
+                     protection)",
+                    LogText::new(host),
+                    connection.local.ip()
+                ),
+            ))
+        }
+        None => {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "Request had no Host header and was rejected: send Host: localhost \
+                 (or metadata.google.internal)",
+            ))
+        }
+    }
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "Request had an absolute-form target (a proxy request) and was rejected: the \
+             metadata endpoint does not accept proxied requests",
+        ));
+    }
+    // SSRF protection, as Google's server: a request relayed by a proxy (or
+    // by a server-side fetch of an attacker's URL) must not get credentials.
+    for relayed in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+        if headers.contains_key(relayed) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Request had a {} header and was rejected: the metadata endpoint does \
+                     not accept proxied requests",
+                    header_title(relayed)
+                ),
+            ));
+        }
+    }
+    match &connection.owner {
+        Some(Ok(peer)) => Ok(peer.clone()),
+        Some(Err(unresolved)) => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{unresolved}; token-broker serves only local programs whose user it can \
+                 identify, so the request was rejected"
+            ),
+        )),
+        None => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "the connection's user was not resolved, so the request was rejected",
+        )),
+    }
+}
+
+fn header_title(name: &str) -> &'static str {
+    match name {
+        "x-forwarded-for" => "X-Forwarded-For",
+        "forwarded" => "Forwarded",
+        _ => "X-Real-IP",
+    }
+}
+
+/// `localhost`, `metadata.google.internal`, `metadata`, or the address the
+/// client connected to; with no port or the one it connected to.
+fn host_names_endpoint(host: &str, local: SocketAddr) -> bool {
+    let host = host.to_ascii_lowercase();
+    let (name, port) = if let Some(bracketed) = host.strip_prefix('[') {
+        // [v6] or [v6]:port
+        let Some((name, rest)) = bracketed.split_once(']') else {
+            return false;
+        };
+        match rest {
+            "" => (name, None),
+            _ => match rest.strip_prefix(':') {
+                Some(port) => (name, Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host.as_str(), None),
+        }
+    };
+    if let Some(port) = port {
+        if port.parse::<u16>().ok() != Some(local.port()) {
+            return false;
+        }
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    match name {
+        "localhost" | "metadata.google.internal" | "metadata" => true,
+        literal => literal
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip == local.ip() || Some(ip) == mapped(local.ip())),
+    }
+}
+
+/// `::ffff:127.0.0.1` on a dual-stack listener is named `127.0.0.1`.
+fn mapped(ip: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4),
+        std::net::IpAddr::V4(_) => None,
     }
 }
 
 async fn answer(
     state: &EndpointState,
+    peer: &PeerCredentials,
     method: &Method,
     headers: &HeaderMap,
     uri: &Uri,
@@ -360,15 +598,6 @@ async fn answer(
         return Err(Refusal::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed; the metadata endpoint answers GET only"),
-        ));
-    }
-    // SSRF protection, as Google's server: a request relayed by a proxy (or
-    // by a server-side fetch of an attacker's URL) must not get credentials.
-    if headers.contains_key("x-forwarded-for") {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "Request had an X-Forwarded-For header and was rejected: the metadata endpoint \
-             does not accept proxied requests",
         ));
     }
     let route = route(uri.path());
@@ -408,7 +637,7 @@ async fn answer(
             }
             state.check_account(&account).await?;
             match leaf {
-                Leaf::Identity => state.identity_token(&query, outcome).await,
+                Leaf::Identity => state.identity_token(peer, &query, outcome).await,
                 Leaf::Email => {
                     let email = state.email.get(&state.cache, &state.identity).await?;
                     Ok(respond(StatusCode::OK, TEXT, email))
@@ -440,6 +669,13 @@ async fn answer(
 impl EndpointState {
     /// `default`, or the identity's own email, names the served account.
     async fn check_account(&self, account: &str) -> Result<(), Refusal> {
+        // Checked as gRPC checks a requested identity, before it is echoed.
+        crate::domain::validate_requested_identity(account).map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("the service account named in the path is not a valid name: {e}"),
+            )
+        })?;
         if account == "default" {
             return Ok(());
         }
@@ -450,9 +686,9 @@ impl EndpointState {
         Err(Refusal::new(
             StatusCode::NOT_FOUND,
             format!(
-                "Service account {:?} is not available on this endpoint: it serves token-broker \
+                "Service account {} is not available on this endpoint: it serves token-broker \
                  identity {:?} as \"default\"",
-                truncate(account),
+                LogText::new(account),
                 self.identity
             ),
         ))
@@ -460,6 +696,7 @@ impl EndpointState {
 
     async fn identity_token(
         &self,
+        peer: &PeerCredentials,
         query: &Query,
         outcome: &mut Outcome,
     ) -> Result<Response, Refusal> {
@@ -485,18 +722,28 @@ impl EndpointState {
                 ))
             }
         }
-        let key = CacheKey::new(&self.identity, audience)
+        crate::domain::validate_audience(audience)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("invalid audience: {e}")))?;
         if !self.audiences.is_empty() && !self.audiences.iter().any(|a| a == audience) {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "audience {:?} is not on this endpoint's allow-list \
+                    "audience {} is not on this endpoint's allow-list \
                      (metadata_endpoint.audiences); ask the operator to add it",
-                    truncate(audience)
+                    LogText::new(audience)
                 ),
             ));
         }
+        let key = admission::admit(
+            &self.cache,
+            &self.live,
+            peer,
+            &self.identity,
+            audience,
+            Duration::ZERO,
+            &mut outcome.decision,
+        )
+        .map_err(|refused| self.refused(refused))?;
         let lookup = tokio::time::timeout(MAX_WAIT, self.cache.get(&key, Duration::ZERO))
             .await
             .map_err(|_| timed_out(&self.identity))?
@@ -510,6 +757,20 @@ impl EndpointState {
         ))
     }
 
+    /// The one mapping from an admission refusal to an HTTP answer.
+    fn refused(&self, refused: Refused) -> Refusal {
+        match refused {
+            Refused::Cache(err) => self.cache_failure(err),
+            Refused::Denied { .. } => Refusal::new(StatusCode::FORBIDDEN, refused.to_string()),
+            Refused::TooManyNewAudiences { retry_in, .. }
+            | Refused::TooManyForcedMints { retry_in, .. } => {
+                let mut refusal = Refusal::new(StatusCode::TOO_MANY_REQUESTS, refused.to_string());
+                refusal.retry_after = Some(retry_in.as_secs().max(1));
+                refusal
+            }
+        }
+    }
+
     fn cache_failure(&self, err: CacheError) -> Refusal {
         match &err {
             CacheError::InvalidAudience(e) => {
@@ -517,7 +778,7 @@ impl EndpointState {
             }
             CacheError::UnknownIdentity(identity) => unknown_identity(identity),
             CacheError::Upstream(source) => upstream_failure(source, ""),
-            CacheError::Full { .. } => {
+            CacheError::Full { .. } | CacheError::NoFreshToken { .. } => {
                 Refusal::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
             }
             _ => Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
@@ -556,10 +817,10 @@ fn not_served(path: &str) -> Refusal {
     Refusal::new(
         StatusCode::NOT_FOUND,
         format!(
-            "{:?} is not served by token-broker's metadata endpoint; it serves /, \
+            "{} is not served by token-broker's metadata endpoint; it serves /, \
              {SERVICE_ACCOUNTS}default/identity?audience=..., .../default/email and \
              .../default/?recursive=true",
-            truncate(path)
+            LogText::new(path)
         ),
     )
 }
@@ -576,16 +837,6 @@ fn respond(status: StatusCode, content_type: HeaderValue, body: String) -> Respo
         body,
     )
         .into_response()
-}
-
-/// Client input echoed into answers is cut short.
-fn truncate(text: &str) -> String {
-    text.chars().take(256).collect()
-}
-
-/// Client input echoed into logs: cut short, `{:?}` escapes the rest.
-fn loggable(text: &str) -> String {
-    format!("{:?}", truncate(text))
 }
 
 #[cfg(test)]
@@ -649,6 +900,42 @@ mod tests {
     }
 
     #[test]
+    fn only_names_for_this_endpoint_are_accepted_as_host() {
+        let v4: SocketAddr = "127.0.0.1:8181".parse().unwrap();
+        for host in [
+            "localhost",
+            "LOCALHOST:8181",
+            "metadata",
+            "metadata:8181",
+            "metadata.google.internal",
+            "metadata.google.internal.:8181",
+            "127.0.0.1",
+            "127.0.0.1:8181",
+        ] {
+            assert!(host_names_endpoint(host, v4), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:8181",
+            "localhost:8182",
+            "localhost:",
+            "127.0.0.2:8181",
+            "127.0.0.1.nip.io",
+            "metadata.google.internal.attacker.example",
+            "[::1]:8181",
+            "",
+        ] {
+            assert!(!host_names_endpoint(host, v4), "{host}");
+        }
+        let v6: SocketAddr = "[::1]:8181".parse().unwrap();
+        assert!(host_names_endpoint("[::1]:8181", v6));
+        assert!(host_names_endpoint("[::1]", v6));
+        assert!(!host_names_endpoint("[::1]x", v6));
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:8181".parse().unwrap();
+        assert!(host_names_endpoint("127.0.0.1:8181", mapped));
+    }
+
+    #[test]
     fn rejections_are_bad_gateway_and_outages_unavailable() {
         let rejected = SourceError::Rejected {
             upstream: "u".into(),
@@ -661,8 +948,8 @@ mod tests {
         );
         let down = SourceError::Unavailable {
             upstream: "u".into(),
-            attempts: 3,
             message: "refused".into(),
+            retry_after: None,
         };
         assert_eq!(
             upstream_failure(&down, "").status,

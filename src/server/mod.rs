@@ -2,16 +2,24 @@
 //! bind the socket, serve gRPC (TokenBroker, health, reflection) until told
 //! to stop, then drain and remove the socket.
 
+mod accept;
+mod admission;
+mod audit;
 pub mod grpc;
+pub mod http_listener;
+mod idle;
 mod listing;
 mod live;
+pub mod loopback_peer;
 pub mod metadata_endpoint;
 pub mod peer;
 mod rate_limit;
 mod reload;
+mod share;
 pub mod socket;
 pub mod systemd;
 pub mod telemetry;
+mod watch_stream;
 
 use std::{
     collections::HashMap,
@@ -84,27 +92,23 @@ impl Prepared {
                 Err(problem) => problems.push(problem),
             }
         }
-        for (i, prefetch) in settings.prefetch.iter().enumerate() {
-            if !identities
-                .iter()
-                .any(|(id, _)| id.name == prefetch.identity)
-            {
+        let configured = |name: &str| identities.iter().any(|(id, _)| id.name == name);
+        let mut require = |key: String, name: &str| {
+            if !configured(name) {
                 problems.push(Problem::new(
-                    format!("prefetch[{i}].identity"),
-                    format!("no identity named {:?} is configured", prefetch.identity),
+                    key,
+                    format!("no identity named {name:?} is configured"),
                 ));
             }
+        };
+        for (i, prefetch) in settings.prefetch.iter().enumerate() {
+            require(format!("prefetch[{i}].identity"), &prefetch.identity);
         }
         if let Some(endpoint) = &settings.metadata_endpoint {
-            if !identities
-                .iter()
-                .any(|(id, _)| id.name == endpoint.identity)
-            {
-                problems.push(Problem::new(
-                    "metadata_endpoint.identity",
-                    format!("no identity named {:?} is configured", endpoint.identity),
-                ));
-            }
+            require("metadata_endpoint.identity".into(), &endpoint.identity);
+        }
+        for (i, sink) in settings.sinks.iter().enumerate() {
+            require(format!("sinks[{i}].identity"), &sink.identity);
         }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
@@ -243,8 +247,11 @@ pub struct Server {
     reload: Option<Reload>,
     /// Installed at bind so a SIGHUP never hits the default action (exit).
     hangup: Option<tokio::signal::unix::Signal>,
+    /// The clock token files are timed by.
+    clock: crate::clock::Clock,
 }
 
+pub use accept::raise_descriptor_limit;
 pub use reload::Reload;
 use reload::Running;
 
@@ -264,20 +271,28 @@ impl Server {
             prepared.socket_mode,
             prepared.socket_group,
         )?;
+        let live = Arc::new(live::Live::new(
+            prepared.policy.clone(),
+            prepared.settings.limits.clone(),
+        ));
         // Bound now, so a busy port fails startup rather than the first client.
         let metadata_endpoint = prepared
             .settings
             .metadata_endpoint
             .as_ref()
-            .map(|settings| metadata_endpoint::MetadataEndpoint::bind(settings, cache.clone()))
+            .map(|settings| {
+                metadata_endpoint::MetadataEndpoint::bind(settings, cache.clone(), live.clone())
+            })
             .transpose()?;
         let telemetry = match &prepared.settings.telemetry {
-            Some(t) => Some(telemetry::Telemetry::bind(t.listen).map_err(|source| {
-                ServeError::Telemetry {
-                    addr: t.listen,
-                    source,
-                }
-            })?),
+            Some(t) => {
+                Some(
+                    telemetry::Telemetry::bind(t).map_err(|source| ServeError::Telemetry {
+                        addr: t.listen,
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         warn_if_open(&prepared.policy, &prepared.socket_path);
@@ -294,10 +309,7 @@ impl Server {
             ready_after_prefetch: prepared.settings.server.ready_after_prefetch,
             metadata_endpoint,
             telemetry,
-            live: Arc::new(live::Live::new(
-                prepared.policy.clone(),
-                prepared.settings.limits.clone(),
-            )),
+            live,
             limits: prepared.settings.limits.clone(),
             running: Running {
                 fingerprints: prepared
@@ -309,6 +321,7 @@ impl Server {
             },
             reload: None,
             hangup,
+            clock: prepared.clock,
         })
     }
 
@@ -359,7 +372,15 @@ impl Server {
             running,
             reload,
             hangup,
+            clock,
         } = self;
+        // Token files, kept from the same cache; a reload applies `[[sinks]]`.
+        let mut sinks = Some(crate::sink::SinkSet::start(
+            cache.clone(),
+            clock,
+            &running.settings.refresh,
+            &running.settings.sinks,
+        ));
         let readiness = Arc::new(telemetry::Readiness::default());
         readiness
             .prefetch_pending
@@ -378,6 +399,7 @@ impl Server {
                 running,
                 cache.clone(),
                 live.clone(),
+                sinks.take(),
             ));
         }
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -431,25 +453,22 @@ impl Server {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let max_connections = limits.max_connections;
-        let broker = TokenBrokerServer::new(grpc::BrokerService::new(
-            cache,
-            live,
-            limits.max_streams,
-            stopping,
-        ))
-        .max_decoding_message_size(limits.max_request_bytes);
+        let broker =
+            TokenBrokerServer::new(grpc::BrokerService::new(cache, live, &limits, stopping))
+                .max_decoding_message_size(limits.max_request_bytes);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(
             tonic::transport::Server::builder()
                 // Bounds each connection's concurrent calls (HTTP/2 streams).
                 .max_concurrent_streams(128)
+                // Each call keeps its connection from the idle timeout.
+                .layer(idle::InFlightLayer)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(broker)
-                .serve_with_incoming_shutdown(peer::incoming(listener, max_connections), async {
+                .serve_with_incoming_shutdown(peer::incoming(listener, &limits), async {
                     let _ = stop_rx.await;
                 }),
         );

@@ -16,11 +16,15 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::UnixStream,
-    sync::{OwnedSemaphorePermit, Semaphore},
 };
-use tokio_stream::{wrappers::UnixListenerStream, Stream, StreamExt};
+use tokio_stream::Stream;
 
-use crate::policy::Caller;
+use super::{
+    accept::{AcceptBackoff, RefusalLog},
+    idle::{Activity, IdleTimeout},
+    share::{Full, Place, Shares},
+};
+use crate::{config::LimitSettings, policy::Caller};
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Default)]
@@ -30,6 +34,8 @@ pub struct PeerCredentials {
     pub pid: Option<i32>,
     /// For logs only.
     pub exe: Option<Arc<str>>,
+    /// The connection's requests in progress, for its idle timeout.
+    pub(crate) activity: Option<Arc<Activity>>,
 }
 
 impl PeerCredentials {
@@ -46,6 +52,7 @@ impl PeerCredentials {
                     gid: Some(cred.gid()),
                     pid: cred.pid(),
                     exe,
+                    activity: None,
                 }
             }
             Err(e) => {
@@ -55,11 +62,40 @@ impl PeerCredentials {
         }
     }
 
+    /// A TCP peer whose socket the kernel says `uid` owns. The kernel
+    /// records no group for it; the uid's primary group from the user
+    /// database stands in (a group the user always holds), so `gids` rules
+    /// apply as they do to that user's processes on the socket. A uid with
+    /// no entry has no group: only `uids` rules can match it.
+    /// Blocks on the user database.
+    pub fn of_uid(uid: u32) -> Self {
+        let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|user| user.gid.as_raw());
+        PeerCredentials {
+            gid,
+            ..Self::of_uid_without_group(uid)
+        }
+    }
+
+    /// A TCP peer whose group could not be looked up: only `uids` rules
+    /// can match it.
+    pub fn of_uid_without_group(uid: u32) -> Self {
+        PeerCredentials {
+            uid: Some(uid),
+            gid: None,
+            pid: None,
+            exe: None,
+            activity: None,
+        }
+    }
+
     /// The identity policy decisions are made on.
     pub fn caller(&self) -> Option<Caller> {
         Some(Caller {
             uid: self.uid?,
-            gid: self.gid?,
+            gid: self.gid,
         })
     }
 
@@ -73,12 +109,15 @@ impl PeerCredentials {
     }
 }
 
-/// An accepted connection with its credentials and its place under
-/// `max_connections` (released when the connection closes).
+/// An accepted connection with its credentials, its place under
+/// `max_connections` and its uid's share (released when the connection
+/// closes), closed once idle for `limits.idle_timeout`.
 pub struct PeerStream {
-    stream: UnixStream,
+    // Declared first so it is released before the socket closes: a client
+    // that sees its connection close can connect again at once.
+    _place: Place,
+    stream: IdleTimeout<UnixStream>,
     credentials: PeerCredentials,
-    _slot: OwnedSemaphorePermit,
 }
 
 impl Drop for PeerStream {
@@ -136,36 +175,67 @@ impl AsyncWrite for PeerStream {
 }
 
 /// Accepted connections with their credentials. Beyond `max_connections`,
-/// a new connection is closed at once (and logged) rather than queued, so a
-/// client gets a prompt error instead of a hang.
+/// or beyond the peer's uid's `max_connections_per_uid`, a new connection is
+/// closed at once (and logged, at most every few seconds) rather than
+/// queued, so a client gets a prompt error instead of a hang. Accepting runs
+/// on its own task and ends when the server stops taking connections.
 pub fn incoming(
     listener: tokio::net::UnixListener,
-    max_connections: usize,
+    limits: &LimitSettings,
 ) -> impl Stream<Item = io::Result<PeerStream>> {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    UnixListenerStream::new(listener).filter_map(move |accepted| match accepted {
-        Err(e) => Some(Err(e)),
-        Ok(stream) => {
-            let credentials = PeerCredentials::of(&stream);
-            match slots.clone().try_acquire_owned() {
-                Ok(slot) => Some(Ok({
-                    crate::metrics::get().connected_clients.inc();
-                    PeerStream {
-                        stream,
-                        credentials,
-                        _slot: slot,
-                    }
-                })),
-                Err(_) => {
-                    tracing::warn!(
-                        peer_uid = credentials.uid,
-                        peer_pid = credentials.pid,
-                        max_connections,
-                        "connection refused: limits.max_connections reached"
-                    );
-                    None
+    let shares = Shares::new(limits.max_connections, limits.max_connections_per_uid);
+    let idle_timeout = limits.idle_timeout;
+    let (accepted_tx, accepted) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut backoff = AcceptBackoff::new("socket");
+        let mut refusals = RefusalLog::default();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = accepted_tx.closed() => break,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => {
+                    backoff.accepted();
+                    stream
                 }
+                Err(error) => {
+                    backoff.failed(&error).await;
+                    continue;
+                }
+            };
+            let mut credentials = PeerCredentials::of(&stream);
+            let place = match shares.take(credentials.uid) {
+                Ok(place) => place,
+                Err(full) => {
+                    if refusals.due() {
+                        let (limit, key) = match full {
+                            Full::Total(n) => (n, "max_connections"),
+                            Full::Share(n) => (n, "max_connections_per_uid"),
+                        };
+                        tracing::warn!(
+                            peer_uid = credentials.uid,
+                            peer_pid = credentials.pid,
+                            limit,
+                            refused = refusals.take(),
+                            "connections refused: limits.{key} reached"
+                        );
+                    }
+                    continue;
+                }
+            };
+            let activity = Activity::new();
+            credentials.activity = Some(activity.clone());
+            crate::metrics::get().connected_clients.inc();
+            let peer = PeerStream {
+                stream: IdleTimeout::new(stream, activity, idle_timeout),
+                credentials,
+                _place: place,
+            };
+            if accepted_tx.send(Ok(peer)).await.is_err() {
+                break;
             }
         }
-    })
+    });
+    tokio_stream::wrappers::ReceiverStream::new(accepted)
 }

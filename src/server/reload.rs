@@ -9,6 +9,7 @@ use super::{live, systemd, warn_if_open, Prepared};
 use crate::{
     cache::TokenCache,
     config::{ConfigError, Settings},
+    sink::SinkSet,
 };
 
 /// Re-reads and validates the configuration for a SIGHUP reload.
@@ -29,6 +30,7 @@ pub(crate) async fn reload_on_hangup(
     mut running: Running,
     cache: TokenCache,
     live: Arc<live::Live>,
+    mut sinks: Option<SinkSet>,
 ) {
     while hangup.recv().await.is_some() {
         let Some(reload) = reload.as_mut() else {
@@ -38,7 +40,13 @@ pub(crate) async fn reload_on_hangup(
         tracing::info!("SIGHUP received: reloading the configuration");
         systemd::notify("RELOADING=1");
         match reload() {
-            Ok(prepared) => apply(&mut running, prepared, &cache, &live),
+            Ok(prepared) => {
+                apply(&mut running, prepared, &cache, &live);
+                // After the identities, so a sink of a new identity finds it.
+                if let Some(sinks) = sinks.as_mut() {
+                    sinks.reload(&running.settings.refresh, &running.settings.sinks);
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reload rejected; the running configuration stays in force")
             }
@@ -61,10 +69,14 @@ fn apply(running: &mut Running, new: Prepared, cache: &TokenCache, live: &live::
         ("telemetry", old.telemetry != new.settings.telemetry),
         ("log.format", old.log.format != new.settings.log.format),
         (
-            "limits.max_connections/max_streams/max_request_bytes",
+            "limits.max_connections/max_streams/max_request_bytes/*_per_uid/idle_timeout",
             old.limits.max_connections != new.settings.limits.max_connections
                 || old.limits.max_streams != new.settings.limits.max_streams
-                || old.limits.max_request_bytes != new.settings.limits.max_request_bytes,
+                || old.limits.max_request_bytes != new.settings.limits.max_request_bytes
+                || old.limits.max_connections_per_uid
+                    != new.settings.limits.max_connections_per_uid
+                || old.limits.max_streams_per_uid != new.settings.limits.max_streams_per_uid
+                || old.limits.idle_timeout != new.settings.limits.idle_timeout,
         ),
     ];
     for (section, changed) in needs_restart {
@@ -99,6 +111,8 @@ fn apply(running: &mut Running, new: Prepared, cache: &TokenCache, live: &live::
     for name in &removed {
         cache.remove_identity(name);
     }
+    // Open watch streams re-check their grant against all of the above.
+    live.reloaded();
     if let Err(e) = crate::logging::set_filter(&new.settings.log.filter) {
         tracing::error!(error = %e, "log.filter not applied");
     }

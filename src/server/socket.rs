@@ -64,15 +64,6 @@ pub fn bind(
         let path = path.to_path_buf();
         move |source| SocketError::Io { path, what, source }
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(dir)
-                .map_err(io_err("cannot create its directory"))?;
-        }
-    }
     check_directory(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_symlink() => return Err(SocketError::Unsafe {
@@ -134,52 +125,38 @@ pub fn bind(
     }
 }
 
-/// The socket's directory must not let another user replace the socket:
-/// not a symlink owned by someone else, owned by root or this user, and not
-/// writable by others unless sticky (like /tmp).
+/// The socket's directory, and every directory and link above it, must
+/// not let another user replace the socket (see `trusted_path`). A missing
+/// directory is created (mode 0750) only below an existing one that passes.
 fn check_directory(path: &Path) -> Result<(), SocketError> {
     let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => dir.to_path_buf(),
         None => PathBuf::from("."),
     };
-    let me = nix::unistd::geteuid().as_raw();
-    let trusted = |uid: u32| uid == 0 || uid == me;
-    let unsafe_dir = |why: String| SocketError::Unsafe {
-        why,
+    let refuse = |e: crate::domain::trusted_path::PathError| SocketError::Unsafe {
+        why: format!("its directory cannot be trusted: {e}"),
         path: path.to_path_buf(),
     };
-    let link = std::fs::symlink_metadata(&dir).map_err(|source| SocketError::Io {
-        path: path.to_path_buf(),
-        what: "cannot inspect its directory",
-        source,
-    })?;
-    if link.file_type().is_symlink() && !trusted(link.uid()) {
-        return Err(unsafe_dir(format!(
-            "its directory {} is a symlink owned by uid {}; refusing to follow it",
-            dir.display(),
-            link.uid()
-        )));
+    match crate::domain::trusted_path::resolve(&dir) {
+        Ok(_) => return Ok(()),
+        Err(e) if !e.is_not_found() => return Err(refuse(e)),
+        Err(_) => {}
     }
-    let meta = std::fs::metadata(&dir).map_err(|source| SocketError::Io {
-        path: path.to_path_buf(),
-        what: "cannot inspect its directory",
-        source,
-    })?;
-    let mode = meta.permissions().mode();
-    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
-        return Err(unsafe_dir(format!(
-            "its directory {} is writable by others and not sticky (mode {:04o}); another user could replace the socket",
-            dir.display(),
-            mode & 0o7777
-        )));
-    }
-    if !trusted(meta.uid()) {
-        return Err(unsafe_dir(format!(
-            "its directory {} is owned by uid {}, not by this user or root",
-            dir.display(),
-            meta.uid()
-        )));
-    }
+    let existing = dir
+        .ancestors()
+        .find(|a| std::fs::symlink_metadata(a).is_ok())
+        .unwrap_or(Path::new("/"));
+    crate::domain::trusted_path::resolve(existing).map_err(refuse)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&dir)
+        .map_err(|source| SocketError::Io {
+            path: path.to_path_buf(),
+            what: "cannot create its directory",
+            source,
+        })?;
+    crate::domain::trusted_path::resolve(&dir).map_err(refuse)?;
     Ok(())
 }
 

@@ -12,7 +12,8 @@ use std::{
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 
-use crate::cache::TokenCache;
+use super::http_listener::{ConnectionLimits, HttpListener};
+use crate::{cache::TokenCache, config::TelemetrySettings};
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
@@ -36,14 +37,23 @@ struct AppState {
 /// A bound telemetry listener, not yet serving.
 pub struct Telemetry {
     listener: tokio::net::TcpListener,
+    limits: ConnectionLimits,
 }
 
 impl Telemetry {
-    pub fn bind(addr: SocketAddr) -> std::io::Result<Self> {
-        let listener = std::net::TcpListener::bind(addr)?;
+    pub fn bind(settings: &TelemetrySettings) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind(settings.listen)?;
         listener.set_nonblocking(true)?;
         Ok(Self {
             listener: tokio::net::TcpListener::from_std(listener)?,
+            // Scrapers are few and trusted to be polite, but not required
+            // to be: no per-uid share, a small cap and short timeouts.
+            limits: ConnectionLimits {
+                max_connections: settings.max_connections,
+                max_connections_per_uid: settings.max_connections,
+                header_read_timeout: settings.header_read_timeout,
+                idle_timeout: settings.idle_timeout,
+            },
         })
     }
 
@@ -66,14 +76,14 @@ impl Telemetry {
         if let Some(addr) = self.local_addr() {
             tracing::info!(%addr, "telemetry listening (/metrics, /healthz, /readyz)");
         }
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(self.listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "telemetry listener failed");
-            }
-        })
+        let listener = HttpListener {
+            name: "telemetry",
+            listener: self.listener,
+            router: app,
+            limits: self.limits,
+            resolve_owner: false,
+        };
+        tokio::spawn(listener.serve(stop))
     }
 }
 

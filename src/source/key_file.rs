@@ -12,6 +12,8 @@ use std::{
 };
 
 use jsonwebtoken::EncodingKey;
+
+use crate::domain::trusted_path::PathError;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
@@ -56,22 +58,28 @@ impl ServiceAccountKey {
             path: path.to_path_buf(),
             problem,
         };
-        // Kubernetes mounts Secrets through root-owned symlinks, so links
-        // are followed, but only those owned by root or this user.
+        // Every directory and link on the way must be root's or this
+        // user's (Kubernetes mounts Secrets through root-owned links, so
+        // those are followed); see `trusted_path`.
         let me = nix::unistd::geteuid().as_raw();
         let trusted = |uid: u32| uid == 0 || uid == me;
-        if let Ok(link) = std::fs::symlink_metadata(path) {
-            if link.file_type().is_symlink() && !trusted(link.uid()) {
-                return Err(fail(format!(
-                    "is a symlink owned by uid {}; refusing to follow it",
-                    link.uid()
-                )));
+        let real = crate::domain::trusted_path::resolve(path).map_err(|e| match e {
+            PathError::Io { component, source } if component == path => {
+                fail(format!("cannot be read: {}", io_reason(&source)))
             }
-        }
+            PathError::Io { component, source } => fail(format!(
+                "cannot be read: {}: {}",
+                component.display(),
+                io_reason(&source)
+            )),
+            untrusted => fail(format!("is not safe to read: {untrusted}")),
+        })?;
+        // Nothing on the way can change now; the file itself must not be a
+        // link either (it was resolved), so refuse one that appeared since.
         let mut file = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(nix::libc::O_NONBLOCK)
-            .open(path)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+            .open(&real)
             .map_err(|e| fail(format!("cannot be read: {}", io_reason(&e))))?;
         let meta = file
             .metadata()

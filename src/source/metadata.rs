@@ -5,8 +5,8 @@
 use reqwest::StatusCode;
 
 use super::{
-    describe_http_error, http_client, read_body, retry::Attempt, sanitize_upstream_text,
-    FetchFuture, IdTokenSource, RetryPolicy, SourceError,
+    describe_http_error, http_client, read_body, retry_after, sanitize_upstream_text, BodyError,
+    FetchFuture, IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -20,12 +20,11 @@ pub struct MetadataSource {
     identity_url: url::Url,
     upstream: String,
     clock: Clock,
-    retry: RetryPolicy,
 }
 
 impl MetadataSource {
     /// `host` is host[:port], as in `GCE_METADATA_HOST`.
-    pub fn new(host: &str, clock: Clock, retry: RetryPolicy) -> Result<Self, String> {
+    pub fn new(host: &str, clock: Clock) -> Result<Self, String> {
         let base = url::Url::parse(&format!("http://{host}"))
             .map_err(|e| format!("{host:?} is not a host[:port]: {e}"))?;
         let identity_url = base
@@ -36,37 +35,45 @@ impl MetadataSource {
             identity_url,
             upstream: format!("metadata server at http://{host}"),
             clock,
-            retry,
         })
     }
 
-    async fn attempt(&self, audience: &str) -> Attempt<IdToken> {
+    /// One call: the token, or why not (with any `Retry-After`).
+    async fn call(&self, audience: &str) -> Result<IdToken, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<std::time::Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
         let response = self
             .client
             .get(self.identity_url.clone())
             .query(&[("audience", audience), ("format", "full")])
             .header("Metadata-Flavor", "Google")
             .send()
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
-        let body = match read_body(response, &self.upstream).await {
-            Ok(body) => String::from_utf8_lossy(&body).into_owned(),
-            Err(attempt) => return attempt,
-        };
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let body = read_body(response, &self.upstream)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge(err) => err,
+                BodyError::Transfer(message) => unavailable(message, None),
+            })?;
+        let body = String::from_utf8_lossy(&body);
         if status == StatusCode::OK {
-            return match IdToken::parse(&body, audience, self.clock.now()) {
-                Ok(token) => Attempt::Done(token),
-                Err(e) => Attempt::Fail(SourceError::invalid_token(&self.upstream, e)),
-            };
+            return IdToken::parse(&body, audience, self.clock.now())
+                .map_err(|e| SourceError::invalid_token(&self.upstream, e));
         }
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            return Attempt::Retry(format!("HTTP {status}: {}", sanitize_upstream_text(&body)));
+            return Err(unavailable(
+                format!("HTTP {status}: {}", sanitize_upstream_text(&body)),
+                wait,
+            ));
         }
-        Attempt::Fail(SourceError::Rejected {
+        Err(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: sanitize_upstream_text(&body),
@@ -76,10 +83,7 @@ impl MetadataSource {
 
 impl IdTokenSource for MetadataSource {
     fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a> {
-        Box::pin(
-            self.retry
-                .run(&self.upstream, move || self.attempt(audience)),
-        )
+        Box::pin(self.call(audience))
     }
 
     fn kind(&self) -> SourceKind {

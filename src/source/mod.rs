@@ -1,20 +1,25 @@
 //! Where ID tokens come from: one [`IdTokenSource`] per configured identity.
 //!
-//! A source makes the upstream call for one audience, with its own bounded
-//! retries for transient failures, and returns a token already checked by
-//! [`IdToken::parse`]. Caching, single-flight and refresh scheduling live in
-//! the cache, not here.
+//! A source makes ONE upstream call for one audience and returns a token
+//! already checked by [`IdToken::parse`], or the error with any `Retry-After`
+//! the upstream sent. It never retries: the cache's backoff
+//! (`retry_initial`..`retry_max`) is the only retry layer, so the upstream
+//! sees exactly the rate the configuration promises. Caching, single-flight
+//! and refresh scheduling live in the cache, not here.
 
 mod key_file;
 mod metadata;
-mod retry;
 mod service_account;
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 pub use key_file::{KeyFileError, ServiceAccountKey};
 pub use metadata::MetadataSource;
-pub use retry::RetryPolicy;
 pub use service_account::ServiceAccountSource;
 
 use crate::{
@@ -29,8 +34,8 @@ pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<IdToken, SourceErr
 
 /// Mints Google-signed ID tokens for one identity.
 pub trait IdTokenSource: Send + Sync + 'static {
-    /// Fetches a new token for `audience`, retrying transient failures
-    /// within the source's retry policy.
+    /// Fetches a new token for `audience` with one upstream call (no retries:
+    /// the cache retries, with backoff).
     fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a>;
 
     /// What kind of source this is, for logs and `check-config`.
@@ -53,7 +58,8 @@ pub trait IdTokenSource: Send + Sync + 'static {
 }
 
 /// Why a source could not produce a token. Messages never carry token or
-/// key text; upstream text is passed through with JWT-looking strings removed.
+/// key text; upstream text is passed through quoted, capped, and with
+/// token-shaped strings removed ([`sanitize_upstream_text`]).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SourceError {
@@ -65,12 +71,14 @@ pub enum SourceError {
         status: u16,
         message: String,
     },
-    /// Upstream unreachable or failing after every retry.
-    #[error("{upstream} is unavailable after {attempts} attempt(s); last error: {message}")]
+    /// Upstream unreachable, timed out, or answering a transient error.
+    #[error("{upstream} is unavailable; last error: {message}{}", retry_after_text(*retry_after))]
     Unavailable {
         upstream: String,
-        attempts: u32,
         message: String,
+        /// How long the upstream asked callers to wait (`Retry-After` on a
+        /// 429 or 503); the cache waits at least this long, up to `retry_max`.
+        retry_after: Option<Duration>,
     },
     /// Upstream answered 200 with something that is not a usable token.
     #[error("{upstream} returned an unusable answer: {message}")]
@@ -81,6 +89,14 @@ impl SourceError {
     /// Permanent failures surface as FAILED_PRECONDITION and are not retried fast.
     pub fn is_permanent(&self) -> bool {
         matches!(self, SourceError::Rejected { .. })
+    }
+
+    /// The wait the upstream asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SourceError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 
     pub(crate) fn invalid_token(upstream: &str, err: TokenError) -> Self {
@@ -111,7 +127,7 @@ pub fn build_source(
                         .cloned()
                 })
                 .unwrap_or_else(|| metadata::DEFAULT_HOST.to_owned());
-            MetadataSource::new(&host, clock.clone(), RetryPolicy::default())
+            MetadataSource::new(&host, clock.clone())
                 .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
                 .map_err(|message| Problem::new(key("metadata_host"), message))
         }
@@ -124,20 +140,28 @@ pub fn build_source(
             };
             let key_file = ServiceAccountKey::load(path, identity.allow_insecure_key_permissions)
                 .map_err(|e| Problem::new(key("key_file"), e.to_string()))?;
-            ServiceAccountSource::new(key_file, clock.clone(), RetryPolicy::default())
+            ServiceAccountSource::new(key_file, clock.clone())
                 .map(|s| Arc::new(s) as Arc<dyn IdTokenSource>)
                 .map_err(|message| Problem::new(key("key_file"), message))
         }
     }
 }
 
+/// Longest one upstream call may take, connecting and reading the whole
+/// body included (a hung upstream, headers then silence, a 1 byte/s trickle).
+/// With one call per attempt this is also the longest a cold caller waits
+/// for an answer from a hung upstream: well inside the 30 s a request waits
+/// by default, so it gets UNAVAILABLE naming the upstream, not
+/// DEADLINE_EXCEEDED.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The HTTP client every source uses: rustls, short connect timeout, an
 /// overall per-attempt timeout, and no redirects (a redirect from the metadata
 /// server or token endpoint is not something to follow with credentials).
 pub(crate) fn http_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .timeout(std::time::Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(ATTEMPT_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -149,17 +173,26 @@ pub(crate) fn http_client() -> Result<reqwest::Client, String> {
 /// and must not be buffered, cached or passed on.
 pub const MAX_UPSTREAM_BODY: usize = 64 * 1024;
 
+/// Why an upstream answer's body was not read.
+pub(crate) enum BodyError {
+    /// A 200 over [`MAX_UPSTREAM_BODY`]: the error to report (not retried
+    /// at once: the same upstream would send the same).
+    TooLarge(SourceError),
+    /// The transfer failed: what happened, for an "unavailable" error.
+    Transfer(String),
+}
+
 /// Reads an upstream answer chunk by chunk, never more than
-/// [`MAX_UPSTREAM_BODY`]. A 200 that would exceed it is refused (an error
-/// naming `upstream`, not retried at once: the same upstream would send the
-/// same); an error answer is cut at the limit, since only its start is shown.
-pub(crate) async fn read_body<T>(
+/// [`MAX_UPSTREAM_BODY`]. A 200 that would exceed it is refused with an
+/// error naming `upstream`; an error answer is cut at the limit, since only
+/// its start is shown.
+pub(crate) async fn read_body(
     mut response: reqwest::Response,
     upstream: &str,
-) -> Result<Vec<u8>, retry::Attempt<T>> {
+) -> Result<Vec<u8>, BodyError> {
     let ok = response.status().is_success();
     let too_large = |size: String| {
-        retry::Attempt::Fail(SourceError::InvalidResponse {
+        BodyError::TooLarge(SourceError::InvalidResponse {
             upstream: upstream.to_owned(),
             message: format!(
                 "the answer is {size} bytes, more than the {} KiB any ID token needs; refused",
@@ -177,12 +210,12 @@ pub(crate) async fn read_body<T>(
         let chunk = match response.chunk().await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => return Ok(body),
-            Err(e) => return Err(retry::Attempt::Retry(describe_http_error(&e))),
+            Err(e) => return Err(BodyError::Transfer(describe_http_error(&e))),
         };
         let room = MAX_UPSTREAM_BODY - body.len();
         if chunk.len() > room {
             if ok {
-                return Err(too_large(format!("more than {}", MAX_UPSTREAM_BODY)));
+                return Err(too_large(format!("more than {MAX_UPSTREAM_BODY}")));
             }
             body.extend_from_slice(&chunk[..room]);
             return Ok(body);
@@ -191,18 +224,43 @@ pub(crate) async fn read_body<T>(
     }
 }
 
-/// Upstream text fit to pass on: JWT-looking strings removed, length capped.
+fn retry_after_text(retry_after: Option<Duration>) -> String {
+    retry_after
+        .map(|d| format!(" (it asked to retry after {}s)", d.as_secs()))
+        .unwrap_or_default()
+}
+
+/// The `Retry-After` of a 429 or 503 answer: delta-seconds or an HTTP-date
+/// (RFC 9110 §10.2.3), as a wait from `now`. Other statuses and unreadable
+/// values give `None`.
+pub(crate) fn retry_after(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    now: SystemTime,
+) -> Option<Duration> {
+    if status != reqwest::StatusCode::TOO_MANY_REQUESTS
+        && status != reqwest::StatusCode::SERVICE_UNAVAILABLE
+    {
+        return None;
+    }
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// Upstream text fit to pass on: anything shaped like a token removed, then
+/// capped and quoted with its quotes, backslashes and control characters
+/// escaped ([`LogText`](crate::domain::LogText)), so an upstream's body
+/// can neither forge a log line nor leak a token into one.
 pub(crate) fn sanitize_upstream_text(text: &str) -> String {
-    const MAX: usize = 512;
-    let redacted = crate::token::redact_jwts(text.trim());
-    if redacted.len() <= MAX {
-        return redacted;
-    }
-    let mut end = MAX;
-    while !redacted.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &redacted[..end])
+    crate::domain::LogText::new(&crate::token::redact_jwts(text.trim())).to_string()
 }
 
 /// Describes a reqwest failure without its URL's query (which holds the audience
@@ -232,76 +290,121 @@ pub(crate) fn describe_http_error(err: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    };
+    /// The 64 KiB cap on upstream answers, against a server that streams
+    /// without end.
+    mod body_cap {
+        use std::sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        };
 
-    use axum::{body::Body, http::StatusCode, routing::get, Router};
-    use tokio_stream::StreamExt as _;
+        use axum::{body::Body, http::StatusCode, routing::get, Router};
+        use tokio_stream::StreamExt as _;
+
+        use crate::source::{read_body, BodyError, MAX_UPSTREAM_BODY};
+
+        const CHUNK: usize = 1024;
+        /// 256 MiB, far more than any buffer between the two ends.
+        const CHUNKS: usize = 256 * 1024;
+
+        /// A server streaming 1 KiB chunks without a Content-Length, counting
+        /// the chunks it produced.
+        async fn endless(status: StatusCode) -> (String, Arc<AtomicUsize>) {
+            let produced = Arc::new(AtomicUsize::new(0));
+            let counter = produced.clone();
+            let app = Router::new().route(
+                "/",
+                get(move || {
+                    let counter = counter.clone();
+                    let chunks = tokio_stream::iter(0..CHUNKS).map(move |_| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        Ok::<_, std::convert::Infallible>(vec![b'x'; CHUNK])
+                    });
+                    async move { (status, Body::from_stream(chunks)) }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (url, produced)
+        }
+
+        #[tokio::test]
+        async fn a_streamed_answer_is_refused_at_the_limit_without_reading_the_rest() {
+            let (url, produced) = endless(StatusCode::OK).await;
+            let response = reqwest::get(&url).await.unwrap();
+            assert_eq!(
+                response.content_length(),
+                None,
+                "the test needs a chunked body"
+            );
+            match read_body(response, "the test upstream").await {
+                Err(BodyError::TooLarge(err)) => {
+                    let text = err.to_string();
+                    assert!(
+                        text.contains("the test upstream") && text.contains("64 KiB"),
+                        "{text}"
+                    );
+                    assert!(!err.is_permanent());
+                }
+                Ok(body) => panic!("read {} bytes", body.len()),
+                Err(_) => panic!("not refused as too large"),
+            }
+            // Reading it whole would have drained all 256 MiB.
+            let produced = produced.load(Ordering::Relaxed);
+            assert!(produced < CHUNKS / 4, "{produced} KiB were produced");
+        }
+
+        #[tokio::test]
+        async fn a_huge_error_answer_is_cut_at_the_limit() {
+            let (url, produced) = endless(StatusCode::SERVICE_UNAVAILABLE).await;
+            let response = reqwest::get(&url).await.unwrap();
+            let Ok(body) = read_body(response, "the test upstream").await else {
+                panic!("an error answer is kept, cut");
+            };
+            assert_eq!(body.len(), MAX_UPSTREAM_BODY);
+            assert!(produced.load(Ordering::Relaxed) < CHUNKS / 4);
+        }
+    }
 
     use super::*;
+    use reqwest::{
+        header::{HeaderMap, HeaderValue, RETRY_AFTER},
+        StatusCode,
+    };
 
-    const CHUNK: usize = 1024;
-    /// 256 MiB, far more than any buffer between the two ends.
-    const CHUNKS: usize = 256 * 1024;
-
-    /// A server streaming 1 KiB chunks without a Content-Length, counting
-    /// the chunks it produced.
-    async fn endless(status: StatusCode) -> (String, Arc<AtomicUsize>) {
-        let produced = Arc::new(AtomicUsize::new(0));
-        let counter = produced.clone();
-        let app = Router::new().route(
-            "/",
-            get(move || {
-                let counter = counter.clone();
-                let chunks = tokio_stream::iter(0..CHUNKS).map(move |_| {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    Ok::<_, std::convert::Infallible>(vec![b'x'; CHUNK])
-                });
-                async move { (status, Body::from_stream(chunks)) }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (url, produced)
-    }
-
-    #[tokio::test]
-    async fn a_streamed_answer_is_refused_at_the_limit_without_reading_the_rest() {
-        let (url, produced) = endless(StatusCode::OK).await;
-        let response = reqwest::get(&url).await.unwrap();
-        assert_eq!(
-            response.content_length(),
-            None,
-            "the test needs a chunked body"
-        );
-        match read_body::<()>(response, "the test upstream").await {
-            Err(retry::Attempt::Fail(err)) => {
-                let text = err.to_string();
-                assert!(
-                    text.contains("the test upstream") && text.contains("64 KiB"),
-                    "{text}"
-                );
-                assert!(!err.is_permanent());
-            }
-            Ok(body) => panic!("read {} bytes", body.len()),
-            Err(_) => panic!("not refused as too large"),
-        }
-        // Reading it whole would have drained all 256 MiB.
-        let produced = produced.load(Ordering::Relaxed);
-        assert!(produced < CHUNKS / 4, "{produced} KiB were produced");
-    }
-
-    #[tokio::test]
-    async fn a_huge_error_answer_is_cut_at_the_limit() {
-        let (url, produced) = endless(StatusCode::SERVICE_UNAVAILABLE).await;
-        let response = reqwest::get(&url).await.unwrap();
-        let Ok(body) = read_body::<()>(response, "the test upstream").await else {
-            panic!("an error answer is kept, cut");
+    #[test]
+    fn reads_retry_after_in_both_forms_on_429_and_503_only() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+            headers
         };
-        assert_eq!(body.len(), MAX_UPSTREAM_BODY);
-        assert!(produced.load(Ordering::Relaxed) < CHUNKS / 4);
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        for status in [
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert_eq!(
+                retry_after(status, &with("30"), now),
+                Some(Duration::from_secs(30))
+            );
+            assert_eq!(
+                retry_after(status, &with(&date), now),
+                Some(Duration::from_secs(90))
+            );
+            assert_eq!(retry_after(status, &with("soon"), now), None);
+            assert_eq!(retry_after(status, &HeaderMap::new(), now), None);
+        }
+        assert_eq!(
+            retry_after(StatusCode::INTERNAL_SERVER_ERROR, &with("30"), now),
+            None
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(
+            retry_after(StatusCode::SERVICE_UNAVAILABLE, &with(&past), now),
+            Some(Duration::ZERO)
+        );
     }
 }

@@ -9,8 +9,8 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    describe_http_error, http_client, read_body, retry::Attempt, sanitize_upstream_text,
-    FetchFuture, IdTokenSource, RetryPolicy, ServiceAccountKey, SourceError,
+    describe_http_error, http_client, read_body, retry_after, sanitize_upstream_text, BodyError,
+    FetchFuture, IdTokenSource, ServiceAccountKey, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -32,7 +32,6 @@ pub struct ServiceAccountSource {
     client: reqwest::Client,
     upstream: String,
     clock: Clock,
-    retry: RetryPolicy,
 }
 
 #[derive(Serialize)]
@@ -54,13 +53,12 @@ struct ErrorBody {
 }
 
 impl ServiceAccountSource {
-    pub fn new(key: ServiceAccountKey, clock: Clock, retry: RetryPolicy) -> Result<Self, String> {
+    pub fn new(key: ServiceAccountKey, clock: Clock) -> Result<Self, String> {
         Ok(Self {
             upstream: format!("token endpoint {}", key.token_uri),
             client: http_client()?,
             key,
             clock,
-            retry,
         })
     }
 
@@ -88,12 +86,16 @@ impl ServiceAccountSource {
         })
     }
 
-    async fn attempt(&self, audience: &str) -> Attempt<IdToken> {
+    /// One call: the token, or why not (with any `Retry-After`).
+    async fn call(&self, audience: &str) -> Result<IdToken, SourceError> {
+        let unavailable =
+            |message: String, retry_after: Option<Duration>| SourceError::Unavailable {
+                upstream: self.upstream.clone(),
+                message,
+                retry_after,
+            };
         // A fresh assertion each attempt: its iat/exp track the clock.
-        let assertion = match self.assertion(audience) {
-            Ok(a) => a,
-            Err(e) => return Attempt::Fail(e),
-        };
+        let assertion = self.assertion(audience)?;
         let response = self
             .client
             .post(self.key.token_uri.clone())
@@ -102,16 +104,16 @@ impl ServiceAccountSource {
                 ("assertion", assertion.as_str()),
             ])
             .send()
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return Attempt::Retry(describe_http_error(&e)),
-        };
+            .await
+            .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
-        let body = match read_body(response, &self.upstream).await {
-            Ok(body) => body,
-            Err(attempt) => return attempt,
-        };
+        let wait = retry_after(status, response.headers(), self.clock.now());
+        let body = read_body(response, &self.upstream)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge(err) => err,
+                BodyError::Transfer(message) => unavailable(message, None),
+            })?;
         if status == StatusCode::OK {
             return self.read_success(&body, audience);
         }
@@ -124,28 +126,27 @@ impl ServiceAccountSource {
             .is_some_and(|e| TRANSIENT_ERRORS.contains(&e.error.as_str()));
         let message = match &error {
             Some(e) if !e.error.is_empty() => {
-                let description = sanitize_upstream_text(&e.error_description);
-                if description.is_empty() {
+                if e.error_description.trim().is_empty() {
                     sanitize_upstream_text(&e.error)
                 } else {
-                    format!("{}: {description}", sanitize_upstream_text(&e.error))
+                    sanitize_upstream_text(&format!("{}: {}", e.error, e.error_description))
                 }
             }
             _ => sanitize_upstream_text(&String::from_utf8_lossy(&body)),
         };
         if transient_status || transient_error {
-            return Attempt::Retry(format!("HTTP {status}: {message}"));
+            return Err(unavailable(format!("HTTP {status}: {message}"), wait));
         }
-        Attempt::Fail(SourceError::Rejected {
+        Err(SourceError::Rejected {
             upstream: self.upstream.clone(),
             status: status.as_u16(),
             message: format!("{message} (account {})", self.key.client_email),
         })
     }
 
-    fn read_success(&self, body: &[u8], audience: &str) -> Attempt<IdToken> {
+    fn read_success(&self, body: &[u8], audience: &str) -> Result<IdToken, SourceError> {
         let invalid = |message: &str| {
-            Attempt::Fail(SourceError::InvalidResponse {
+            Err(SourceError::InvalidResponse {
                 upstream: self.upstream.clone(),
                 message: message.to_owned(),
             })
@@ -156,19 +157,14 @@ impl ServiceAccountSource {
         let Some(id_token) = fields.get("id_token").and_then(|v| v.as_str()) else {
             return invalid("No ID token in response (no `id_token` field)");
         };
-        match IdToken::parse(id_token, audience, self.clock.now()) {
-            Ok(token) => Attempt::Done(token),
-            Err(e) => Attempt::Fail(SourceError::invalid_token(&self.upstream, e)),
-        }
+        IdToken::parse(id_token, audience, self.clock.now())
+            .map_err(|e| SourceError::invalid_token(&self.upstream, e))
     }
 }
 
 impl IdTokenSource for ServiceAccountSource {
     fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a> {
-        Box::pin(
-            self.retry
-                .run(&self.upstream, move || self.attempt(audience)),
-        )
+        Box::pin(self.call(audience))
     }
 
     fn kind(&self) -> SourceKind {

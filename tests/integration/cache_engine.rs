@@ -11,18 +11,10 @@ use token_broker::{
     clock::Clock,
     config::RefreshSettings,
     emulator::{Emulator, EmulatorOptions, Faults},
-    source::{IdTokenSource, MetadataSource, RetryPolicy, ServiceAccountKey, ServiceAccountSource},
+    source::{IdTokenSource, MetadataSource, ServiceAccountKey, ServiceAccountSource},
 };
 
 const MIN: Duration = Duration::from_secs(60);
-
-/// One upstream attempt per fetch, so call counts are the cache's own.
-fn single_attempt() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 1,
-        ..RetryPolicy::default()
-    }
-}
 
 struct Engine {
     emulator: Emulator,
@@ -38,8 +30,7 @@ async fn engine(settings: RefreshSettings) -> Engine {
     })
     .await
     .unwrap();
-    let source =
-        MetadataSource::new(&emulator.metadata_host(), clock.clone(), single_attempt()).unwrap();
+    let source = MetadataSource::new(&emulator.metadata_host(), clock.clone()).unwrap();
     let cache = TokenCache::new(
         [(
             "default".to_owned(),
@@ -319,7 +310,8 @@ async fn min_valid_for_forces_a_fetch_and_expiring_tokens_are_not_served() {
     assert_eq!(forced.outcome, CacheOutcome::Miss);
     assert!(forced.token.remaining(e.clock.now()) >= 55 * MIN);
     assert_eq!(e.emulator.stats().identity.total, 2);
-    // A token minted with under 30 s of life counts as expired.
+    // A token minted with under 30 s of life counts as expired, and the
+    // error says so without blaming a min_valid_for nobody sent.
     e.emulator.set_faults(Faults {
         token_lifetime_secs: Some(20),
         ..Faults::default()
@@ -329,7 +321,13 @@ async fn min_valid_for_forces_a_fetch_and_expiring_tokens_are_not_served() {
         .get(&key("https://short.example.com"), Duration::ZERO)
         .await
         .unwrap_err();
-    assert!(matches!(err, CacheError::TooShortLived { .. }), "{err}");
+    assert!(matches!(err, CacheError::Upstream(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("s of life; the broker serves a token only while more than 30s"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("min_valid_for"), "{err}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -382,10 +380,7 @@ async fn random_concurrent_requests_never_get_another_keys_token() {
     let dir = crate::support::workdir();
     let mut sources: Vec<(String, Arc<dyn IdTokenSource>)> = vec![(
         "default".into(),
-        Arc::new(
-            MetadataSource::new(&emulator.metadata_host(), clock.clone(), single_attempt())
-                .unwrap(),
-        ),
+        Arc::new(MetadataSource::new(&emulator.metadata_host(), clock.clone()).unwrap()),
     )];
     let mut emails = std::collections::HashMap::from([(
         "default".to_owned(),
@@ -397,7 +392,7 @@ async fn random_concurrent_requests_never_get_another_keys_token() {
         let key = ServiceAccountKey::load(&path, false).unwrap();
         sources.push((
             name.into(),
-            Arc::new(ServiceAccountSource::new(key, clock.clone(), single_attempt()).unwrap()),
+            Arc::new(ServiceAccountSource::new(key, clock.clone()).unwrap()),
         ));
         emails.insert(name.into(), email);
     }

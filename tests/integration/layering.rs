@@ -21,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "client", "emulator"],
     &["source", "policy", "logging"],
     &["cache"],
+    &["sink"],
     &["server"],
     &["demo"],
     &["cli"],

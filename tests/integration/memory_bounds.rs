@@ -314,7 +314,7 @@ async fn a_huge_upstream_answer_is_refused_and_not_cached() {
     let pid = broker.child.id();
     let before = support::vm_rss_kib(pid);
     emulator.set_faults(Faults {
-        huge_token_bytes: Some(10 * 1024 * 1024),
+        huge_body_bytes: Some(10 * 1024 * 1024),
         ..Faults::default()
     });
     let mut client = broker.client().await;

@@ -329,7 +329,7 @@ async fn upstream_failures_become_statuses_clients_act_on() {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body.contains("rejected the request (HTTP 403)"), "{body}");
 
-    // Unavailable after the source's retries: 503, which clients retry.
+    // Unavailable: 503, which clients retry.
     emulator.set_faults(Faults {
         status: Some(503),
         endpoint: Some("identity".into()),
@@ -337,7 +337,10 @@ async fn upstream_failures_become_statuses_clients_act_on() {
     });
     let (status, _, body) = get(&base, &identity_path("https://down.example.com", "full")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body.contains("is unavailable after"), "{body}");
+    assert!(
+        body.contains("is unavailable; last error: HTTP 503"),
+        "{body}"
+    );
     // The email probe fails the same way while upstream is down.
     let (status, _, body) = get(&base, &format!("{SA}/default/email")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");

@@ -40,6 +40,14 @@ proptest! {
     }
 
     #[test]
+    fn a_star_matches_exactly_dns_label_characters(label in any::<String>()) {
+        let p = AudiencePattern::parse("https://*.a.run.app").unwrap();
+        let expected = !label.is_empty()
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        prop_assert_eq!(p.matches(&format!("https://{label}.a.run.app")), expected);
+    }
+
+    #[test]
     fn config_parsing_never_panics(text in any::<String>()) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

@@ -200,7 +200,15 @@ async fn an_assertion_expired_by_the_token_endpoints_clock_is_rejected_with_its_
 #[tokio::test(flavor = "multi_thread")]
 async fn transient_503s_are_retried_until_the_exchange_succeeds() {
     let emulator = support::emulator().await;
-    let (broker, _key, _keys) = key_broker(&emulator, "deployer", true).await;
+    let keys = support::workdir();
+    let (path, _) = support::key_file(keys.path(), "deployer", ACCOUNT, &emulator, true);
+    let identity = support::key_identity("deployer", &path);
+    // Default retry settings: the cache's backoff retries for the caller.
+    let broker = Broker::start(
+        move |socket| support::config_text_default_retries(socket, &identity),
+        "debug",
+    )
+    .await;
     emulator.set_faults(Faults {
         status: Some(503),
         fail_next: Some(2),
@@ -238,12 +246,11 @@ async fn persistent_503s_are_unavailable_after_bounded_retries() {
         err.message()
     );
     assert!(err.message().contains("503"), "{}", err.message());
-    let max_attempts = token_broker::source::RetryPolicy::default().max_attempts;
-    assert_eq!(max_attempts, 5);
+    // One call per attempt: the cache's backoff is the only retry layer.
     assert_eq!(
         emulator.stats().token.total,
-        u64::from(max_attempts),
-        "bounded retries, not a loop"
+        1,
+        "one call, not a retry loop"
     );
 }
 

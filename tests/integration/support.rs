@@ -71,6 +71,15 @@ retry_max = "1h"
     )
 }
 
+/// A config file's text with the default retry settings (`1s` backing off
+/// to `60s`), for tests of the cache's own retries.
+pub fn config_text_default_retries(socket: &Path, identities: &str) -> String {
+    format!(
+        "[server]\nsocket_path = \"{}\"\n\n{identities}\n",
+        socket.display()
+    )
+}
+
 pub fn metadata_identity(name: &str, emulator: &Emulator) -> String {
     format!(
         "[[identities]]\nname = \"{name}\"\nsource = \"metadata\"\nmetadata_host = \"{}\"\n",
@@ -113,6 +122,28 @@ impl Broker {
         broker
     }
 
+    /// [`Broker::start`], with `customize` applied to the command first
+    /// (resource limits, for example).
+    pub async fn start_with(
+        config: impl FnOnce(&Path) -> String,
+        log_filter: &str,
+        customize: impl FnOnce(&mut Command),
+    ) -> Broker {
+        let dir = workdir();
+        let socket = dir.path().join("broker.sock");
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config(&socket)).unwrap();
+        let broker = Self::spawn_with(
+            dir,
+            socket,
+            &["serve", "--config", config_path.to_str().unwrap()],
+            log_filter,
+            customize,
+        );
+        broker.wait_ready().await;
+        broker
+    }
+
     /// Spawns the binary with `args` and a clean environment.
     pub fn spawn(
         dir: tempfile::TempDir,
@@ -120,9 +151,20 @@ impl Broker {
         args: &[&str],
         log_filter: &str,
     ) -> Broker {
+        Self::spawn_with(dir, socket, args, log_filter, |_| {})
+    }
+
+    fn spawn_with(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        args: &[&str],
+        log_filter: &str,
+        customize: impl FnOnce(&mut Command),
+    ) -> Broker {
         let log_path = dir.path().join("broker.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = base_command(args);
+        customize(&mut command);
         // An empty filter leaves the config's log.filter in charge. Otherwise
         // the broker's own code logs at TRACE in every test, so the secret
         // check on drop covers the whole suite at the most verbose level.

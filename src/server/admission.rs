@@ -1,0 +1,141 @@
+//! The one decision every door makes before a token is looked up, gRPC on
+//! the socket and the metadata endpoint alike: the audience is valid, the
+//! policy allows this caller (as the kernel named it) this identity and
+//! audience, the identity exists, and a request that brings a new audience
+//! into the cache, or forces a new token with `min_valid_for`, is within its
+//! uid's rate.
+
+use std::time::Duration;
+
+use super::{live::Live, peer::PeerCredentials};
+use crate::{
+    cache::{AdmitError, CacheError, CacheKey, TokenCache},
+    domain::LogText,
+    policy::Decision,
+};
+
+/// Why a request was not admitted. Each door turns it into its own answer
+/// (a gRPC status, an HTTP status) in one place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refused {
+    /// Invalid audience or unknown identity.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// Names the caller and the request (quoted, escaped and capped), and
+    /// nothing about the rules.
+    #[error(
+        "uid {} may not use identity {} for audience {}",
+        uid_text(*.uid),
+        LogText::new(.identity),
+        LogText::new(.audience)
+    )]
+    Denied {
+        uid: Option<u32>,
+        identity: String,
+        audience: String,
+    },
+    #[error(
+        "uid {uid} asked for too many new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
+        .retry_in.as_secs().max(1)
+    )]
+    TooManyNewAudiences {
+        uid: u32,
+        per_minute: u32,
+        burst: u32,
+        retry_in: Duration,
+    },
+    /// `min_valid_for` forced a new token while the held one serves
+    /// everybody else, once too often: these spend the same budget.
+    #[error(
+        "uid {uid} forced too many new tokens with min_valid_for, which count as new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
+        .retry_in.as_secs().max(1)
+    )]
+    TooManyForcedMints {
+        uid: u32,
+        per_minute: u32,
+        burst: u32,
+        retry_in: Duration,
+    },
+}
+
+fn uid_text(uid: Option<u32>) -> String {
+    uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
+}
+
+/// Admits `peer`'s request for (`identity`, `audience`) with `min_valid`
+/// (`Duration::ZERO` when none was asked), or says why not. `decision` is
+/// set as soon as the policy has decided, for the audit line.
+pub fn admit(
+    cache: &TokenCache,
+    live: &Live,
+    peer: &PeerCredentials,
+    identity: &str,
+    audience: &str,
+    min_valid: Duration,
+    decision: &mut Option<Decision>,
+) -> Result<CacheKey, Refused> {
+    let key = CacheKey::new(identity, audience).map_err(CacheError::from)?;
+    grant(cache, live, peer, identity, audience, decision)?;
+    // Only the request that brings a new audience into the cache spends
+    // from its uid's bucket: the cache asks the bucket as it admits the key,
+    // so concurrent askers of that key spend once, and a refused request
+    // leaves nothing behind.
+    let spend = |uid: u32| {
+        let (limits, limiter) = live.limits();
+        limiter
+            .check(uid)
+            .map_err(|retry_in| (limits.clone(), retry_in))
+    };
+    let new = match peer.uid {
+        Some(uid) => cache.admit(&key, || spend(uid)).map_err(|err| match err {
+            AdmitError::Refused((limits, retry_in)) => Refused::TooManyNewAudiences {
+                uid,
+                per_minute: limits.new_audiences_per_minute,
+                burst: limits.new_audience_burst,
+                retry_in,
+            },
+            AdmitError::Cache(err) => Refused::Cache(err),
+        })?,
+        None => false,
+    };
+    // A request whose `min_valid_for` forces a new token, although the held
+    // one serves everybody else, spends from the same bucket.
+    if !new && cache.forces_mint(&key, min_valid)? {
+        if let Some(uid) = peer.uid {
+            spend(uid).map_err(|(limits, retry_in)| Refused::TooManyForcedMints {
+                uid,
+                per_minute: limits.new_audiences_per_minute,
+                burst: limits.new_audience_burst,
+                retry_in,
+            })?;
+        }
+    }
+    Ok(key)
+}
+
+/// Whether the policy in force now lets `peer` have (`identity`,
+/// `audience`), and the identity exists: checked on admission and again
+/// before each delivery on an open stream.
+pub fn grant(
+    cache: &TokenCache,
+    live: &Live,
+    peer: &PeerCredentials,
+    identity: &str,
+    audience: &str,
+    decision: &mut Option<Decision>,
+) -> Result<(), Refused> {
+    let decided = live.policy().decide(peer.caller(), identity, audience);
+    *decision = Some(decided);
+    if !decided.allowed() {
+        return Err(Refused::Denied {
+            uid: peer.uid,
+            identity: identity.to_owned(),
+            audience: audience.to_owned(),
+        });
+    }
+    if !cache.knows(identity) {
+        return Err(CacheError::UnknownIdentity(identity.to_owned()).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Serving an HTTP router on a TCP listener so that no client can starve it
+//! or the daemon: HTTP/1.1 only (no h2c, no prior-knowledge HTTP/2), a
+//! header-read timeout, a 64 KiB cap on a request's head, an idle timeout
+//! ([`super::idle`]), a cap on open
+//! connections (and, when the peer's uid is resolved, a per-uid share of
+//! it), connections over the cap closed at accept, and an accept loop that
+//! backs off when descriptors run out. Used by the metadata endpoint and the
+//! telemetry listener.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, task::JoinSet};
+use tower::ServiceExt;
+
+use super::{
+    accept::{AcceptBackoff, RefusalLog},
+    idle::{Activity, IdleTimeout, Tracked},
+    loopback_peer::{self, Unresolved},
+    peer::PeerCredentials,
+    share::{Full, Shares},
+};
+
+/// Largest request head (request line and headers) read, in bytes.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// Bounds on one listener's connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    /// Per resolved uid; equal to `max_connections` for no share.
+    pub max_connections_per_uid: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// One accepted connection, in every request's extensions.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// The client as policy decisions see it (the uid owning its socket and
+    /// that uid's primary group), when the listener resolves it.
+    pub owner: Option<Result<PeerCredentials, Unresolved>>,
+}
+
+/// A listener's name (for logs), its router, its limits, and whether each
+/// peer's owning uid is resolved at accept.
+pub struct HttpListener {
+    pub name: &'static str,
+    pub listener: TcpListener,
+    pub router: Router,
+    pub limits: ConnectionLimits,
+    pub resolve_owner: bool,
+}
+
+impl HttpListener {
+    /// Serves until `stop` resolves, then lets open requests finish.
+    pub async fn serve(self, stop: impl Future<Output = ()>) {
+        let HttpListener {
+            name,
+            listener,
+            router,
+            limits,
+            resolve_owner,
+        } = self;
+        let shares = Shares::new(limits.max_connections, limits.max_connections_per_uid);
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
+        let mut connections = JoinSet::new();
+        let mut backoff = AcceptBackoff::new(name);
+        let mut refusals = RefusalLog::default();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            backoff.failed(&error).await;
+                            continue;
+                        }
+                    };
+                    backoff.accepted();
+                    let Ok(local) = stream.local_addr() else { continue };
+                    // Over the cap nobody is served: skip asking the kernel.
+                    let owner = (resolve_owner && !shares.full())
+                        .then(|| loopback_peer::owner_uid(peer, local));
+                    let uid = owner.as_ref().and_then(|o| o.as_ref().ok().copied());
+                    let place = match shares.take(uid) {
+                        Ok(place) => place,
+                        Err(full) => {
+                            if refusals.due() {
+                                let (limit, key) = match full {
+                                    Full::Total(n) => (n, "max_connections"),
+                                    Full::Share(n) => (n, "max_connections_per_uid"),
+                                };
+                                tracing::warn!(
+                                    listener = name, %peer, peer_uid = uid, limit,
+                                    refused = refusals.take(),
+                                    "connections refused: {name}.{key} reached"
+                                );
+                            }
+                            continue;
+                        }
+                    };
+                    connections.spawn(serve_connection(
+                        stream,
+                        (peer, local, owner),
+                        router.clone(),
+                        limits.clone(),
+                        closing.clone(),
+                        place,
+                    ));
+                }
+            }
+        }
+        drop(listener);
+        let _ = closing_tx.send(true);
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    (peer, local, owner): (SocketAddr, SocketAddr, Option<Result<u32, Unresolved>>),
+    router: Router,
+    limits: ConnectionLimits,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    place: super::share::Place,
+) {
+    // The user database may be remote (LDAP, sssd): look the group up once
+    // per connection, off the async workers.
+    let owner = match owner {
+        Some(Ok(uid)) => Some(Ok(tokio::task::spawn_blocking(move || {
+            PeerCredentials::of_uid(uid)
+        })
+        .await
+        .unwrap_or_else(|_| PeerCredentials::of_uid_without_group(uid)))),
+        Some(Err(unresolved)) => Some(Err(unresolved)),
+        None => None,
+    };
+    let connection = Connection { peer, local, owner };
+    let activity = Activity::new();
+    let io = IdleTimeout::new(stream, activity.clone(), limits.idle_timeout);
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let busy = activity.begin();
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(connection.clone());
+            let router = router.clone();
+            async move {
+                let response = router.oneshot(request).await?;
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, Some(busy))))
+            }
+        });
+    let serving = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // Requests here are a line and a few headers: a head larger than
+        // this is refused (431), so each connection holds little memory.
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .serve_connection(TokioIo::new(io), service);
+    let mut serving = Box::pin(serving);
+    let finished = tokio::select! {
+        result = serving.as_mut() => Some(result),
+        _ = closing.wait_for(|closing| *closing) => None,
+    };
+    let result = match finished {
+        Some(result) => result,
+        None => {
+            serving.as_mut().graceful_shutdown();
+            serving.as_mut().await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection closed");
+    }
+    // The place first, then the socket: a client that sees its connection
+    // close can connect again at once.
+    drop(place);
+    drop(serving);
+}
