@@ -21,17 +21,17 @@
 //! for it in `idle_evict_after` (unless it is prefetched or watched).
 
 mod backoff;
+mod entries;
 mod key;
 mod refresher;
 mod schedule;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, RwLock},
+    sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard, RwLock},
     time::{Duration, SystemTime},
 };
 
-use dashmap::DashMap;
 use tokio::{
     sync::{watch, Notify, Semaphore},
     time::Instant,
@@ -48,9 +48,14 @@ use crate::{
 };
 use backoff::Backoff;
 pub use backoff::ON_DEMAND_RETRY_CAP;
+use entries::{Entries, Refusal};
 
 /// A token with less life than this is treated as expired (clock skew).
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+
+/// How long Google's ID tokens live (PROTOCOLS.md): the life a freshly
+/// minted token is assumed to have when bounding `min_valid_for`.
+pub const GOOGLE_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Longest a caller of a key that never held a token rides the key's
 /// retries: every attempt it waits for ends within this of its arrival (an
@@ -121,6 +126,11 @@ pub enum CacheError {
         wanted: Duration,
         available: Duration,
     },
+    #[error(
+        "the token cache is full: all {max_entries} entries (refresh.max_entries) are in use \
+         by fetches, watch streams or prefetch; retry shortly"
+    )]
+    Full { max_entries: usize },
     /// Nothing servable is held and no attempt may start yet (backoff), with
     /// no upstream error to report.
     #[error(
@@ -128,6 +138,15 @@ pub enum CacheError {
         EXPIRY_MARGIN.as_secs(), left.as_secs(), retry_in.as_secs()
     )]
     NoFreshToken { left: Duration, retry_in: Duration },
+}
+
+/// Why [`TokenCache::admit`] did not admit a key.
+#[derive(Debug)]
+pub enum AdmitError<E> {
+    /// The caller's gate refused it; nothing was created or evicted.
+    Refused(E),
+    /// The cache could not take it.
+    Cache(CacheError),
 }
 
 /// What `ListTokens` shows of an entry: never the token itself.
@@ -166,7 +185,7 @@ pub struct TokenCache {
 struct Inner {
     /// Changed in place by a config reload; read briefly, never across `.await`.
     upstreams: RwLock<HashMap<String, Upstream>>,
-    entries: DashMap<CacheKey, Arc<Entry>>,
+    entries: Entries,
     settings: RefreshSettings,
     clock: Clock,
 }
@@ -181,6 +200,8 @@ struct Entry {
     tokens: watch::Sender<Option<IdToken>>,
     /// Wakes the refresher to recompute its schedule.
     wake: Notify,
+    /// Its place in the eviction order ([`entries`]).
+    recency: AtomicU64,
 }
 
 #[derive(Default)]
@@ -219,7 +240,7 @@ impl TokenCache {
         Self {
             inner: Arc::new(Inner {
                 upstreams: RwLock::new(upstreams),
-                entries: DashMap::new(),
+                entries: Entries::new(settings.max_entries),
                 settings,
                 clock,
             }),
@@ -272,15 +293,7 @@ impl TokenCache {
     }
 
     fn drop_entries_of(&self, identity: &str) {
-        let mut dropped = Vec::new();
-        self.inner.entries.retain(|key, entry| {
-            let keep = key.identity() != identity;
-            if !keep {
-                dropped.push(entry.clone());
-            }
-            keep
-        });
-        for entry in dropped {
+        for entry in self.inner.entries.remove_identity(identity) {
             // Its refresher sees the entry is gone and exits.
             entry.wake.notify_one();
         }
@@ -308,7 +321,8 @@ impl TokenCache {
             return Err(CacheError::UnknownIdentity(key.identity().to_owned()));
         }
         let need = min_valid.max(EXPIRY_MARGIN);
-        let entry = self.entry(key);
+        let entry = self.entry(key)?;
+        self.inner.entries.touch(&entry);
         let arrived = Instant::now();
         let mut started = false;
         let mut waited = false;
@@ -391,9 +405,9 @@ impl TokenCache {
         let mut infos: Vec<EntryInfo> = self
             .inner
             .entries
-            .iter()
-            .map(|item| {
-                let entry = item.value().clone();
+            .snapshot()
+            .into_iter()
+            .map(|entry| {
                 let slot = lock(&entry.state);
                 let state = match (&slot.token, &slot.last_error) {
                     (Some(token), _) => {
@@ -430,7 +444,7 @@ impl TokenCache {
         min_valid: Duration,
     ) -> Result<(Lookup, watch::Receiver<Option<IdToken>>), CacheError> {
         let lookup = self.get(key, min_valid).await?;
-        let entry = self.entry(key);
+        let entry = self.entry(key)?;
         let mut receiver = entry.tokens.subscribe();
         // What the caller already has counts as seen.
         receiver.mark_unchanged();
@@ -446,7 +460,18 @@ impl TokenCache {
             if !self.upstreams().contains_key(key.identity()) {
                 continue;
             }
-            let entry = self.entry(&key);
+            let entry = match self.entry(&key) {
+                Ok(entry) => entry,
+                Err(err) => {
+                    tracing::warn!(
+                        identity = key.identity(),
+                        audience = crate::domain::LogText::new(key.audience()).as_str(),
+                        error = %err,
+                        "cannot prefetch"
+                    );
+                    continue;
+                }
+            };
             let mut receiver = entry.tokens.subscribe();
             {
                 let mut slot = lock(&entry.state);
@@ -464,21 +489,64 @@ impl TokenCache {
         }
     }
 
-    /// Creates the entry for `key` without fetching; true when this call
-    /// created it, i.e. the caller is the one asking for a new audience
-    /// (concurrent askers of the same new key see false and join it).
-    pub fn reserve(&self, key: &CacheKey) -> bool {
-        self.entry_created(key).1
+    /// Admits `key` into the cache without fetching, unless it is held
+    /// already: `gate` is asked first, once, and only for a key not held (a
+    /// new audience), atomically with the admission, so concurrent askers
+    /// of one new key pass the gate once. A refusal leaves nothing behind.
+    /// True when this call admitted the key.
+    pub fn admit<E>(
+        &self,
+        key: &CacheKey,
+        gate: impl FnOnce() -> Result<(), E>,
+    ) -> Result<bool, AdmitError<E>> {
+        self.entry_admitted(key, gate)
+            .map(|(_, created)| created)
+            .map_err(|refusal| match refusal {
+                Refusal::Gate(err) => AdmitError::Refused(err),
+                Refusal::Full => AdmitError::Cache(self.full()),
+            })
     }
 
-    /// Removes an entry reserved by [`TokenCache::reserve`] that was never
-    /// used (its request was refused).
-    pub fn release_unused(&self, key: &CacheKey) {
-        self.inner.entries.remove_if(key, |_, entry| {
-            // Untouched: no attempt made or under way, nobody pinning or watching.
-            let slot = lock(&entry.state);
-            slot.generation == 0 && !slot.fetching && !slot.pinned && !entry.watched()
-        });
+    /// The longest `min_valid_for` a request may ask: a fresh token's
+    /// usable life, [`GOOGLE_TOKEN_LIFETIME`] less the refresh window. Any
+    /// more could never be answered from the cache, so every request would
+    /// mint a token.
+    pub fn max_min_valid(&self) -> Duration {
+        GOOGLE_TOKEN_LIFETIME.saturating_sub(self.inner.settings.refresh_before_expiry)
+    }
+
+    /// Whether answering `key` with `min_valid` forces a new token although
+    /// one is held that serves callers without it: `Ok(true)` then, so the
+    /// server can charge the caller for the mint. A request that joins a
+    /// fetch already under way, or whose key holds no usable token, forces
+    /// nothing. An error when the held token's whole life is shorter than
+    /// `min_valid` (a new one would be no better, so minting is pointless).
+    pub fn forces_mint(&self, key: &CacheKey, min_valid: Duration) -> Result<bool, CacheError> {
+        if min_valid <= EXPIRY_MARGIN {
+            return Ok(false);
+        }
+        let Some(entry) = self.inner.entries.get(key) else {
+            return Ok(false);
+        };
+        let slot = lock(&entry.state);
+        let Some(token) = &slot.token else {
+            return Ok(false);
+        };
+        let left = token.remaining(self.inner.clock.now());
+        if left > min_valid || left <= EXPIRY_MARGIN || slot.fetching {
+            return Ok(false);
+        }
+        let lifetime = token
+            .expires_at()
+            .duration_since(token.issued_at())
+            .unwrap_or_default();
+        if lifetime <= min_valid {
+            return Err(CacheError::TooShortLived {
+                wanted: min_valid,
+                available: lifetime,
+            });
+        }
+        Ok(true)
     }
 
     /// The smallest time to expiry among held tokens, if any are held.
@@ -486,13 +554,9 @@ impl TokenCache {
         let now = self.inner.clock.now();
         self.inner
             .entries
-            .iter()
-            .filter_map(|item| {
-                lock(&item.value().state)
-                    .token
-                    .as_ref()
-                    .map(|t| t.remaining(now))
-            })
+            .snapshot()
+            .into_iter()
+            .filter_map(|entry| lock(&entry.state).token.as_ref().map(|t| t.remaining(now)))
             .min()
     }
 
@@ -502,77 +566,47 @@ impl TokenCache {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.entries.is_empty()
+        self.inner.entries.len() == 0
     }
 
-    fn entry(&self, key: &CacheKey) -> Arc<Entry> {
-        self.entry_created(key).0
+    /// The entry for `key`, admitted if need be.
+    fn entry(&self, key: &CacheKey) -> Result<Arc<Entry>, CacheError> {
+        self.entry_admitted(key, || Ok::<(), std::convert::Infallible>(()))
+            .map(|(entry, _)| entry)
+            .map_err(|_| self.full())
     }
 
-    /// The entry for `key`, and whether this call created it.
-    fn entry_created(&self, key: &CacheKey) -> (Arc<Entry>, bool) {
-        if let Some(entry) = self.inner.entries.get(key) {
-            return (entry.value().clone(), false);
-        }
-        if self.inner.entries.len() >= self.inner.settings.max_entries {
-            self.evict_least_recently_used();
-        }
-        let mut created = None;
-        // The DashMap guard is dropped at the end of this statement.
-        let entry = self
-            .inner
-            .entries
-            .entry(key.clone())
-            .or_insert_with(|| {
-                let entry = Arc::new(Entry {
-                    key: key.clone(),
-                    // Counted as used from creation, so its refresher does not
-                    // take a just-reserved entry for an idle one.
-                    state: Mutex::new(Slot {
-                        last_used: Some(Instant::now()),
-                        ..Slot::default()
-                    }),
-                    attempts: watch::channel(0).0,
-                    tokens: watch::channel(None).0,
-                    wake: Notify::new(),
-                });
-                created = Some(entry.clone());
-                entry
+    /// The entry for `key`, and whether this call created it (and started
+    /// its refresher).
+    fn entry_admitted<E>(
+        &self,
+        key: &CacheKey,
+        gate: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(Arc<Entry>, bool), Refusal<E>> {
+        let (entry, created) = self.inner.entries.get_or_admit(key, gate, || {
+            Arc::new(Entry {
+                key: key.clone(),
+                // Counted as used from creation, so its refresher does not
+                // take a just-admitted entry for an idle one.
+                state: Mutex::new(Slot {
+                    last_used: Some(Instant::now()),
+                    ..Slot::default()
+                }),
+                attempts: watch::channel(0).0,
+                tokens: watch::channel(None).0,
+                wake: Notify::new(),
+                recency: AtomicU64::new(0),
             })
-            .value()
-            .clone();
-        let is_new = created.is_some();
-        if let Some(entry) = created {
-            tokio::spawn(refresher::run(Arc::downgrade(&self.inner), entry));
+        })?;
+        if created {
+            tokio::spawn(refresher::run(Arc::downgrade(&self.inner), entry.clone()));
         }
-        (entry, is_new)
+        Ok((entry, created))
     }
 
-    /// Makes room for one more entry. Entries with a fetch under way are kept.
-    fn evict_least_recently_used(&self) {
-        let victim = self
-            .inner
-            .entries
-            .iter()
-            .filter_map(|item| {
-                let entry = item.value();
-                let slot = lock(&entry.state);
-                let busy = slot.fetching || slot.pinned || entry.watched();
-                (!busy).then(|| (slot.last_used, item.key().clone()))
-            })
-            .min_by_key(|(used, _)| *used)
-            .map(|(_, key)| key);
-        if let Some(key) = victim {
-            // Wake its refresher so it sees the eviction and exits now,
-            // releasing the entry, rather than at its next planned refresh.
-            if let Some((_, entry)) = self.inner.entries.remove(&key) {
-                entry.wake.notify_one();
-            }
-            tracing::debug!(
-                identity = key.identity(),
-                audience = crate::domain::LogText::new(key.audience()).as_str(),
-                "evicted least recently used entry"
-            );
+    fn full(&self) -> CacheError {
+        CacheError::Full {
+            max_entries: self.inner.settings.max_entries,
         }
     }
 

@@ -22,12 +22,7 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
         };
         let cache = TokenCache { inner };
         // An entry evicted for room (max_entries) has no refresher anymore.
-        let current = cache
-            .inner
-            .entries
-            .get(&entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e.value(), &entry));
-        if !current {
+        if !cache.inner.entries.holds(&entry) {
             return;
         }
         let now = Instant::now();
@@ -37,10 +32,7 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
             .is_none_or(|used| now >= used + cache.inner.settings.idle_evict_after);
         if idle && !slot.pinned && !entry.watched() && !slot.fetching {
             drop(slot);
-            cache
-                .inner
-                .entries
-                .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, &entry));
+            cache.inner.entries.remove(&entry);
             tracing::debug!(
                 identity = entry.key.identity(),
                 audience = crate::domain::LogText::new(entry.key.audience()).as_str(),
@@ -64,12 +56,17 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
 }
 
 /// The instant to wake for the entry's next decision, or `None` when the
-/// cache is gone. Each candidate lies in the future or is acted on when
-/// reached, so the loop never spins: a due refresh waits for the backoff, a
-/// running fetch wakes us through `Entry::wake`, and the idle deadline only
-/// counts for entries that can be evicted.
-fn next_wake(cache: &Weak<Inner>, entry: &Entry) -> Option<Instant> {
+/// cache or the entry is gone. Each candidate lies in the future or is acted
+/// on when reached, so the loop never spins: a due refresh waits for the
+/// backoff, a running fetch wakes us through `Entry::wake`, and the idle
+/// deadline only counts for entries that can be evicted.
+fn next_wake(cache: &Weak<Inner>, entry: &Arc<Entry>) -> Option<Instant> {
     let inner = cache.upgrade()?;
+    // Evicted or dropped (which wakes us): end now, releasing the entry,
+    // not at its next planned refresh.
+    if !inner.entries.holds(entry) {
+        return None;
+    }
     let slot = lock(&entry.state);
     let now = Instant::now();
     // Nothing can happen while nobody looks: check again after a full idle period.

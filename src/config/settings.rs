@@ -203,6 +203,8 @@ pub struct LimitSettings {
     pub max_request_bytes: usize,
     /// New audiences (requests that would cause an upstream fetch for a key
     /// not in the cache) each uid may ask for per minute, on average.
+    /// Requests whose `min_valid_for` forces a new token for a held key
+    /// spend from the same budget.
     pub new_audiences_per_minute: u32,
     /// How many new audiences a uid may ask for at once before the rate applies.
     pub new_audience_burst: u32,

@@ -138,6 +138,30 @@ filter = "=[["
 }
 
 #[test]
+fn more_prefetched_audiences_than_max_entries_is_refused() {
+    let text = r#"
+[refresh]
+max_entries = 2
+[[identities]]
+name = "default"
+source = "metadata"
+[[prefetch]]
+audiences = ["https://a.example.com", "https://b.example.com"]
+"#;
+    load(text, &[]).unwrap().validate().unwrap();
+    let text = format!("{text}[[prefetch]]\naudiences = [\"https://c.example.com\"]\n");
+    let ConfigError::Invalid(problems) = load(&text, &[]).unwrap().validate().unwrap_err() else {
+        panic!()
+    };
+    let problem = problems.iter().find(|p| p.key == "prefetch").unwrap();
+    assert!(problem.to_string().contains("3 audiences"), "{problem}");
+    assert!(
+        problem.to_string().contains("refresh.max_entries = 2"),
+        "{problem}"
+    );
+}
+
+#[test]
 fn application_default_credentials() {
     let s = Settings::default();
     let ids = s.effective_identities(&HashMap::new());

@@ -212,6 +212,18 @@ impl Settings {
                 }
             }
         }
+        // Prefetched entries are never evicted: more of them than the cache
+        // holds could never all be kept.
+        let prefetched: usize = self.prefetch.iter().map(|p| p.audiences.len()).sum();
+        if prefetched > self.refresh.max_entries {
+            problems.push(Problem::new(
+                "prefetch",
+                format!(
+                    "lists {prefetched} audiences, more than refresh.max_entries = {}",
+                    self.refresh.max_entries
+                ),
+            ));
+        }
         if let Some(group) = &self.server.socket_group {
             if let Err(message) = group.resolve_group() {
                 problems.push(Problem::new("server.socket_group", message));

@@ -2,13 +2,14 @@
 //! the socket and the metadata endpoint alike: the audience is valid, the
 //! policy allows this caller (as the kernel named it) this identity and
 //! audience, the identity exists, and a request that brings a new audience
-//! into the cache is within its uid's rate.
+//! into the cache, or forces a new token with `min_valid_for`, is within its
+//! uid's rate.
 
 use std::time::Duration;
 
 use super::{live::Live, peer::PeerCredentials};
 use crate::{
-    cache::{CacheError, CacheKey, TokenCache},
+    cache::{AdmitError, CacheError, CacheKey, TokenCache},
     domain::LogText,
     policy::Decision,
 };
@@ -44,38 +45,70 @@ pub enum Refused {
         burst: u32,
         retry_in: Duration,
     },
+    /// `min_valid_for` forced a new token while the held one serves
+    /// everybody else, once too often: these spend the same budget.
+    #[error(
+        "uid {uid} forced too many new tokens with min_valid_for, which count as new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
+        .retry_in.as_secs().max(1)
+    )]
+    TooManyForcedMints {
+        uid: u32,
+        per_minute: u32,
+        burst: u32,
+        retry_in: Duration,
+    },
 }
 
 fn uid_text(uid: Option<u32>) -> String {
     uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
 }
 
-/// Admits `peer`'s request for (`identity`, `audience`), or says why not.
-/// `decision` is set as soon as the policy has decided, for the audit line.
+/// Admits `peer`'s request for (`identity`, `audience`) with `min_valid`
+/// (`Duration::ZERO` when none was asked), or says why not. `decision` is
+/// set as soon as the policy has decided, for the audit line.
 pub fn admit(
     cache: &TokenCache,
     live: &Live,
     peer: &PeerCredentials,
     identity: &str,
     audience: &str,
+    min_valid: Duration,
     decision: &mut Option<Decision>,
 ) -> Result<CacheKey, Refused> {
     let key = CacheKey::new(identity, audience).map_err(CacheError::from)?;
     grant(cache, live, peer, identity, audience, decision)?;
     // Only the request that brings a new audience into the cache spends
-    // from its uid's bucket; concurrent askers of that key join it.
-    if let Some(uid) = peer.uid {
-        if cache.reserve(&key) {
-            let (limits, limiter) = live.limits();
-            if let Err(retry_in) = limiter.check(uid) {
-                cache.release_unused(&key);
-                return Err(Refused::TooManyNewAudiences {
-                    uid,
-                    per_minute: limits.new_audiences_per_minute,
-                    burst: limits.new_audience_burst,
-                    retry_in,
-                });
-            }
+    // from its uid's bucket: the cache asks the bucket as it admits the key,
+    // so concurrent askers of that key spend once, and a refused request
+    // leaves nothing behind.
+    let spend = |uid: u32| {
+        let (limits, limiter) = live.limits();
+        limiter
+            .check(uid)
+            .map_err(|retry_in| (limits.clone(), retry_in))
+    };
+    let new = match peer.uid {
+        Some(uid) => cache.admit(&key, || spend(uid)).map_err(|err| match err {
+            AdmitError::Refused((limits, retry_in)) => Refused::TooManyNewAudiences {
+                uid,
+                per_minute: limits.new_audiences_per_minute,
+                burst: limits.new_audience_burst,
+                retry_in,
+            },
+            AdmitError::Cache(err) => Refused::Cache(err),
+        })?,
+        None => false,
+    };
+    // A request whose `min_valid_for` forces a new token, although the held
+    // one serves everybody else, spends from the same bucket.
+    if !new && cache.forces_mint(&key, min_valid)? {
+        if let Some(uid) = peer.uid {
+            spend(uid).map_err(|(limits, retry_in)| Refused::TooManyForcedMints {
+                uid,
+                per_minute: limits.new_audiences_per_minute,
+                burst: limits.new_audience_burst,
+                retry_in,
+            })?;
         }
     }
     Ok(key)

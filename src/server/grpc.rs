@@ -30,8 +30,6 @@ use crate::{
 
 /// Longest a request waits for upstream when the client set no deadline.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
-/// Longest `min_valid_for` that can make sense: Google's tokens live 1h.
-const MAX_MIN_VALID: Duration = Duration::from_secs(3600);
 
 pub struct BrokerService {
     cache: TokenCache,
@@ -164,7 +162,7 @@ struct OpenWatch {
 
 impl BrokerService {
     /// Validates, checks the policy and the rate limit: the key to look up.
-    fn admit(&self, audit: &mut Audit) -> Result<CacheKey, Status> {
+    fn admit(&self, audit: &mut Audit, min_valid: Duration) -> Result<CacheKey, Status> {
         validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
         audit.known = self.cache.knows(&audit.identity);
         admission::admit(
@@ -173,6 +171,7 @@ impl BrokerService {
             &audit.peer,
             &audit.identity,
             &audit.audience,
+            min_valid,
             &mut audit.decision,
         )
         .map_err(|refused| refused_status(&refused))
@@ -184,8 +183,8 @@ impl BrokerService {
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
     ) -> Result<proto::IdToken, Status> {
-        let min_valid = min_valid(min_valid_for)?;
-        let key = self.admit(audit)?;
+        let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        let key = self.admit(audit, min_valid)?;
         let lookup = tokio::time::timeout(wait, self.cache.get(&key, min_valid))
             .await
             .map_err(|_| deadline_exceeded(key.identity(), wait))?
@@ -200,8 +199,8 @@ impl BrokerService {
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
     ) -> Result<OpenWatch, Status> {
-        let min_valid = min_valid(min_valid_for)?;
-        let key = self.admit(audit)?;
+        let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        let key = self.admit(audit, min_valid)?;
         let slot = self
             .streams
             .take(audit.peer.uid)
@@ -259,13 +258,26 @@ pub(super) fn to_proto(token: &IdToken, identity: &str, audience: &str) -> proto
     }
 }
 
-fn min_valid(requested: Option<prost_types::Duration>) -> Result<Duration, Status> {
+/// `min_valid_for`, refused above `max`: a fresh token's usable life
+/// ([`TokenCache::max_min_valid`]). More could never be served from the
+/// cache and would make every call mint a token.
+fn min_valid(requested: Option<prost_types::Duration>, max: Duration) -> Result<Duration, Status> {
     match requested {
         None => Ok(Duration::ZERO),
         Some(d) => Duration::try_from(d)
             .ok()
-            .filter(|d| *d <= MAX_MIN_VALID)
-            .ok_or_else(|| Status::invalid_argument("min_valid_for must be between 0s and 1h")),
+            .filter(|d| *d <= max)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "min_valid_for must be between 0s and {}s: a fresh token lives {}s and is \
+                     refreshed in its last {}s (refresh.refresh_before_expiry)",
+                    max.as_secs(),
+                    crate::cache::GOOGLE_TOKEN_LIFETIME.as_secs(),
+                    crate::cache::GOOGLE_TOKEN_LIFETIME
+                        .saturating_sub(max)
+                        .as_secs()
+                ))
+            }),
     }
 }
 
@@ -282,7 +294,9 @@ fn refused_status(refused: &Refused) -> Status {
     match refused {
         Refused::Cache(err) => cache_status(err),
         Refused::Denied { .. } => Status::permission_denied(refused.to_string()),
-        Refused::TooManyNewAudiences { .. } => Status::resource_exhausted(refused.to_string()),
+        Refused::TooManyNewAudiences { .. } | Refused::TooManyForcedMints { .. } => {
+            Status::resource_exhausted(refused.to_string())
+        }
     }
 }
 
@@ -310,6 +324,7 @@ fn cache_status(err: &CacheError) -> Status {
         CacheError::UnknownIdentity(_) => Status::not_found(err.to_string()),
         CacheError::TooShortLived { .. } => Status::failed_precondition(err.to_string()),
         CacheError::NoFreshToken { .. } => Status::unavailable(err.to_string()),
+        CacheError::Full { .. } => Status::resource_exhausted(err.to_string()),
         CacheError::Upstream(source) => match source {
             SourceError::Rejected { .. } => Status::failed_precondition(err.to_string()),
             _ => Status::unavailable(err.to_string()),

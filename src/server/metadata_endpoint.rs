@@ -740,6 +740,7 @@ impl EndpointState {
             peer,
             &self.identity,
             audience,
+            Duration::ZERO,
             &mut outcome.decision,
         )
         .map_err(|refused| self.refused(refused))?;
@@ -761,7 +762,8 @@ impl EndpointState {
         match refused {
             Refused::Cache(err) => self.cache_failure(err),
             Refused::Denied { .. } => Refusal::new(StatusCode::FORBIDDEN, refused.to_string()),
-            Refused::TooManyNewAudiences { retry_in, .. } => {
+            Refused::TooManyNewAudiences { retry_in, .. }
+            | Refused::TooManyForcedMints { retry_in, .. } => {
                 let mut refusal = Refusal::new(StatusCode::TOO_MANY_REQUESTS, refused.to_string());
                 refusal.retry_after = Some(retry_in.as_secs().max(1));
                 refusal
@@ -776,7 +778,7 @@ impl EndpointState {
             }
             CacheError::UnknownIdentity(identity) => unknown_identity(identity),
             CacheError::Upstream(source) => upstream_failure(source, ""),
-            CacheError::NoFreshToken { .. } => {
+            CacheError::Full { .. } | CacheError::NoFreshToken { .. } => {
                 Refusal::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
             }
             _ => Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),

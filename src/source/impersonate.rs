@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use super::{
     access::{AccessFetcher, AccessFuture, AccessToken, AccessTokenCache, CLOUD_PLATFORM_SCOPE},
-    describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text, FetchFuture,
-    IdTokenSource, SourceError,
+    describe_http_error, http_client, read_body, record_hop, retry_after, sanitize_upstream_text,
+    BodyError, FetchFuture, IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -261,10 +261,12 @@ impl IamCredentials {
             .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
         let wait = retry_after(status, response.headers(), self.clock.now());
-        let bytes = response
-            .bytes()
+        let bytes = read_body(response, &self.upstream)
             .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
+            .map_err(|e| match e {
+                BodyError::TooLarge(err) => err,
+                BodyError::Transfer(message) => unavailable(message, None),
+            })?;
         if status == StatusCode::OK {
             return Ok(bytes.to_vec());
         }

@@ -18,8 +18,8 @@ use super::{
     http_client,
     impersonate::{ImpersonateOptions, ImpersonateSource},
     key_file::read_secret_file,
-    record_hop, retry_after, sanitize_upstream_text, FetchFuture, IdTokenSource, ServiceAccountKey,
-    ServiceAccountSource, SourceError,
+    read_body, record_hop, retry_after, sanitize_upstream_text, BodyError, FetchFuture,
+    IdTokenSource, ServiceAccountKey, ServiceAccountSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::Secret};
 
@@ -235,10 +235,12 @@ impl RefreshGrant {
             .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
         let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = response
-            .bytes()
+        let body = read_body(response, &self.upstream)
             .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
+            .map_err(|e| match e {
+                BodyError::TooLarge(err) => err,
+                BodyError::Transfer(message) => unavailable(message, None),
+            })?;
         if status.is_success() {
             return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
                 SourceError::InvalidResponse {

@@ -11,8 +11,8 @@ use super::{
     access::{
         parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
     },
-    describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text, FetchFuture,
-    IdTokenSource, SourceError,
+    describe_http_error, http_client, read_body, record_hop, retry_after, sanitize_upstream_text,
+    BodyError, FetchFuture, IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -99,10 +99,13 @@ impl MetadataSource {
             .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
         let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = response
-            .text()
+        let body = read_body(response, &self.upstream)
             .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
+            .map_err(|e| match e {
+                BodyError::TooLarge(err) => err,
+                BodyError::Transfer(message) => unavailable(message, None),
+            })?;
+        let body = String::from_utf8_lossy(&body);
         if status == StatusCode::OK {
             return IdToken::parse(&body, audience, self.clock.now())
                 .map_err(|e| SourceError::invalid_token(&self.upstream, e));
@@ -161,10 +164,12 @@ impl MetadataAccess {
             .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
         let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = response
-            .bytes()
+        let body = read_body(response, &self.upstream)
             .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
+            .map_err(|e| match e {
+                BodyError::TooLarge(err) => err,
+                BodyError::Transfer(message) => unavailable(message, None),
+            })?;
         if status == StatusCode::OK {
             return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
                 SourceError::InvalidResponse {

@@ -350,6 +350,62 @@ pub(crate) fn http_client() -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
+/// Largest upstream answer read. Google's ID tokens are about 1 KB and its
+/// error bodies a few hundred bytes: anything larger is broken or hostile,
+/// and must not be buffered, cached or passed on.
+pub const MAX_UPSTREAM_BODY: usize = 64 * 1024;
+
+/// Why an upstream answer's body was not read.
+pub(crate) enum BodyError {
+    /// A 200 over [`MAX_UPSTREAM_BODY`]: the error to report (not retried
+    /// at once: the same upstream would send the same).
+    TooLarge(SourceError),
+    /// The transfer failed: what happened, for an "unavailable" error.
+    Transfer(String),
+}
+
+/// Reads an upstream answer chunk by chunk, never more than
+/// [`MAX_UPSTREAM_BODY`]. A 200 that would exceed it is refused with an
+/// error naming `upstream`; an error answer is cut at the limit, since only
+/// its start is shown.
+pub(crate) async fn read_body(
+    mut response: reqwest::Response,
+    upstream: &str,
+) -> Result<Vec<u8>, BodyError> {
+    let ok = response.status().is_success();
+    let too_large = |size: String| {
+        BodyError::TooLarge(SourceError::InvalidResponse {
+            upstream: upstream.to_owned(),
+            message: format!(
+                "the answer is {size} bytes, more than the {} KiB any ID token needs; refused",
+                MAX_UPSTREAM_BODY / 1024
+            ),
+        })
+    };
+    if let Some(length) = response.content_length() {
+        if ok && length > MAX_UPSTREAM_BODY as u64 {
+            return Err(too_large(length.to_string()));
+        }
+    }
+    let mut body = Vec::new();
+    loop {
+        let chunk = match response.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(BodyError::Transfer(describe_http_error(&e))),
+        };
+        let room = MAX_UPSTREAM_BODY - body.len();
+        if chunk.len() > room {
+            if ok {
+                return Err(too_large(format!("more than {MAX_UPSTREAM_BODY}")));
+            }
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(body);
+        }
+        body.extend_from_slice(&chunk);
+    }
+}
+
 fn retry_after_text(retry_after: Option<Duration>) -> String {
     retry_after
         .map(|d| format!(" (it asked to retry after {}s)", d.as_secs()))
@@ -416,6 +472,83 @@ pub(crate) fn describe_http_error(err: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The 64 KiB cap on upstream answers, against a server that streams
+    /// without end.
+    mod body_cap {
+        use std::sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        };
+
+        use axum::{body::Body, http::StatusCode, routing::get, Router};
+        use tokio_stream::StreamExt as _;
+
+        use crate::source::{read_body, BodyError, MAX_UPSTREAM_BODY};
+
+        const CHUNK: usize = 1024;
+        /// 256 MiB, far more than any buffer between the two ends.
+        const CHUNKS: usize = 256 * 1024;
+
+        /// A server streaming 1 KiB chunks without a Content-Length, counting
+        /// the chunks it produced.
+        async fn endless(status: StatusCode) -> (String, Arc<AtomicUsize>) {
+            let produced = Arc::new(AtomicUsize::new(0));
+            let counter = produced.clone();
+            let app = Router::new().route(
+                "/",
+                get(move || {
+                    let counter = counter.clone();
+                    let chunks = tokio_stream::iter(0..CHUNKS).map(move |_| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        Ok::<_, std::convert::Infallible>(vec![b'x'; CHUNK])
+                    });
+                    async move { (status, Body::from_stream(chunks)) }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (url, produced)
+        }
+
+        #[tokio::test]
+        async fn a_streamed_answer_is_refused_at_the_limit_without_reading_the_rest() {
+            let (url, produced) = endless(StatusCode::OK).await;
+            let response = reqwest::get(&url).await.unwrap();
+            assert_eq!(
+                response.content_length(),
+                None,
+                "the test needs a chunked body"
+            );
+            match read_body(response, "the test upstream").await {
+                Err(BodyError::TooLarge(err)) => {
+                    let text = err.to_string();
+                    assert!(
+                        text.contains("the test upstream") && text.contains("64 KiB"),
+                        "{text}"
+                    );
+                    assert!(!err.is_permanent());
+                }
+                Ok(body) => panic!("read {} bytes", body.len()),
+                Err(_) => panic!("not refused as too large"),
+            }
+            // Reading it whole would have drained all 256 MiB.
+            let produced = produced.load(Ordering::Relaxed);
+            assert!(produced < CHUNKS / 4, "{produced} KiB were produced");
+        }
+
+        #[tokio::test]
+        async fn a_huge_error_answer_is_cut_at_the_limit() {
+            let (url, produced) = endless(StatusCode::SERVICE_UNAVAILABLE).await;
+            let response = reqwest::get(&url).await.unwrap();
+            let Ok(body) = read_body(response, "the test upstream").await else {
+                panic!("an error answer is kept, cut");
+            };
+            assert_eq!(body.len(), MAX_UPSTREAM_BODY);
+            assert!(produced.load(Ordering::Relaxed) < CHUNKS / 4);
+        }
+    }
+
     use super::*;
     use reqwest::{
         header::{HeaderMap, HeaderValue, RETRY_AFTER},

@@ -13,8 +13,8 @@ use super::{
     access::{
         parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
     },
-    describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text, FetchFuture,
-    IdTokenSource, ServiceAccountKey, SourceError,
+    describe_http_error, http_client, read_body, record_hop, retry_after, sanitize_upstream_text,
+    BodyError, FetchFuture, IdTokenSource, ServiceAccountKey, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -169,10 +169,12 @@ impl KeyGrant {
             .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
         let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = response
-            .bytes()
+        let body = read_body(response, &self.upstream)
             .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
+            .map_err(|e| match e {
+                BodyError::TooLarge(err) => err,
+                BodyError::Transfer(message) => unavailable(message, None),
+            })?;
         if status == StatusCode::OK {
             return Ok(body.to_vec());
         }

@@ -14,6 +14,7 @@ mod impersonation;
 mod key_files;
 mod layering;
 mod log_output;
+mod memory_bounds;
 mod metadata_endpoint;
 mod metadata_source;
 mod operations;

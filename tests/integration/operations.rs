@@ -7,31 +7,7 @@ use std::{os::unix::net::UnixDatagram, time::Duration};
 use token_broker::{emulator::Faults, proto::GetIdTokenRequest};
 use tonic::Code;
 
-use crate::support::{self, Broker};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn scrape(port: u16, path: &str) -> (u16, String) {
-    let response = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
-}
-
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn sample(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
+use crate::support::{self, free_port, sample, scrape, Broker};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_change_as_requests_are_made() {

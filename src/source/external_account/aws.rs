@@ -11,7 +11,7 @@ use std::{collections::HashMap, time::SystemTime};
 
 use serde_json::{Map, Value};
 
-use super::SubjectError;
+use super::{read_subject_body, SubjectError};
 use crate::{
     source::{describe_http_error, sanitize_upstream_text},
     token::Secret,
@@ -260,10 +260,7 @@ async fn metadata_get(
 
 async fn read_text(response: reqwest::Response, from: &str) -> Result<String, SubjectError> {
     let status = response.status();
-    let text = response
-        .text()
-        .await
-        .map_err(|e| SubjectError::Transient(format!("{from}: {}", describe_http_error(&e))))?;
+    let text = String::from_utf8_lossy(&read_subject_body(response, from).await?).into_owned();
     if status.is_success() {
         return Ok(text);
     }

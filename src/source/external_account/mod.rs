@@ -506,3 +506,17 @@ pub(crate) fn subject_error(from: &str, message: String) -> SourceError {
         message,
     }
 }
+
+/// A subject-token answer (a URL source, AWS metadata), read with the same
+/// cap as every upstream answer.
+pub(crate) async fn read_subject_body(
+    response: reqwest::Response,
+    from: &str,
+) -> Result<Vec<u8>, SubjectError> {
+    super::read_body(response, from).await.map_err(|e| match e {
+        super::BodyError::TooLarge(err) => SubjectError::Permanent(err),
+        super::BodyError::Transfer(message) => {
+            SubjectError::Transient(format!("{from}: {message}"))
+        }
+    })
+}

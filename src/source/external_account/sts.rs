@@ -12,8 +12,8 @@ use crate::{
     clock::Clock,
     source::{
         access::{parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken},
-        describe_http_error, http_client, record_hop, retry_after, sanitize_upstream_text,
-        SourceError,
+        describe_http_error, http_client, read_body, record_hop, retry_after,
+        sanitize_upstream_text, BodyError, SourceError,
     },
 };
 
@@ -107,10 +107,12 @@ impl Exchange {
             .map_err(|e| unavailable(describe_http_error(&e), None))?;
         let status = response.status();
         let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = response
-            .bytes()
+        let body = read_body(response, &self.upstream)
             .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
+            .map_err(|e| match e {
+                BodyError::TooLarge(err) => err,
+                BodyError::Transfer(message) => unavailable(message, None),
+            })?;
         if status == StatusCode::OK {
             return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
                 SourceError::InvalidResponse {

@@ -3,7 +3,7 @@
 
 use reqwest::header::{HeaderName, HeaderValue};
 
-use super::{Format, SubjectError, MAX_FILE_BYTES};
+use super::{read_subject_body, Format, SubjectError, MAX_FILE_BYTES};
 use crate::source::{describe_http_error, sanitize_upstream_text};
 
 #[derive(Clone, Debug)]
@@ -26,10 +26,7 @@ impl UrlSource {
             .await
             .map_err(|e| SubjectError::Transient(format!("{from}: {}", describe_http_error(&e))))?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| SubjectError::Transient(format!("{from}: {}", describe_http_error(&e))))?;
+        let body = read_subject_body(response, &from).await?;
         if body.len() as u64 > MAX_FILE_BYTES {
             return Err(SubjectError::permanent(
                 &from,
