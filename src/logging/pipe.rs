@@ -30,6 +30,8 @@ pub const CAPACITY: usize = 16 * 1024;
 pub const KEEP_WAIT: Duration = Duration::from_secs(1);
 /// How often, at most, dropped lines are reported.
 pub const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How long the writer lets lines gather after being woken.
+const BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// Buffers kept for reuse; beyond this they are freed.
 const POOL: usize = 1024;
 
@@ -47,6 +49,9 @@ struct Queue {
     /// Lines queued so far, and lines the writer has finished with.
     queued: u64,
     written: u64,
+    /// The writer waits for lines: the next sender wakes it. While it is
+    /// busy, senders only queue, so a flood costs no wake-up per line.
+    writer_asleep: bool,
 }
 
 struct Shared {
@@ -87,6 +92,7 @@ impl Pipe {
                 lines: VecDeque::with_capacity(capacity.min(4096)),
                 queued: 0,
                 written: 0,
+                writer_asleep: false,
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
@@ -135,8 +141,11 @@ impl Pipe {
         }
         queue.lines.push_back(line);
         queue.queued += 1;
+        let wake = std::mem::replace(&mut queue.writer_asleep, false);
         drop(queue);
-        shared.not_empty.notify_one();
+        if wake {
+            shared.not_empty.notify_one();
+        }
     }
 
     fn lost(&self, line: Vec<u8>) {
@@ -194,14 +203,21 @@ fn write_out(shared: &Shared, out: Box<dyn Write + Send>) {
     loop {
         {
             let mut queue = lock(&shared.queue);
-            while queue.lines.is_empty() {
+            if queue.lines.is_empty() {
+                queue.writer_asleep = true;
                 queue = shared
                     .not_empty
                     .wait_timeout(queue, DROP_REPORT_EVERY)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
-                if queue.lines.is_empty() {
-                    break;
+                queue.writer_asleep = false;
+                if !queue.lines.is_empty() {
+                    // Woken by a line: let a batch gather behind it, so a
+                    // steady stream of requests wakes this thread (a futex
+                    // call in the sender) once per window, not once per line.
+                    drop(queue);
+                    std::thread::sleep(BATCH_WINDOW);
+                    queue = lock(&shared.queue);
                 }
             }
             std::mem::swap(&mut batch, &mut queue.lines);
