@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use super::{
     access::{AccessFetcher, AccessFuture, AccessToken, AccessTokenCache, CLOUD_PLATFORM_SCOPE},
-    describe_http_error, http_client, read_body, record_hop, retry_after, sanitize_upstream_text,
-    BodyError, FetchFuture, IdTokenSource, SourceError,
+    http_client, record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
+    SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -251,22 +251,19 @@ impl IamCredentials {
                 message,
                 retry_after,
             };
-        let response = self
-            .client
-            .post(url.clone())
-            .bearer_auth(token.expose())
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
-        let status = response.status();
-        let wait = retry_after(status, response.headers(), self.clock.now());
-        let bytes = read_body(response, &self.upstream)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge(err) => err,
-                BodyError::Transfer(message) => unavailable(message, None),
-            })?;
+        let Answer {
+            status,
+            body: bytes,
+            retry_after: wait,
+        } = send_once(
+            self.client
+                .post(url.clone())
+                .bearer_auth(token.expose())
+                .json(body),
+            &self.upstream,
+            &self.clock,
+        )
+        .await?;
         if status == StatusCode::OK {
             return Ok(bytes.to_vec());
         }

@@ -13,13 +13,12 @@ use super::{
     access::{
         parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
     },
-    describe_http_error,
     external_account::{ExternalAccountFile, ExternalAccountSource},
     http_client,
     impersonate::{ImpersonateOptions, ImpersonateSource},
     key_file::read_secret_file,
-    read_body, record_hop, retry_after, sanitize_upstream_text, BodyError, FetchFuture,
-    IdTokenSource, ServiceAccountKey, ServiceAccountSource, SourceError,
+    record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
+    ServiceAccountKey, ServiceAccountSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::Secret};
 
@@ -221,26 +220,21 @@ impl RefreshGrant {
                 message,
                 retry_after,
             };
-        let response = self
-            .client
-            .post(self.token_uri.clone())
-            .form(&[
+        let Answer {
+            status,
+            body,
+            retry_after: wait,
+        } = send_once(
+            self.client.post(self.token_uri.clone()).form(&[
                 ("grant_type", "refresh_token"),
                 ("client_id", self.client_id.as_str()),
                 ("client_secret", self.client_secret.expose()),
                 ("refresh_token", self.refresh_token.expose()),
-            ])
-            .send()
-            .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
-        let status = response.status();
-        let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = read_body(response, &self.upstream)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge(err) => err,
-                BodyError::Transfer(message) => unavailable(message, None),
-            })?;
+            ]),
+            &self.upstream,
+            &self.clock,
+        )
+        .await?;
         if status.is_success() {
             return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
                 SourceError::InvalidResponse {

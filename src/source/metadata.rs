@@ -11,8 +11,8 @@ use super::{
     access::{
         parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
     },
-    describe_http_error, http_client, read_body, record_hop, retry_after, sanitize_upstream_text,
-    BodyError, FetchFuture, IdTokenSource, SourceError,
+    http_client, record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
+    SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -89,22 +89,19 @@ impl MetadataSource {
                 message,
                 retry_after,
             };
-        let response = self
-            .client
-            .get(self.identity_url.clone())
-            .query(&[("audience", audience), ("format", "full")])
-            .header("Metadata-Flavor", "Google")
-            .send()
-            .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
-        let status = response.status();
-        let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = read_body(response, &self.upstream)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge(err) => err,
-                BodyError::Transfer(message) => unavailable(message, None),
-            })?;
+        let Answer {
+            status,
+            body,
+            retry_after: wait,
+        } = send_once(
+            self.client
+                .get(self.identity_url.clone())
+                .query(&[("audience", audience), ("format", "full")])
+                .header("Metadata-Flavor", "Google"),
+            &self.upstream,
+            &self.clock,
+        )
+        .await?;
         let body = String::from_utf8_lossy(&body);
         if status == StatusCode::OK {
             return IdToken::parse(&body, audience, self.clock.now())
@@ -158,18 +155,11 @@ impl MetadataAccess {
         if scopes != super::access::CLOUD_PLATFORM_SCOPE {
             request = request.query(&[("scopes", scopes.replace(' ', ","))]);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
-        let status = response.status();
-        let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = read_body(response, &self.upstream)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge(err) => err,
-                BodyError::Transfer(message) => unavailable(message, None),
-            })?;
+        let Answer {
+            status,
+            body,
+            retry_after: wait,
+        } = send_once(request, &self.upstream, &self.clock).await?;
         if status == StatusCode::OK {
             return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
                 SourceError::InvalidResponse {

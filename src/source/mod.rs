@@ -364,6 +364,44 @@ pub(crate) enum BodyError {
     Transfer(String),
 }
 
+/// One upstream answer: its status, its body (read with the
+/// [`MAX_UPSTREAM_BODY`] cap) and any `Retry-After`.
+pub(crate) struct Answer {
+    pub(crate) status: reqwest::StatusCode,
+    pub(crate) body: Vec<u8>,
+    pub(crate) retry_after: Option<Duration>,
+}
+
+/// Sends `request` once, as every source's single attempt does. A failed
+/// send or transfer is `Unavailable` naming `upstream`; an oversized success
+/// is refused; any status is the caller's to judge.
+pub(crate) async fn send_once(
+    request: reqwest::RequestBuilder,
+    upstream: &str,
+    clock: &Clock,
+) -> Result<Answer, SourceError> {
+    let unavailable = |message: String| SourceError::Unavailable {
+        upstream: upstream.to_owned(),
+        message,
+        retry_after: None,
+    };
+    let response = request
+        .send()
+        .await
+        .map_err(|e| unavailable(describe_http_error(&e)))?;
+    let status = response.status();
+    let wait = retry_after(status, response.headers(), clock.now());
+    let body = read_body(response, upstream).await.map_err(|e| match e {
+        BodyError::TooLarge(err) => err,
+        BodyError::Transfer(message) => unavailable(message),
+    })?;
+    Ok(Answer {
+        status,
+        body,
+        retry_after: wait,
+    })
+}
+
 /// Reads an upstream answer chunk by chunk, never more than
 /// [`MAX_UPSTREAM_BODY`]. A 200 that would exceed it is refused with an
 /// error naming `upstream`; an error answer is cut at the limit, since only

@@ -13,8 +13,8 @@ use super::{
     access::{
         parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
     },
-    describe_http_error, http_client, read_body, record_hop, retry_after, sanitize_upstream_text,
-    BodyError, FetchFuture, IdTokenSource, ServiceAccountKey, SourceError,
+    http_client, record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
+    ServiceAccountKey, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -157,24 +157,19 @@ impl KeyGrant {
             };
         // A fresh assertion each attempt: its iat/exp track the clock.
         let assertion = self.assertion(grant)?;
-        let response = self
-            .client
-            .post(self.key.token_uri.clone())
-            .form(&[
+        let Answer {
+            status,
+            body,
+            retry_after: wait,
+        } = send_once(
+            self.client.post(self.key.token_uri.clone()).form(&[
                 ("grant_type", GRANT_TYPE),
                 ("assertion", assertion.as_str()),
-            ])
-            .send()
-            .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
-        let status = response.status();
-        let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = read_body(response, &self.upstream)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge(err) => err,
-                BodyError::Transfer(message) => unavailable(message, None),
-            })?;
+            ]),
+            &self.upstream,
+            &self.clock,
+        )
+        .await?;
         if status == StatusCode::OK {
             return Ok(body.to_vec());
         }

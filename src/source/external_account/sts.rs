@@ -12,8 +12,7 @@ use crate::{
     clock::Clock,
     source::{
         access::{parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken},
-        describe_http_error, http_client, read_body, record_hop, retry_after,
-        sanitize_upstream_text, BodyError, SourceError,
+        http_client, record_hop, sanitize_upstream_text, send_once, Answer, SourceError,
     },
 };
 
@@ -101,18 +100,11 @@ impl Exchange {
                 .encode(format!("{id}:{}", secret.expose()));
             request = request.header(reqwest::header::AUTHORIZATION, format!("Basic {basic}"));
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| unavailable(describe_http_error(&e), None))?;
-        let status = response.status();
-        let wait = retry_after(status, response.headers(), self.clock.now());
-        let body = read_body(response, &self.upstream)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge(err) => err,
-                BodyError::Transfer(message) => unavailable(message, None),
-            })?;
+        let Answer {
+            status,
+            body,
+            retry_after: wait,
+        } = send_once(request, &self.upstream, &self.clock).await?;
         if status == StatusCode::OK {
             return parse_oauth_access_token(&body, self.clock.now()).map_err(|message| {
                 SourceError::InvalidResponse {
