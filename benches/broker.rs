@@ -19,7 +19,7 @@ use std::{
     collections::HashMap,
     future::Future,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -27,9 +27,9 @@ use std::{
     time::Duration,
 };
 
-use tokio::{runtime::Runtime, time::Instant};
+use tokio::time::Instant;
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{transport::Channel, Request, Response, Status};
+use tonic::transport::Channel;
 
 use token_broker::{
     clock::Clock,
@@ -40,16 +40,12 @@ use token_broker::{
     server::{Prepared, Server},
 };
 
-/// The echo baseline's generated code; compiled by build.rs, used only here.
-mod echo {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("bench.v1");
-}
+mod common;
 
-use echo::{
-    echo_client::EchoClient,
-    echo_server::{Echo, EchoServer},
-    EchoReply, EchoRequest,
+use common::{
+    default_bin,
+    echo::{echo_client::EchoClient, echo_server::EchoServer, EchoRequest},
+    env_usize, mib, rss_kib, runtime, ChildProcess as ChildBroker, EchoService,
 };
 
 /// The audience every hot-path request asks for (pre-warmed).
@@ -131,42 +127,8 @@ impl Sizes {
     }
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(text) => text
-            .trim()
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={text:?} is not a whole number")),
-        Err(_) => default,
-    }
-}
-
-/// Cargo builds the binary alongside benches and names it at compile time;
-/// outside cargo, fall back to the release build.
-fn default_bin() -> PathBuf {
-    option_env!("CARGO_BIN_EXE_token-broker")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/token-broker")
-        })
-}
-
 // ---------------------------------------------------------------------------
 // The echo baseline.
-
-struct EchoService;
-
-#[tonic::async_trait]
-impl Echo for EchoService {
-    async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(EchoReply {
-            padding: vec![0; request.reply_padding as usize],
-            message: request.message,
-        }))
-    }
-}
 
 /// Serves the echo service on `socket` until `stop` fires, with the same
 /// tonic server defaults the broker uses.
@@ -366,19 +328,6 @@ fn upstream_calls(emulator: &Emulator, audience: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `VmRSS` and `VmHWM` of `pid`, in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|text| {
@@ -388,20 +337,6 @@ fn load_average() -> String {
                 .join(" ")
         })
         .unwrap_or_default()
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-/// The broker binary as a child; killed (by its own pid) when dropped.
-struct ChildBroker(Child);
-
-impl Drop for ChildBroker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -647,15 +582,6 @@ async fn rss(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> RssResults {
 }
 
 // ---------------------------------------------------------------------------
-
-fn runtime(name: &str, threads: usize) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is not supported.

@@ -17,7 +17,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -25,7 +25,12 @@ use std::{
     time::Duration,
 };
 
-use tokio::{runtime::Runtime, time::Instant};
+use tokio::time::Instant;
+mod common;
+
+use common::{
+    default_bin, env_usize, free_port, mib, rss_kib, runtime, ChildProcess as ChildBroker,
+};
 use tonic::transport::Channel;
 
 use token_broker::{
@@ -80,44 +85,6 @@ impl Sizes {
                 .unwrap_or_else(default_bin),
         }
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(text) => text
-            .trim()
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={text:?} is not a whole number")),
-        Err(_) => default,
-    }
-}
-
-/// Cargo builds the binary alongside benches and names it at compile time;
-/// outside cargo, fall back to the release build.
-fn default_bin() -> PathBuf {
-    option_env!("CARGO_BIN_EXE_token-broker")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/token-broker")
-        })
-}
-
-/// The broker binary as a child; killed (by its own pid) when dropped.
-struct ChildBroker(Child);
-
-impl Drop for ChildBroker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 fn start_broker(sizes: &Sizes, emulator: &Emulator, dir: &Path, port: u16) -> ChildBroker {
@@ -227,23 +194,6 @@ async fn list_all(mut client: TokenBrokerClient<Channel>) -> usize {
         }
         page_token = page.next_page_token;
     }
-}
-
-/// `VmRSS` and `VmHWM` of `pid`, in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 /// p50, p99 and max, in microseconds.
@@ -369,15 +319,6 @@ async fn run(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> Results {
         upstream,
         churn_secs,
     }
-}
-
-fn runtime(name: &str, threads: usize) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 fn main() {

@@ -22,7 +22,7 @@ use std::{
     io::Read,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::Duration,
 };
@@ -33,37 +33,22 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{transport::Channel, Request, Response, Status};
+use tonic::transport::Channel;
 
 use token_broker::{
     emulator::{Emulator, EmulatorOptions},
     proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest},
 };
 
-mod echo {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("bench.v1");
-}
+mod common;
 
-use echo::{
-    echo_client::EchoClient,
-    echo_server::{Echo, EchoServer},
-    EchoReply, EchoRequest,
+use common::{
+    echo::{echo_client::EchoClient, echo_server::EchoServer, EchoReply, EchoRequest},
+    env_usize, free_port, ChildProcess as Process, EchoService,
 };
 
 const HOT_AUDIENCE: &str = "https://hot-service-abc123-uc.a.run.app";
 const ROLE_ENV: &str = "DEPLOYED_ROLE";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .map(|t| {
-            t.replace('_', "")
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}={t:?} is not a whole number"))
-        })
-        .unwrap_or(default)
-}
 
 fn main() {
     match std::env::var(ROLE_ENV).as_deref() {
@@ -76,28 +61,11 @@ fn main() {
 }
 
 fn runtime(threads: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    common::runtime("deployed", threads)
 }
 
 // ---------------------------------------------------------------------------
 // Role: the echo gRPC server, tonic defaults as the broker uses them.
-
-struct EchoService;
-
-#[tonic::async_trait]
-impl Echo for EchoService {
-    async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(EchoReply {
-            padding: vec![0; request.reply_padding as usize],
-            message: request.message,
-        }))
-    }
-}
 
 fn echo_grpc() {
     let socket = PathBuf::from(std::env::var("DEPLOYED_SOCKET").expect("DEPLOYED_SOCKET"));
@@ -327,22 +295,6 @@ fn url_encode(text: &str) -> String {
 
 // ---------------------------------------------------------------------------
 // The orchestrator.
-
-/// A child process killed on drop, so a failed bench leaves nothing behind.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
 
 /// utime + stime of `pid`, in nanoseconds.
 fn cpu_ns(pid: u32) -> u64 {
@@ -608,14 +560,6 @@ fn orchestrate() {
     );
     drop((broker, echo, echo_http));
     drop(emulator);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_for_socket(socket: &Path) {
