@@ -167,17 +167,7 @@ impl ServiceAccountKey {
                 "field `type` is {kind:?}; only \"service_account\" keys can mint ID tokens"
             ));
         }
-        if let Some(domain) = fields.get("universe_domain") {
-            match domain.as_str() {
-                Some("googleapis.com") => {}
-                Some(other) => {
-                    return Err(format!(
-                        "field `universe_domain` is {other:?}; ID tokens from key files work only in googleapis.com"
-                    ))
-                }
-                None => return Err("field `universe_domain` is not a string".into()),
-            }
-        }
+        check_universe_domain(fields, "ID tokens from key files work")?;
         let client_email = string_field(fields, "client_email")?.to_owned();
         let private_key_id = string_field(fields, "private_key_id")?.to_owned();
         let token_uri_text = string_field(fields, "token_uri")?;
@@ -230,12 +220,28 @@ impl ServiceAccountKey {
     }
 }
 
-fn string_field<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
+/// A credential file's string field, present and not blank.
+pub(crate) fn string_field<'a>(
+    fields: &'a Map<String, Value>,
+    name: &str,
+) -> Result<&'a str, String> {
     match fields.get(name) {
         None => Err(format!("field `{name}` is missing")),
         Some(Value::String(s)) if s.trim().is_empty() => Err(format!("field `{name}` is empty")),
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(format!("field `{name}` is not a string")),
+    }
+}
+
+/// A credential file's `universe_domain`, when present, must be Google's
+/// public one: `what` (e.g. "ID tokens from key files work") says why.
+pub(crate) fn check_universe_domain(fields: &Map<String, Value>, what: &str) -> Result<(), String> {
+    match fields.get("universe_domain").map(Value::as_str) {
+        None | Some(Some("googleapis.com")) => Ok(()),
+        Some(Some(other)) => Err(format!(
+            "field `universe_domain` is {other:?}; {what} only in googleapis.com"
+        )),
+        Some(None) => Err("field `universe_domain` is not a string".into()),
     }
 }
 

@@ -29,6 +29,7 @@ use serde_json::{Map, Value};
 use super::{
     access::{AccessFetcher, AccessFuture, AccessTokenCache},
     impersonate::{Bearer, IamCredentials},
+    key_file::{check_universe_domain, string_field},
     FetchFuture, IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind};
@@ -139,31 +140,21 @@ impl ExternalAccountFile {
         let Value::Object(fields) = json else {
             return Err("is not a JSON object".into());
         };
-        let kind = string(&fields, "type")?;
+        let kind = string_field(&fields, "type")?;
         if kind != "external_account" {
             return Err(format!(
                 "field `type` is {kind:?}; source = \"external_account\" needs \"external_account\""
             ));
         }
-        if let Some(domain) = fields.get("universe_domain") {
-            match domain.as_str() {
-                Some("googleapis.com") => {}
-                Some(other) => {
-                    return Err(format!(
-                        "field `universe_domain` is {other:?}; ID tokens are minted only in googleapis.com"
-                    ))
-                }
-                None => return Err("field `universe_domain` is not a string".into()),
-            }
-        }
-        let audience = string(&fields, "audience")?.to_owned();
-        let subject_token_type = string(&fields, "subject_token_type")?.to_owned();
+        check_universe_domain(&fields, "ID tokens are minted")?;
+        let audience = string_field(&fields, "audience")?.to_owned();
+        let subject_token_type = string_field(&fields, "subject_token_type")?.to_owned();
         if !TOKEN_TYPES.contains(&subject_token_type.as_str()) {
             return Err(format!(
                 "field `subject_token_type` is {subject_token_type:?}, not one Google knows"
             ));
         }
-        let token_url = checked_url(string(&fields, "token_url")?, "token_url")?;
+        let token_url = checked_url(string_field(&fields, "token_url")?, "token_url")?;
         let workforce = audience.starts_with("//iam.googleapis.com/locations/")
             && audience.contains("/workforcePools/");
         let workforce_pool_user_project = match fields.get("workforce_pool_user_project") {
@@ -349,15 +340,6 @@ pub(crate) fn trusted_file(path: &Path) -> Result<PathBuf, String> {
         ));
     }
     Ok(real)
-}
-
-fn string<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
-    match fields.get(name) {
-        None => Err(format!("field `{name}` is missing")),
-        Some(Value::String(s)) if s.trim().is_empty() => Err(format!("field `{name}` is empty")),
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(format!("field `{name}` is not a string")),
-    }
 }
 
 /// An https URL, or plain http to loopback (the emulator).
