@@ -21,6 +21,7 @@
 //! for it in `idle_evict_after` (unless it is prefetched or watched).
 
 mod backoff;
+pub mod budget;
 mod entries;
 mod key;
 mod refresher;
