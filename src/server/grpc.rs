@@ -318,9 +318,9 @@ pub fn to_status(err: CacheError) -> Status {
 
 fn cache_status(err: &CacheError) -> Status {
     match err {
-        CacheError::InvalidAudience(_) | CacheError::InvalidIdentity(_) => {
-            Status::invalid_argument(err.to_string())
-        }
+        CacheError::InvalidAudience(_)
+        | CacheError::InvalidIdentity(_)
+        | CacheError::InvalidScopes(_) => Status::invalid_argument(err.to_string()),
         CacheError::UnknownIdentity(_) => Status::not_found(err.to_string()),
         CacheError::TooShortLived { .. } => Status::failed_precondition(err.to_string()),
         CacheError::NoFreshToken { .. } => Status::unavailable(err.to_string()),

@@ -3,6 +3,7 @@
 mod support;
 
 mod access_control;
+mod access_engine;
 mod cache_engine;
 mod cli;
 mod clients;
