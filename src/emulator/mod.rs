@@ -799,6 +799,15 @@ impl Emulator {
         lock(&self.shared.grants).remove(&(caller.to_owned(), target.to_owned(), permission));
     }
 
+    /// What the emulator issued `token` to (a tokeninfo-style lookup):
+    /// the principal and its scopes, or `None` for a token it never issued
+    /// or has revoked.
+    pub fn access_token_info(&self, token: &str) -> Option<(String, Vec<String>)> {
+        lock(&self.shared.access_tokens)
+            .get(token)
+            .map(|t| (t.principal.clone(), t.scopes.clone()))
+    }
+
     /// Every access token issued and not revoked, for tests that check
     /// none of them reached a log.
     pub fn issued_access_tokens(&self) -> Vec<String> {

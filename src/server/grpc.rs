@@ -24,7 +24,7 @@ use crate::{
     config::LimitSettings,
     domain::{validate_requested_identity, LogText},
     proto::{self, token_broker_server::TokenBroker},
-    source::SourceError,
+    source::{access::CLOUD_PLATFORM_SCOPE, SourceError},
     token::IdToken,
 };
 
@@ -67,6 +67,26 @@ impl TokenBroker for BrokerService {
         let mut audit = Audit::start("GetIdToken", &peer, &req);
         let result = self.get(&mut audit, req.min_valid_for, wait).await;
         audit.finish(result.as_ref());
+        result.map(Response::new)
+    }
+
+    async fn get_access_token(
+        &self,
+        request: Request<proto::GetAccessTokenRequest>,
+    ) -> Result<Response<proto::AccessToken>, Status> {
+        let peer = PeerCredentials::of_request(&request);
+        let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
+        let req = request.into_inner();
+        let scopes = if req.scopes.is_empty() {
+            CLOUD_PLATFORM_SCOPE.to_owned()
+        } else {
+            req.scopes.join(" ")
+        };
+        let mut audit = Audit::start_access("GetAccessToken", &peer, &req.identity, scopes);
+        let result = self
+            .get_access(&mut audit, &req.scopes, req.min_valid_for, wait)
+            .await;
+        audit.finish_access(result.as_ref());
         result.map(Response::new)
     }
 
@@ -193,6 +213,55 @@ impl BrokerService {
         Ok(to_proto(&lookup.token, key.identity(), key.audience()))
     }
 
+    async fn get_access(
+        &self,
+        audit: &mut Audit,
+        requested: &[String],
+        min_valid_for: Option<prost_types::Duration>,
+        wait: Duration,
+    ) -> Result<proto::AccessToken, Status> {
+        let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
+        // A scope with whitespace inside would split into others: refuse it.
+        if let Some(bad) = requested
+            .iter()
+            .find(|s| s.is_empty() || s.chars().any(char::is_whitespace))
+        {
+            return Err(to_status(CacheError::InvalidScopes(format!(
+                "scope {:?} is empty or holds whitespace",
+                LogText::new(bad).as_str()
+            ))));
+        }
+        audit.known = self.cache.knows(&audit.identity);
+        let scopes = audit.scopes.clone().unwrap_or_default();
+        let key = admission::admit_access(
+            &self.cache,
+            &self.live,
+            &audit.peer,
+            &audit.identity,
+            &scopes,
+            min_valid,
+            &mut audit.decision,
+        )
+        .map_err(|refused| refused_status(&refused))?;
+        let lookup = tokio::time::timeout(wait, self.cache.get_access(&key, min_valid))
+            .await
+            .map_err(|_| deadline_exceeded(key.identity(), wait))?
+            .map_err(to_status)?;
+        audit.outcome = Some(lookup.outcome);
+        Ok(proto::AccessToken {
+            token: lookup.token.expose().to_owned(),
+            expire_time: Some(lookup.token.expires_at().into()),
+            scopes: key
+                .scopes()
+                .unwrap_or_default()
+                .split(' ')
+                .map(str::to_owned)
+                .collect(),
+            identity: key.identity().to_owned(),
+        })
+    }
+
     async fn watch(
         &self,
         audit: &mut Audit,
@@ -293,7 +362,9 @@ fn deadline_exceeded(identity: &str, wait: Duration) -> Status {
 fn refused_status(refused: &Refused) -> Status {
     match refused {
         Refused::Cache(err) => cache_status(err),
-        Refused::Denied { .. } => Status::permission_denied(refused.to_string()),
+        Refused::Denied { .. } | Refused::DeniedScopes { .. } => {
+            Status::permission_denied(refused.to_string())
+        }
         Refused::TooManyNewAudiences { .. } | Refused::TooManyForcedMints { .. } => {
             Status::resource_exhausted(refused.to_string())
         }

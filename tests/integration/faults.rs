@@ -694,6 +694,19 @@ mod extreme_timestamps {
             }))
         }
 
+        async fn get_access_token(
+            &self,
+            request: Request<proto::GetAccessTokenRequest>,
+        ) -> Result<Response<proto::AccessToken>, Status> {
+            let req = request.into_inner();
+            Ok(Response::new(proto::AccessToken {
+                token: "opaque-access-token".into(),
+                expire_time: Some(self.0),
+                scopes: req.scopes,
+                identity: req.identity,
+            }))
+        }
+
         type WatchIdTokenStream =
             Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>;
 
@@ -756,6 +769,7 @@ mod extreme_timestamps {
                     "--audience",
                     "https://a.example.com",
                 ],
+                vec!["token", "--access", "--json", "--socket", &socket],
             ] {
                 let cli = tokio::task::spawn_blocking({
                     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
