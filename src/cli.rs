@@ -351,6 +351,8 @@ async fn status(args: StatusArgs) -> Result<(), ClientError> {
                 serde_json::json!({
                     "identity": t.identity,
                     "audience": t.audience,
+                    "scopes": t.scopes,
+                    "kind": if t.scopes.is_empty() { "id_token" } else { "access_token" },
                     "state": state_name(t.state),
                     "expire_time": rfc3339(t.expire_time.as_ref()),
                     "issue_time": rfc3339(t.issue_time.as_ref()),
@@ -366,7 +368,7 @@ async fn status(args: StatusArgs) -> Result<(), ClientError> {
         return Ok(());
     }
     println!(
-        "{:<12} {:<8} {:<22} {:<10} AUDIENCE",
+        "{:<12} {:<8} {:<22} {:<10} AUDIENCE (or access token: SCOPES)",
         "IDENTITY", "STATE", "EXPIRES", "IN"
     );
     let now = SystemTime::now();
@@ -385,7 +387,11 @@ async fn status(args: StatusArgs) -> Result<(), ClientError> {
             state_name(t.state),
             table_time(t.expire_time.as_ref()),
             left,
-            t.audience
+            if t.scopes.is_empty() {
+                t.audience.clone()
+            } else {
+                format!("access token: {}", t.scopes.join(" "))
+            }
         );
         if !t.last_error.is_empty() {
             println!("{:<12} last error: {}", "", t.last_error);

@@ -552,7 +552,9 @@ impl TokenCache {
         }
     }
 
-    /// Metadata of every entry, for `ListTokens`. Never token text.
+    /// Metadata of every entry, for `ListTokens`: ID tokens and identities'
+    /// own access tokens (`AccessOf::Base` entries are internal). Never
+    /// token text.
     pub fn list(&self) -> Vec<EntryInfo> {
         let now = self.inner.clock.now();
         let mut infos: Vec<EntryInfo> = self
@@ -560,8 +562,9 @@ impl TokenCache {
             .entries
             .snapshot()
             .into_iter()
-            // Access tokens are bearers for other identities, not shown.
-            .filter(|entry| entry.key.kind() == TokenKind::IdToken)
+            // The credential under an identity (a federated token) is no
+            // product of its own: not shown.
+            .filter(|entry| entry.key.kind() != TokenKind::AccessToken(AccessOf::Base))
             .map(|entry| {
                 let slot = lock(&entry.state);
                 let state = match (&slot.token, &slot.last_error) {

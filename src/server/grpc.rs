@@ -135,10 +135,13 @@ impl TokenBroker for BrokerService {
             .cache
             .list()
             .into_iter()
-            .filter(|info| {
-                policy
+            .filter(|info| match info.key.scopes() {
+                Some(scopes) => policy
+                    .decide_access(caller, info.key.identity(), scopes.split(' '))
+                    .allowed(),
+                None => policy
                     .decide(caller, info.key.identity(), info.key.audience())
-                    .allowed()
+                    .allowed(),
             })
             .collect();
         let (page, next_page_token) = super::listing::page(readable, after.as_ref(), size);
@@ -146,7 +149,15 @@ impl TokenBroker for BrokerService {
             .into_iter()
             .map(|info| proto::TokenInfo {
                 identity: info.key.identity().to_owned(),
-                audience: info.key.audience().to_owned(),
+                audience: match info.key.scopes() {
+                    Some(_) => String::new(),
+                    None => info.key.audience().to_owned(),
+                },
+                scopes: info
+                    .key
+                    .scopes()
+                    .map(|s| s.split(' ').map(str::to_owned).collect())
+                    .unwrap_or_default(),
                 expire_time: info.expires_at.map(Timestamp::from),
                 issue_time: info.issued_at.map(Timestamp::from),
                 state: token_state(info.state) as i32,

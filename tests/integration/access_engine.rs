@@ -226,18 +226,25 @@ async fn a_caller_giving_up_does_not_cancel_the_fetch() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn access_entries_share_the_bounds_but_are_not_listed_and_leave_with_their_identity() {
+async fn access_entries_share_the_bounds_and_leave_with_their_identity() {
     let e = engine().await;
     let id = CacheKey::new("sa", "https://svc.example.com").unwrap();
+    let base = CacheKey::access("sa", AccessOf::Base, CLOUD_PLATFORM_SCOPE).unwrap();
     e.cache.get(&id, Duration::ZERO).await.unwrap();
     e.cache
         .get_access(&access_key(), Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(e.cache.len(), 2, "both kinds count against max_entries");
-    let listed = e.cache.list();
-    assert_eq!(listed.len(), 1, "access tokens are not shown: {listed:?}");
-    assert_eq!(listed[0].key, id);
+    // A key source has no credential under it: nothing to fetch.
+    assert!(e.cache.get_access(&base, Duration::ZERO).await.is_err());
+    assert_eq!(e.cache.len(), 3);
+    let listed: Vec<CacheKey> = e.cache.list().into_iter().map(|i| i.key).collect();
+    assert_eq!(
+        listed,
+        [id.clone(), access_key()],
+        "internal base entries are not shown"
+    );
     // An ID-token key and an access-token key never answer for each other.
     assert!(e.cache.get_access(&id, Duration::ZERO).await.is_err());
     assert!(e.cache.get(&access_key(), Duration::ZERO).await.is_err());

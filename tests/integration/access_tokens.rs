@@ -100,6 +100,10 @@ async fn a_granted_access_token_is_cached_per_scope_set_and_audited() {
         Broker::start(|s| config(s, &emulator, &granting_rule()), "info").await,
     );
 
+    broker
+        .get("default", "https://a.example.com")
+        .await
+        .unwrap();
     // Twenty askers, naming the same set in different orders, with a
     // duplicate: one metadata-server call.
     let tasks: Vec<_> = (0..20)
@@ -188,6 +192,46 @@ async fn a_granted_access_token_is_cached_per_scope_set_and_audited() {
     .unwrap();
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout.trim(), first.token, "the cached token");
+    // `status` shows both kinds, never token text.
+    let socket = broker.socket.to_str().unwrap().to_owned();
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        support::run_cli(&["status", "--json", "--socket", &socket])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.contains(&first.token) && !stdout.contains(&cloud.token));
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let kinds: Vec<(String, serde_json::Value)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap().to_owned(), r["scopes"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("access_token".to_owned(), serde_json::json!([CLOUD])),
+            (
+                "access_token".to_owned(),
+                serde_json::json!([CLOUD, STORAGE_RO])
+            ),
+            ("id_token".to_owned(), serde_json::json!([])),
+        ],
+        "{stdout}"
+    );
+    let socket = broker.socket.to_str().unwrap().to_owned();
+    let (code, table, _) =
+        tokio::task::spawn_blocking(move || support::run_cli(&["status", "--socket", &socket]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        table.contains(&format!("access token: {CLOUD} {STORAGE_RO}")),
+        "{table}"
+    );
+    assert!(!table.contains(&first.token));
+
     let (code, _, stderr) = support::run_cli(&["token", "--access", "--audience", "x"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("--audience"), "{stderr}");

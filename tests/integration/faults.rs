@@ -731,6 +731,7 @@ mod extreme_timestamps {
                 issue_time: Some(self.0),
                 state: proto::TokenState::Fresh as i32,
                 last_error: String::new(),
+                scopes: Vec::new(),
             });
             Ok(Response::new(response))
         }
