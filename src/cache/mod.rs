@@ -277,6 +277,8 @@ struct Entry {
     /// Each new token, for `WatchIdToken` streams; its receivers are the
     /// streams that keep this entry from idle eviction.
     tokens: watch::Sender<Option<IdToken>>,
+    /// The same for an access-token entry (`WatchAccessToken`).
+    access_tokens: watch::Sender<Option<AccessToken>>,
     /// Wakes the refresher to recompute its schedule.
     wake: Notify,
     /// Its place in the eviction order ([`entries`]).
@@ -299,7 +301,7 @@ struct Slot {
 
 impl Entry {
     fn watched(&self) -> bool {
-        self.tokens.receiver_count() > 0
+        self.tokens.receiver_count() > 0 || self.access_tokens.receiver_count() > 0
     }
 }
 
@@ -609,6 +611,19 @@ impl TokenCache {
         Ok((lookup, receiver))
     }
 
+    /// Like [`TokenCache::watch`], for an access-token key.
+    pub async fn watch_access(
+        &self,
+        key: &CacheKey,
+        min_valid: Duration,
+    ) -> Result<(AccessLookup, watch::Receiver<Option<AccessToken>>), CacheError> {
+        let lookup = self.get_access(key, min_valid).await?;
+        let entry = self.entry(key)?;
+        let mut receiver = entry.access_tokens.subscribe();
+        receiver.mark_unchanged();
+        Ok((lookup, receiver))
+    }
+
     /// Pins `keys` (kept fresh, never idle-evicted) and fetches each; resolves
     /// when every key holds a valid token. Failed keys keep being retried by
     /// their refresher with backoff, so this waits through an outage.
@@ -753,6 +768,7 @@ impl TokenCache {
                 }),
                 attempts: watch::channel(0).0,
                 tokens: watch::channel(None).0,
+                access_tokens: watch::channel(None).0,
                 wake: Notify::new(),
                 recency: AtomicU64::new(0),
             })
@@ -851,9 +867,7 @@ impl TokenCache {
                             "upstream returned the same token"
                         );
                     } else {
-                        if let Held::Id(token) = &token {
-                            new_token = Some(token.clone());
-                        }
+                        new_token = Some(token.clone());
                         slot.backoff.succeeded();
                     }
                     slot.refresh_at = Some(schedule::plan_refresh(
@@ -891,8 +905,14 @@ impl TokenCache {
             }
             new_token
         };
-        if let Some(token) = new_token {
-            entry.tokens.send_replace(Some(token));
+        match new_token {
+            Some(Held::Id(token)) => {
+                entry.tokens.send_replace(Some(token));
+            }
+            Some(Held::Access(token)) => {
+                entry.access_tokens.send_replace(Some(token));
+            }
+            None => {}
         }
     }
 

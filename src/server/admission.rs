@@ -108,6 +108,21 @@ pub fn admit_access(
 ) -> Result<CacheKey, Refused> {
     let key = CacheKey::access(identity, AccessOf::Identity, scopes)
         .map_err(CacheError::InvalidScopes)?;
+    grant_access(cache, live, peer, &key, decision)?;
+    spend_for_new_key(cache, live, peer, key, min_valid)
+}
+
+/// Whether the policy in force now lets `peer` have the access-token `key`
+/// (one rule granting its identity and every scope), and the identity
+/// exists: checked on admission and before each delivery on a stream.
+pub fn grant_access(
+    cache: &TokenCache,
+    live: &Live,
+    peer: &PeerCredentials,
+    key: &CacheKey,
+    decision: &mut Option<Decision>,
+) -> Result<(), Refused> {
+    let identity = key.identity();
     let set = key.scopes().unwrap_or_default();
     let decided = live
         .policy()
@@ -123,7 +138,7 @@ pub fn admit_access(
     if !cache.knows(identity) {
         return Err(CacheError::UnknownIdentity(identity.to_owned()).into());
     }
-    spend_for_new_key(cache, live, peer, key, min_valid)
+    Ok(())
 }
 
 /// The per-uid budget for keys new to the cache and forced mints.

@@ -17,7 +17,7 @@ use super::{
     live::Live,
     peer::PeerCredentials,
     share::{Full, Place, Shares},
-    watch_stream::WatchFeed,
+    watch_stream::{self, WatchFeed},
 };
 use crate::{
     cache::{CacheError, CacheKey, EntryState, TokenCache},
@@ -25,7 +25,7 @@ use crate::{
     domain::{validate_requested_identity, LogText},
     proto::{self, token_broker_server::TokenBroker},
     source::{access::CLOUD_PLATFORM_SCOPE, SourceError},
-    token::IdToken,
+    token::{AccessToken, IdToken},
 };
 
 /// Longest a request waits for upstream when the client set no deadline.
@@ -74,20 +74,45 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetAccessTokenRequest>,
     ) -> Result<Response<proto::AccessToken>, Status> {
-        let peer = PeerCredentials::of_request(&request);
-        let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
-        let req = request.into_inner();
-        let scopes = if req.scopes.is_empty() {
-            CLOUD_PLATFORM_SCOPE.to_owned()
-        } else {
-            req.scopes.join(" ")
-        };
-        let mut audit = Audit::start_access("GetAccessToken", &peer, &req.identity, scopes);
+        let (mut audit, wait, req) = access_parts("GetAccessToken", request);
         let result = self
             .get_access(&mut audit, &req.scopes, req.min_valid_for, wait)
             .await;
         audit.finish_access(result.as_ref());
         result.map(Response::new)
+    }
+
+    type WatchAccessTokenStream =
+        Pin<Box<dyn Stream<Item = Result<proto::AccessToken, Status>> + Send>>;
+
+    async fn watch_access_token(
+        &self,
+        request: Request<proto::GetAccessTokenRequest>,
+    ) -> Result<Response<Self::WatchAccessTokenStream>, Status> {
+        let (mut audit, wait, req) = access_parts("WatchAccessToken", request);
+        let result = self
+            .watch_access(&mut audit, &req.scopes, req.min_valid_for, wait)
+            .await;
+        audit.finish_access(result.as_ref().map(|open| &open.first));
+        let open = result?;
+        let reloads = self.live.reloads();
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let watch = WatchFeed {
+            audit,
+            cache: self.cache.clone(),
+            live: self.live.clone(),
+            key: open.key,
+            tokens: open.tokens,
+            reloads,
+            stopping: self.stopping.clone(),
+            sender,
+            _slot: open.slot,
+            _kind: std::marker::PhantomData::<watch_stream::AccessTokens>,
+        };
+        tokio::spawn(watch.run(open.first));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     type WatchIdTokenStream = Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>;
@@ -114,6 +139,7 @@ impl TokenBroker for BrokerService {
             stopping: self.stopping.clone(),
             sender,
             _slot: open.slot,
+            _kind: std::marker::PhantomData::<watch_stream::IdTokens>,
         };
         tokio::spawn(watch.run(open.first));
         Ok(Response::new(Box::pin(
@@ -182,10 +208,10 @@ impl TokenBroker for BrokerService {
 }
 
 /// A watch stream admitted and holding its first token.
-struct OpenWatch {
-    first: proto::IdToken,
+struct OpenWatch<K: watch_stream::Kind> {
+    first: K::Proto,
     key: CacheKey,
-    tokens: watch::Receiver<Option<IdToken>>,
+    tokens: watch::Receiver<Option<K::Token>>,
     /// Its place under `limits.max_streams` and its uid's share, released
     /// when the stream ends.
     slot: Place,
@@ -232,6 +258,49 @@ impl BrokerService {
         wait: Duration,
     ) -> Result<proto::AccessToken, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        let key = self.admit_access(audit, requested, min_valid)?;
+        let lookup = tokio::time::timeout(wait, self.cache.get_access(&key, min_valid))
+            .await
+            .map_err(|_| deadline_exceeded(key.identity(), wait))?
+            .map_err(to_status)?;
+        audit.outcome = Some(lookup.outcome);
+        Ok(access_to_proto(&lookup.token, &key))
+    }
+
+    async fn watch_access(
+        &self,
+        audit: &mut Audit,
+        requested: &[String],
+        min_valid_for: Option<prost_types::Duration>,
+        wait: Duration,
+    ) -> Result<OpenWatch<watch_stream::AccessTokens>, Status> {
+        let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        let key = self.admit_access(audit, requested, min_valid)?;
+        let slot = self
+            .streams
+            .take(audit.peer.uid)
+            .map_err(|full| streams_full_status(full, audit.peer.uid))?;
+        let (first, tokens) = tokio::time::timeout(wait, self.cache.watch_access(&key, min_valid))
+            .await
+            .map_err(|_| deadline_exceeded(key.identity(), wait))?
+            .map_err(to_status)?;
+        audit.outcome = Some(first.outcome);
+        Ok(OpenWatch {
+            first: access_to_proto(&first.token, &key),
+            key,
+            tokens,
+            slot,
+        })
+    }
+
+    /// [`BrokerService::admit`] for an access token: the scopes as sent are
+    /// checked, then the set against the policy and the rate limit.
+    fn admit_access(
+        &self,
+        audit: &mut Audit,
+        requested: &[String],
+        min_valid: Duration,
+    ) -> Result<CacheKey, Status> {
         validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
         // A scope with whitespace inside would split into others: refuse it.
         if let Some(bad) = requested
@@ -255,22 +324,7 @@ impl BrokerService {
             &mut audit.decision,
         )
         .map_err(|refused| refused_status(&refused))?;
-        let lookup = tokio::time::timeout(wait, self.cache.get_access(&key, min_valid))
-            .await
-            .map_err(|_| deadline_exceeded(key.identity(), wait))?
-            .map_err(to_status)?;
-        audit.outcome = Some(lookup.outcome);
-        Ok(proto::AccessToken {
-            token: lookup.token.expose().to_owned(),
-            expire_time: Some(lookup.token.expires_at().into()),
-            scopes: key
-                .scopes()
-                .unwrap_or_default()
-                .split(' ')
-                .map(str::to_owned)
-                .collect(),
-            identity: key.identity().to_owned(),
-        })
+        Ok(key)
     }
 
     async fn watch(
@@ -278,7 +332,7 @@ impl BrokerService {
         audit: &mut Audit,
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
-    ) -> Result<OpenWatch, Status> {
+    ) -> Result<OpenWatch<watch_stream::IdTokens>, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
         let key = self.admit(audit, min_valid)?;
         let slot = self
@@ -319,6 +373,27 @@ pub(super) fn check_grant(
     .map_err(|refused| refused_status(&refused))
 }
 
+/// An access-token request's audit (its scopes as sent, cloud-platform
+/// when none), deadline and message.
+fn access_parts(
+    method: &'static str,
+    request: Request<proto::GetAccessTokenRequest>,
+) -> (Audit, Duration, proto::GetAccessTokenRequest) {
+    let peer = PeerCredentials::of_request(&request);
+    let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
+    let req = request.into_inner();
+    let scopes = if req.scopes.is_empty() {
+        CLOUD_PLATFORM_SCOPE.to_owned()
+    } else {
+        req.scopes.join(" ")
+    };
+    (
+        Audit::start_access(method, &peer, &req.identity, scopes),
+        wait,
+        req,
+    )
+}
+
 /// A token request's caller, deadline and message.
 fn parts(
     request: Request<proto::GetIdTokenRequest>,
@@ -326,6 +401,32 @@ fn parts(
     let peer = PeerCredentials::of_request(&request);
     let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
     (peer, wait, request.into_inner())
+}
+
+pub(super) fn access_to_proto(token: &AccessToken, key: &CacheKey) -> proto::AccessToken {
+    proto::AccessToken {
+        token: token.expose().to_owned(),
+        expire_time: Some(token.expires_at().into()),
+        scopes: key
+            .scopes()
+            .unwrap_or_default()
+            .split(' ')
+            .map(str::to_owned)
+            .collect(),
+        identity: key.identity().to_owned(),
+    }
+}
+
+/// [`check_grant`] for an access-token stream's key.
+pub(super) fn check_access_grant(
+    live: &Live,
+    cache: &TokenCache,
+    audit: &mut Audit,
+    key: &CacheKey,
+) -> Result<(), Status> {
+    audit.known = cache.knows(&audit.identity);
+    admission::grant_access(cache, live, &audit.peer, key, &mut audit.decision)
+        .map_err(|refused| refused_status(&refused))
 }
 
 pub(super) fn to_proto(token: &IdToken, identity: &str, audience: &str) -> proto::IdToken {

@@ -123,8 +123,7 @@ mod tests {
     #[test]
     fn access_entries_and_audiences_of_the_same_text_never_tie() {
         let access = |scopes: &str| EntryInfo {
-            key: CacheKey::access("a", crate::source::access::AccessOf::Identity, scopes)
-                .unwrap(),
+            key: CacheKey::access("a", crate::source::access::AccessOf::Identity, scopes).unwrap(),
             ..entry("a", "unused")
         };
         let entries = vec![entry("a", "x"), access("x"), access("w x"), entry("a", "w")];

@@ -267,3 +267,89 @@ async fn an_impersonated_identity_mints_access_tokens_with_generate_access_token
     assert_eq!(stats.iam_access, 2, "one refused, one granted");
     assert_eq!(stats.metadata_token, 1, "one base token for both");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_sends_each_refreshed_access_token_until_its_grant_is_revoked() {
+    let emulator = support::emulator().await;
+    // Access tokens living 36 s: usable for 6 s past the 30 s margin, so
+    // the broker refreshes them about 3 s after each is issued.
+    emulator.set_faults(token_broker::emulator::Faults {
+        access_token_lifetime_secs: Some(36),
+        ..Default::default()
+    });
+    let broker = Broker::start(|s| config(s, &emulator, &granting_rule()), "info").await;
+    let request = || GetAccessTokenRequest {
+        identity: "default".into(),
+        scopes: vec![STORAGE_RO.into()],
+        min_valid_for: None,
+    };
+    let denied = broker
+        .client()
+        .await
+        .watch_access_token(GetAccessTokenRequest {
+            scopes: vec![GMAIL.into()],
+            ..request()
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let mut stream = broker
+        .client()
+        .await
+        .watch_access_token(request())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen: Vec<AccessToken> = Vec::new();
+    while seen.len() < 3 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+            .await
+            .expect("a refreshed token within 30 s")
+            .unwrap()
+            .expect("the stream stays open");
+        broker.served.lock().unwrap().push(next.token.clone());
+        seen.push(next);
+    }
+    for pair in seen.windows(2) {
+        assert_ne!(pair[0].token, pair[1].token, "each message is a new token");
+    }
+    for token in &seen {
+        assert_eq!(token.scopes, [STORAGE_RO]);
+        let (principal, scopes) = emulator
+            .access_token_info(&token.token)
+            .expect("issued by the emulator");
+        assert_eq!(principal, DEFAULT_ACCOUNT_EMAIL);
+        assert_eq!(scopes, [STORAGE_RO]);
+    }
+    // A reload that stops granting the scopes ends the stream with the
+    // status a new request would get.
+    let no_scopes = format!(
+        "[[policy]]\nuids = [{}]\nidentities = [\"*\"]\naudiences = [\"*\"]\n",
+        nix::unistd::getuid().as_raw()
+    );
+    std::fs::write(
+        broker.dir.path().join("config.toml"),
+        config(&broker.socket, &emulator, &no_scopes),
+    )
+    .unwrap();
+    support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
+    let ended = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+            .await
+            .expect("the stream ends within 30 s of the reload")
+        {
+            Ok(Some(token)) => broker.served.lock().unwrap().push(token.token),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    let log = broker.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WatchAccessToken") && l.contains("refresh")),
+        "refreshes are audited:\n{log}"
+    );
+}

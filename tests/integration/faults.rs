@@ -707,6 +707,16 @@ mod extreme_timestamps {
             }))
         }
 
+        type WatchAccessTokenStream =
+            Pin<Box<dyn Stream<Item = Result<proto::AccessToken, Status>> + Send>>;
+
+        async fn watch_access_token(
+            &self,
+            _request: Request<proto::GetAccessTokenRequest>,
+        ) -> Result<Response<Self::WatchAccessTokenStream>, Status> {
+            Err(Status::unimplemented("not needed"))
+        }
+
         type WatchIdTokenStream =
             Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>;
 
