@@ -486,10 +486,10 @@ fn refused_status(refused: &Refused) -> Status {
 fn streams_full_status(full: Full, uid: Option<u32>) -> Status {
     Status::resource_exhausted(match full {
         Full::Total(limit) => {
-            format!("too many open WatchIdToken streams (limits.max_streams = {limit})")
+            format!("too many open watch streams (WatchIdToken and WatchAccessToken; limits.max_streams = {limit})")
         }
         Full::Share(limit) => format!(
-            "uid {} has too many open WatchIdToken streams (limits.max_streams_per_uid = {limit})",
+            "uid {} has too many open watch streams (WatchIdToken and WatchAccessToken; limits.max_streams_per_uid = {limit})",
             uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
         ),
     })
