@@ -83,8 +83,16 @@ pub struct ClientArgs {
 #[derive(Debug, Args)]
 pub struct TokenArgs {
     /// The audience the token is for, e.g. https://my-svc-abc-uc.a.run.app
-    #[arg(long, short)]
-    pub audience: String,
+    #[arg(long, short, required_unless_present = "access")]
+    pub audience: Option<String>,
+    /// Ask for an OAuth2 access token instead of an ID token (a policy rule
+    /// must grant its scopes).
+    #[arg(long, conflicts_with = "audience")]
+    pub access: bool,
+    /// Scopes of the access token, comma-separated or repeated; default
+    /// https://www.googleapis.com/auth/cloud-platform.
+    #[arg(long, requires = "access", value_delimiter = ',')]
+    pub scopes: Vec<String>,
     /// The configured identity to use.
     #[arg(long, short, default_value = crate::domain::DEFAULT_IDENTITY)]
     pub identity: String,
@@ -273,12 +281,33 @@ fn client_socket(args: &ClientArgs) -> Result<PathBuf, ClientError> {
 
 async fn token(args: TokenArgs) -> Result<(), ClientError> {
     let mut client = client::connect(&client_socket(&args.client)?).await?;
+    let min_valid_for = args
+        .min_valid
+        .and_then(|d| prost_types::Duration::try_from(d).ok());
+    if args.access {
+        let request = proto::GetAccessTokenRequest {
+            identity: args.identity,
+            scopes: args.scopes,
+            min_valid_for,
+        };
+        let token = client.get_access_token(request).await?.into_inner();
+        if args.json {
+            let json = serde_json::json!({
+                "token": token.token,
+                "identity": token.identity,
+                "scopes": token.scopes,
+                "expire_time": rfc3339(token.expire_time.as_ref()),
+            });
+            println!("{json}");
+        } else {
+            println!("{}", token.token);
+        }
+        return Ok(());
+    }
     let request = proto::GetIdTokenRequest {
-        audience: args.audience,
+        audience: args.audience.unwrap_or_default(),
         identity: args.identity,
-        min_valid_for: args
-            .min_valid
-            .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        min_valid_for,
     };
     let token = client.get_id_token(request).await?.into_inner();
     if args.json {
@@ -322,6 +351,8 @@ async fn status(args: StatusArgs) -> Result<(), ClientError> {
                 serde_json::json!({
                     "identity": t.identity,
                     "audience": t.audience,
+                    "scopes": t.scopes,
+                    "kind": if t.scopes.is_empty() { "id_token" } else { "access_token" },
                     "state": state_name(t.state),
                     "expire_time": rfc3339(t.expire_time.as_ref()),
                     "issue_time": rfc3339(t.issue_time.as_ref()),
@@ -337,7 +368,7 @@ async fn status(args: StatusArgs) -> Result<(), ClientError> {
         return Ok(());
     }
     println!(
-        "{:<12} {:<8} {:<22} {:<10} AUDIENCE",
+        "{:<12} {:<8} {:<22} {:<10} AUDIENCE (or access token: SCOPES)",
         "IDENTITY", "STATE", "EXPIRES", "IN"
     );
     let now = SystemTime::now();
@@ -356,7 +387,11 @@ async fn status(args: StatusArgs) -> Result<(), ClientError> {
             state_name(t.state),
             table_time(t.expire_time.as_ref()),
             left,
-            t.audience
+            if t.scopes.is_empty() {
+                t.audience.clone()
+            } else {
+                format!("access token: {}", t.scopes.join(" "))
+            }
         );
         if !t.last_error.is_empty() {
             println!("{:<12} last error: {}", "", t.last_error);

@@ -59,6 +59,7 @@ struct Rule {
     gids: Vec<u32>,
     identities: Vec<String>,
     audiences: Vec<AudiencePattern>,
+    scopes: Vec<ScopePattern>,
 }
 
 /// The compiled policy.
@@ -89,11 +90,20 @@ impl Policy {
                     "must list at least one identity (or \"*\")",
                 ));
             }
-            if rule.audiences.is_empty() {
+            if rule.audiences.is_empty() && rule.scopes.is_empty() {
                 problems.push(Problem::new(
                     key("audiences"),
-                    "must list at least one audience (or \"*\")",
+                    "must list at least one audience (or \"*\"), or the rule must grant `scopes`",
                 ));
+            }
+            let mut scopes = Vec::new();
+            for (j, text) in rule.scopes.iter().enumerate() {
+                match ScopePattern::parse(text) {
+                    Ok(p) => scopes.push(p),
+                    Err(message) => {
+                        problems.push(Problem::new(format!("policy[{i}].scopes[{j}]"), message))
+                    }
+                }
             }
             let mut audiences = Vec::new();
             for (j, text) in rule.audiences.iter().enumerate() {
@@ -109,6 +119,7 @@ impl Policy {
                 gids,
                 identities: rule.identities.clone(),
                 audiences,
+                scopes,
             });
         }
         if problems.is_empty() {
@@ -142,6 +153,65 @@ impl Policy {
                     && rule.audiences.iter().any(|p| p.matches(audience))
             })
             .map_or(Decision::Denied, Decision::AllowedBy)
+    }
+
+    /// May `caller` have an access token of `identity` for every one of
+    /// `scopes`? Only a rule that grants them all does: with no rules at
+    /// all (an open policy for ID tokens) access tokens stay off.
+    pub fn decide_access<'a>(
+        &self,
+        caller: Option<Caller>,
+        identity: &str,
+        scopes: impl Iterator<Item = &'a str> + Clone,
+    ) -> Decision {
+        let Some(caller) = caller else {
+            return Decision::Denied;
+        };
+        self.rules
+            .iter()
+            .position(|rule| {
+                (rule.uids.contains(&caller.uid)
+                    || caller.gid.is_some_and(|gid| rule.gids.contains(&gid)))
+                    && rule.identities.iter().any(|i| i == "*" || i == identity)
+                    && !rule.scopes.is_empty()
+                    && scopes
+                        .clone()
+                        .all(|scope| rule.scopes.iter().any(|p| p.matches(scope)))
+            })
+            .map_or(Decision::Denied, Decision::AllowedBy)
+    }
+}
+
+/// One `scopes` entry of a rule: an exact scope, a prefix ending in `*`
+/// (`https://www.googleapis.com/auth/devstorage.*`), or `*` for any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopePattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl ScopePattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "{:?} is not a scope: printable ASCII without spaces",
+                crate::domain::LogText::new(text).as_str()
+            ));
+        }
+        match text.strip_suffix('*') {
+            Some(prefix) if prefix.contains('*') => {
+                Err(format!("{text:?}: `*` may only end a scope pattern"))
+            }
+            Some(prefix) => Ok(ScopePattern::Prefix(prefix.to_owned())),
+            None => Ok(ScopePattern::Exact(text.to_owned())),
+        }
+    }
+
+    pub fn matches(&self, scope: &str) -> bool {
+        match self {
+            ScopePattern::Exact(s) => s == scope,
+            ScopePattern::Prefix(p) => scope.starts_with(p.as_str()),
+        }
     }
 }
 
@@ -252,6 +322,78 @@ mod tests {
     }
 
     #[test]
+    fn access_tokens_need_a_rule_granting_every_scope() {
+        let caller = Some(Caller {
+            uid: 1000,
+            gid: None,
+        });
+        let cp = "https://www.googleapis.com/auth/cloud-platform";
+        let ro = "https://www.googleapis.com/auth/devstorage.read_only";
+        // An open policy (no rules) grants ID tokens, never access tokens.
+        let open = Policy::default();
+        assert_eq!(open.decide(caller, "default", "a"), Decision::AllowedOpen);
+        assert_eq!(
+            open.decide_access(caller, "default", [cp].into_iter()),
+            Decision::Denied
+        );
+        let policy = Policy::compile(&[
+            RuleSettings {
+                uids: vec![Principal::Id(1000)],
+                gids: vec![],
+                identities: vec!["default".into()],
+                audiences: vec!["*".into()],
+                scopes: vec![],
+            },
+            RuleSettings {
+                uids: vec![Principal::Id(1000)],
+                gids: vec![],
+                identities: vec!["default".into()],
+                audiences: vec![],
+                scopes: vec![
+                    cp.into(),
+                    "https://www.googleapis.com/auth/devstorage.*".into(),
+                ],
+            },
+        ])
+        .unwrap();
+        assert_eq!(
+            policy.decide_access(caller, "default", [cp, ro].into_iter()),
+            Decision::AllowedBy(1)
+        );
+        assert_eq!(
+            policy.decide_access(
+                caller,
+                "default",
+                [cp, "https://www.googleapis.com/auth/gmail.send"].into_iter()
+            ),
+            Decision::Denied,
+            "every scope must be granted"
+        );
+        assert_eq!(
+            policy.decide_access(caller, "other", [cp].into_iter()),
+            Decision::Denied
+        );
+        assert_eq!(
+            policy.decide_access(
+                Some(Caller {
+                    uid: 1001,
+                    gid: None
+                }),
+                "default",
+                [cp].into_iter()
+            ),
+            Decision::Denied
+        );
+        // A scopes-only rule grants no ID token.
+        assert_eq!(
+            policy.decide(caller, "default", "x"),
+            Decision::AllowedBy(0)
+        );
+        assert!(ScopePattern::parse("a*b*").is_err());
+        assert!(ScopePattern::parse("a b").is_err());
+    }
+
+    #[test]
     fn wildcards_stay_within_one_label() {
         let p = pattern("https://*.a.run.app");
         assert!(p.matches("https://svc-abc-uc.a.run.app"));
@@ -320,12 +462,14 @@ mod tests {
                     "https://*.a.run.app".into(),
                     "https://api.example.com".into(),
                 ],
+                scopes: vec![],
             },
             RuleSettings {
                 uids: vec![],
                 gids: vec![Principal::Name("2000".into())],
                 identities: vec!["*".into()],
                 audiences: vec!["https://shared.example.com".into()],
+                scopes: vec![],
             },
         ]
     }
@@ -400,6 +544,7 @@ mod tests {
             gids: vec![],
             identities: vec![],
             audiences: vec![],
+            scopes: vec![],
         }])
         .unwrap_err();
         let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();

@@ -53,6 +53,61 @@ impl fmt::Display for Secret {
     }
 }
 
+/// An OAuth2 access token (PROTOCOLS.md §4): what a base credential
+/// presents to Google as `Authorization: Bearer`. `Debug` shows only its
+/// times.
+#[derive(Clone)]
+pub struct AccessToken {
+    secret: Arc<Secret>,
+    issued_at: SystemTime,
+    expires_at: SystemTime,
+}
+
+impl AccessToken {
+    /// `issued_at` is when the broker received it (access tokens are
+    /// opaque; only their `expires_in` or `expireTime` says how long).
+    pub fn new(token: String, issued_at: SystemTime, expires_at: SystemTime) -> Self {
+        Self {
+            secret: Arc::new(Secret::new(token)),
+            issued_at,
+            expires_at,
+        }
+    }
+
+    /// The token text, for the one `Authorization` header it goes into.
+    pub fn expose(&self) -> &str {
+        self.secret.expose()
+    }
+
+    pub fn issued_at(&self) -> SystemTime {
+        self.issued_at
+    }
+
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+
+    /// Life left at `now`; zero once expired.
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at.duration_since(now).unwrap_or_default()
+    }
+
+    /// Whether this is the very same token text as `other`.
+    pub fn same_token_as(&self, other: &AccessToken) -> bool {
+        self.secret.expose() == other.secret.expose()
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token", &"[redacted]")
+            .field("issued_at", &display_time(self.issued_at))
+            .field("expires_at", &display_time(self.expires_at))
+            .finish()
+    }
+}
+
 /// Longest lifetime (`exp` − `iat`) a token may claim. Google's ID tokens
 /// live one hour; anything much longer is a broken or hostile upstream, and
 /// caching it would serve it for years.

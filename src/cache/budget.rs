@@ -8,10 +8,7 @@
 //! go first: background calls (prefetch, refresh) take a token only while no
 //! waiting call wants one.
 
-use std::{
-    sync::Mutex,
-    time::Duration,
-};
+use std::{sync::Mutex, time::Duration};
 
 use tokio::{sync::Notify, time::Instant};
 
@@ -165,7 +162,11 @@ mod tests {
         // or two (100 ms each), not for the backlog's 9 s.
         let t0 = Instant::now();
         budget.acquire(Priority::Waiting).await;
-        assert!(t0.elapsed() <= Duration::from_millis(200), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() <= Duration::from_millis(200),
+            "{:?}",
+            t0.elapsed()
+        );
         for task in backlog {
             task.await.unwrap();
         }
@@ -175,11 +176,9 @@ mod tests {
     async fn a_caller_that_gives_up_does_not_block_the_background() {
         let budget = Arc::new(UpstreamBudget::new(1));
         budget.acquire(Priority::Background).await;
-        let gave_up = tokio::time::timeout(
-            Duration::from_millis(10),
-            budget.acquire(Priority::Waiting),
-        )
-        .await;
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(10), budget.acquire(Priority::Waiting))
+                .await;
         assert!(gave_up.is_err());
         // The abandoned waiting call no longer holds the background back.
         tokio::time::timeout(Duration::from_secs(2), budget.acquire(Priority::Background))

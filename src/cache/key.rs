@@ -1,24 +1,77 @@
-//! The cache key: a struct of (identity, audience), never a concatenated
-//! string, so no audience can collide with another identity's key. A key
-//! can only be built from an audience that passed validation.
+//! The cache key: a struct of (identity, kind, audience or scope set), never
+//! a concatenated string, so no audience can collide with another
+//! identity's key or with a scope set. A key can only be built from an
+//! audience that passed validation, or from a checked scope set.
 
 use std::{fmt, sync::Arc};
 
-use crate::domain::{validate_audience, AudienceError};
+use crate::{
+    domain::{validate_audience, AudienceError},
+    source::access::AccessOf,
+};
+
+/// Longest scope the broker accepts (Google's are URLs well under this).
+pub const MAX_SCOPE_LEN: usize = 256;
+/// Most scopes one access token may be asked for.
+pub const MAX_SCOPES: usize = 32;
+
+/// Which token an entry holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TokenKind {
+    /// A Google-signed ID token for an audience.
+    IdToken,
+    /// An OAuth2 access token for a scope set ([`AccessOf`] says whose).
+    AccessToken(AccessOf),
+}
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey {
     identity: Arc<str>,
-    audience: Arc<str>,
+    kind: TokenKind,
+    /// The audience, or the scope set sorted, without duplicates, joined by
+    /// single spaces (a scope holds no whitespace).
+    target: Arc<str>,
 }
 
 impl CacheKey {
-    /// Validates `audience` and builds the key.
+    /// Validates `audience` and builds an ID-token key.
     pub fn new(identity: &str, audience: &str) -> Result<Self, AudienceError> {
         validate_audience(audience)?;
         Ok(Self {
             identity: identity.into(),
-            audience: audience.into(),
+            kind: TokenKind::IdToken,
+            target: audience.into(),
+        })
+    }
+
+    /// An access-token key for `scopes` (whitespace-separated, any order,
+    /// duplicates allowed): two requests for the same set share one entry.
+    pub fn access(identity: &str, of: AccessOf, scopes: &str) -> Result<Self, String> {
+        let mut set: Vec<&str> = scopes.split_whitespace().collect();
+        set.sort_unstable();
+        set.dedup();
+        if set.is_empty() {
+            return Err("no scope was given".into());
+        }
+        if set.len() > MAX_SCOPES {
+            return Err(format!(
+                "{} scopes were asked for; at most {MAX_SCOPES} are allowed",
+                set.len()
+            ));
+        }
+        if let Some(bad) = set
+            .iter()
+            .find(|s| s.len() > MAX_SCOPE_LEN || !s.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(format!(
+                "scope {:?} is not printable ASCII of at most {MAX_SCOPE_LEN} bytes",
+                crate::domain::LogText::new(bad).as_str()
+            ));
+        }
+        Ok(Self {
+            identity: identity.into(),
+            kind: TokenKind::AccessToken(of),
+            target: set.join(" ").into(),
         })
     }
 
@@ -26,14 +79,33 @@ impl CacheKey {
         &self.identity
     }
 
+    pub fn kind(&self) -> TokenKind {
+        self.kind
+    }
+
+    /// The audience of an ID-token key; the scope set (space-separated) of
+    /// an access-token key.
     pub fn audience(&self) -> &str {
-        &self.audience
+        &self.target
+    }
+
+    /// The scope set of an access-token key, space-separated and sorted.
+    pub fn scopes(&self) -> Option<&str> {
+        match self.kind {
+            TokenKind::IdToken => None,
+            TokenKind::AccessToken(_) => Some(&self.target),
+        }
     }
 }
 
 impl fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "({:?}, {:?})", self.identity, self.audience)
+        match self.kind {
+            TokenKind::IdToken => write!(f, "({:?}, {:?})", self.identity, self.target),
+            TokenKind::AccessToken(of) => {
+                write!(f, "({:?}, {of:?} access, {:?})", self.identity, self.target)
+            }
+        }
     }
 }
 
@@ -46,5 +118,23 @@ mod tests {
         let a = CacheKey::new("a:b", "c").unwrap();
         let b = CacheKey::new("a", "b:c").unwrap();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn scope_sets_are_sorted_and_kinds_never_collide() {
+        let a = CacheKey::access("x", AccessOf::Identity, "s2 s1 s2").unwrap();
+        let b = CacheKey::access("x", AccessOf::Identity, "  s1\ts2 ").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.scopes(), Some("s1 s2"));
+        let base = CacheKey::access("x", AccessOf::Base, "s1 s2").unwrap();
+        assert_ne!(a, base);
+        let id = CacheKey::new("x", "s1").unwrap();
+        let access = CacheKey::access("x", AccessOf::Identity, "s1").unwrap();
+        assert_ne!(id, access);
+        assert_eq!(id.scopes(), None);
+        assert!(CacheKey::access("x", AccessOf::Identity, " ").is_err());
+        assert!(CacheKey::access("x", AccessOf::Identity, &"s".repeat(257)).is_err());
+        let many: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
+        assert!(CacheKey::access("x", AccessOf::Identity, &many.join(" ")).is_err());
     }
 }

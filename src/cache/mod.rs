@@ -1,6 +1,10 @@
-//! The token cache: one entry per (identity, audience), answered from memory
-//! while the token has life left, with ONE upstream fetch shared by every
-//! concurrent asker of a key (single-flight).
+//! The token cache: one entry per (identity, audience) for ID tokens and per
+//! (identity, scope set) for access tokens ([`TokenKind`]), answered from
+//! memory while the token has life left, with ONE upstream fetch shared by
+//! every concurrent asker of a key (single-flight). Both kinds share every
+//! rule below; access tokens are the bearers of identities built on others
+//! (impersonation, workload identity federation), which reach them through
+//! [`TokenCache::access_tokens`] (the source layer's [`AccessTokens`]).
 //!
 //! States (DESIGN.md "Token lifecycle"): a token with more than
 //! `refresh_before_expiry` left is fresh and served; inside that window it is
@@ -38,14 +42,17 @@ use tokio::{
     time::Instant,
 };
 
-pub use key::CacheKey;
+pub use key::{CacheKey, TokenKind, MAX_SCOPES, MAX_SCOPE_LEN};
 
 use crate::{
     clock::Clock,
     config::RefreshSettings,
     domain::{AudienceError, IdentityError},
-    source::{IdTokenSource, SourceError, ATTEMPT_TIMEOUT},
-    token::IdToken,
+    source::{
+        access::{AccessFuture, AccessOf, AccessTokens},
+        IdTokenSource, SourceError, ATTEMPT_TIMEOUT,
+    },
+    token::{AccessToken, IdToken},
 };
 use backoff::Backoff;
 pub use backoff::ON_DEMAND_RETRY_CAP;
@@ -105,6 +112,51 @@ pub struct Lookup {
     pub outcome: CacheOutcome,
 }
 
+/// An access token answered from the cache.
+#[derive(Debug, Clone)]
+pub struct AccessLookup {
+    pub token: AccessToken,
+    pub outcome: CacheOutcome,
+}
+
+/// The token an entry holds, of the entry's [`TokenKind`].
+#[derive(Debug, Clone)]
+enum Held {
+    Id(IdToken),
+    Access(AccessToken),
+}
+
+impl Held {
+    fn remaining(&self, now: SystemTime) -> Duration {
+        match self {
+            Held::Id(t) => t.remaining(now),
+            Held::Access(t) => t.remaining(now),
+        }
+    }
+
+    fn issued_at(&self) -> SystemTime {
+        match self {
+            Held::Id(t) => t.issued_at(),
+            Held::Access(t) => t.issued_at(),
+        }
+    }
+
+    fn expires_at(&self) -> SystemTime {
+        match self {
+            Held::Id(t) => t.expires_at(),
+            Held::Access(t) => t.expires_at(),
+        }
+    }
+
+    fn same_token_as(&self, other: &Held) -> bool {
+        match (self, other) {
+            (Held::Id(a), Held::Id(b)) => a.same_token_as(b),
+            (Held::Access(a), Held::Access(b)) => a.same_token_as(b),
+            _ => false,
+        }
+    }
+}
+
 /// Why the cache has no token to give.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -115,6 +167,8 @@ pub enum CacheError {
     InvalidAudience(#[from] AudienceError),
     #[error(transparent)]
     InvalidIdentity(#[from] IdentityError),
+    #[error("invalid scopes: {0}")]
+    InvalidScopes(String),
     #[error(transparent)]
     Upstream(#[from] SourceError),
     /// The caller's `min_valid_for` asks for more life than the newest
@@ -170,11 +224,36 @@ pub enum EntryState {
     Pending,
 }
 
-/// The per-identity upstream: its source and the bound on concurrent calls.
+/// The per-identity upstream: its source and the bounds on concurrent
+/// calls, one per token kind: an ID-token fetch of an identity built on
+/// others waits for an access-token fetch inside it, which must never wait
+/// for a permit the ID-token fetches hold.
 #[derive(Clone)]
 struct Upstream {
     source: Arc<dyn IdTokenSource>,
     permits: Arc<Semaphore>,
+    access_permits: Arc<Semaphore>,
+    base_permits: Arc<Semaphore>,
+}
+
+impl Upstream {
+    fn new(source: Arc<dyn IdTokenSource>, concurrency: usize) -> Self {
+        let permits = || Arc::new(Semaphore::new(concurrency.max(1)));
+        Self {
+            source,
+            permits: permits(),
+            access_permits: permits(),
+            base_permits: permits(),
+        }
+    }
+
+    fn permits(&self, kind: TokenKind) -> &Semaphore {
+        match kind {
+            TokenKind::IdToken => &self.permits,
+            TokenKind::AccessToken(AccessOf::Identity) => &self.access_permits,
+            TokenKind::AccessToken(AccessOf::Base) => &self.base_permits,
+        }
+    }
 }
 
 /// Shared, cheaply cloneable handle to the cache.
@@ -199,6 +278,8 @@ struct Entry {
     /// Each new token, for `WatchIdToken` streams; its receivers are the
     /// streams that keep this entry from idle eviction.
     tokens: watch::Sender<Option<IdToken>>,
+    /// The same for an access-token entry (`WatchAccessToken`).
+    access_tokens: watch::Sender<Option<AccessToken>>,
     /// Wakes the refresher to recompute its schedule.
     wake: Notify,
     /// Its place in the eviction order ([`entries`]).
@@ -207,7 +288,7 @@ struct Entry {
 
 #[derive(Default)]
 struct Slot {
-    token: Option<IdToken>,
+    token: Option<Held>,
     last_error: Option<SourceError>,
     fetching: bool,
     generation: u64,
@@ -221,7 +302,7 @@ struct Slot {
 
 impl Entry {
     fn watched(&self) -> bool {
-        self.tokens.receiver_count() > 0
+        self.tokens.receiver_count() > 0 || self.access_tokens.receiver_count() > 0
     }
 }
 
@@ -231,21 +312,31 @@ impl TokenCache {
         settings: RefreshSettings,
         clock: Clock,
     ) -> Self {
-        let upstreams = sources
+        let upstreams: HashMap<String, Upstream> = sources
             .into_iter()
-            .map(|(name, source)| {
-                let permits = Arc::new(Semaphore::new(settings.upstream_concurrency.max(1)));
-                (name, Upstream { source, permits })
-            })
+            .map(|(name, source)| (name, Upstream::new(source, settings.upstream_concurrency)))
             .collect();
-        Self {
+        let sources: Vec<_> = upstreams.values().map(|u| u.source.clone()).collect();
+        let cache = Self {
             inner: Arc::new(Inner {
                 upstreams: RwLock::new(upstreams),
                 entries: Entries::new(settings.max_entries),
                 settings,
                 clock,
             }),
+        };
+        let tokens = cache.access_tokens();
+        for source in sources {
+            source.attach(&tokens);
         }
+        cache
+    }
+
+    /// The cache's access tokens as the source layer sees them, for the
+    /// sources that present another credential's token as a bearer. It
+    /// holds the cache weakly: the sources it is handed to live in the cache.
+    pub fn access_tokens(&self) -> Arc<dyn AccessTokens> {
+        Arc::new(EngineAccess(Arc::downgrade(&self.inner)))
     }
 
     /// The configured identity names.
@@ -268,15 +359,14 @@ impl TokenCache {
     /// Adds or replaces an identity's source (config reload). Replacing one
     /// drops its cached tokens: they came from the old credential.
     pub fn set_identity(&self, name: &str, source: Arc<dyn IdTokenSource>) {
-        let permits = Arc::new(Semaphore::new(
-            self.inner.settings.upstream_concurrency.max(1),
-        ));
+        source.attach(&self.access_tokens());
+        let upstream = Upstream::new(source, self.inner.settings.upstream_concurrency);
         let replaced = self
             .inner
             .upstreams
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), Upstream { source, permits })
+            .insert(name.to_owned(), upstream)
             .is_some();
         if replaced {
             self.drop_entries_of(name);
@@ -318,6 +408,70 @@ impl TokenCache {
     /// gets the error of the one attempt it waited for, or at once when the
     /// key is backing off.
     pub async fn get(&self, key: &CacheKey, min_valid: Duration) -> Result<Lookup, CacheError> {
+        match self.lookup(key, min_valid, true).await? {
+            (Held::Id(token), outcome) => Ok(Lookup { token, outcome }),
+            (Held::Access(_), _) => Err(CacheError::InvalidScopes(
+                "an access-token key was asked for an ID token".into(),
+            )),
+        }
+    }
+
+    /// Like [`TokenCache::get`], for an access-token key
+    /// ([`CacheKey::access`]).
+    pub async fn get_access(
+        &self,
+        key: &CacheKey,
+        min_valid: Duration,
+    ) -> Result<AccessLookup, CacheError> {
+        self.access_lookup(key, min_valid, true).await
+    }
+
+    async fn access_lookup(
+        &self,
+        key: &CacheKey,
+        min_valid: Duration,
+        ride: bool,
+    ) -> Result<AccessLookup, CacheError> {
+        match self.lookup(key, min_valid, ride).await? {
+            (Held::Access(token), outcome) => Ok(AccessLookup { token, outcome }),
+            (Held::Id(_), _) => Err(CacheError::InvalidScopes(
+                "an ID-token key was asked for an access token".into(),
+            )),
+        }
+    }
+
+    /// Drops `refused` if it is still the token held for `key` (an upstream
+    /// answered 401 to it), so the next ask fetches a new one. Callers that
+    /// saw the same token refused drop it once between them.
+    pub fn invalidate(&self, key: &CacheKey, refused: &AccessToken) {
+        let Some(entry) = self.inner.entries.get(key) else {
+            return;
+        };
+        let mut slot = lock(&entry.state);
+        let same = matches!(&slot.token, Some(Held::Access(held)) if held.same_token_as(refused));
+        if same {
+            slot.token = None;
+            slot.refresh_at = None;
+            drop(slot);
+            entry.wake.notify_one();
+            tracing::debug!(
+                identity = key.identity(),
+                scopes = key.audience(),
+                "access token refused upstream; dropped"
+            );
+        }
+    }
+
+    /// The lookup behind [`TokenCache::get`] and [`TokenCache::get_access`].
+    /// `ride`: whether a cold caller rides the key's retries (a client does;
+    /// a fetch asking for its bearer takes the one attempt's answer, as its
+    /// own fetch is retried on its own backoff).
+    async fn lookup(
+        &self,
+        key: &CacheKey,
+        min_valid: Duration,
+        ride: bool,
+    ) -> Result<(Held, CacheOutcome), CacheError> {
         if !self.upstreams().contains_key(key.identity()) {
             return Err(CacheError::UnknownIdentity(key.identity().to_owned()));
         }
@@ -346,7 +500,7 @@ impl TokenCache {
                         } else {
                             CacheOutcome::Hit
                         };
-                        return Ok(Lookup { token, outcome });
+                        return Ok((token, outcome));
                     }
                 }
                 // Nothing servable: join the running attempt, or start one
@@ -361,7 +515,7 @@ impl TokenCache {
                 } else {
                     slot.backoff.ready(now)
                 };
-                if waited && !cold {
+                if waited && (!cold || !ride) {
                     // One attempt completed since we began waiting and it gave
                     // nothing usable: answer with what it said, never loop.
                     return Err(self.failure(&slot, min_valid));
@@ -380,6 +534,7 @@ impl TokenCache {
                         .as_ref()
                         .is_some_and(SourceError::is_permanent);
                     if cold
+                        && ride
                         && !permanent
                         && retry_at + ATTEMPT_TIMEOUT <= arrived + COLD_WAIT_BUDGET
                     {
@@ -400,7 +555,9 @@ impl TokenCache {
         }
     }
 
-    /// Metadata of every entry, for `ListTokens`. Never token text.
+    /// Metadata of every entry, for `ListTokens`: ID tokens and identities'
+    /// own access tokens (`AccessOf::Base` entries are internal). Never
+    /// token text.
     pub fn list(&self) -> Vec<EntryInfo> {
         let now = self.inner.clock.now();
         let mut infos: Vec<EntryInfo> = self
@@ -408,6 +565,9 @@ impl TokenCache {
             .entries
             .snapshot()
             .into_iter()
+            // The credential under an identity (a federated token) is no
+            // product of its own: not shown.
+            .filter(|entry| entry.key.kind() != TokenKind::AccessToken(AccessOf::Base))
             .map(|entry| {
                 let slot = lock(&entry.state);
                 let state = match (&slot.token, &slot.last_error) {
@@ -426,8 +586,8 @@ impl TokenCache {
                 };
                 EntryInfo {
                     key: entry.key.clone(),
-                    issued_at: slot.token.as_ref().map(IdToken::issued_at),
-                    expires_at: slot.token.as_ref().map(IdToken::expires_at),
+                    issued_at: slot.token.as_ref().map(Held::issued_at),
+                    expires_at: slot.token.as_ref().map(Held::expires_at),
                     state,
                     last_error: slot.last_error.as_ref().map(ToString::to_string),
                 }
@@ -448,6 +608,19 @@ impl TokenCache {
         let entry = self.entry(key)?;
         let mut receiver = entry.tokens.subscribe();
         // What the caller already has counts as seen.
+        receiver.mark_unchanged();
+        Ok((lookup, receiver))
+    }
+
+    /// Like [`TokenCache::watch`], for an access-token key.
+    pub async fn watch_access(
+        &self,
+        key: &CacheKey,
+        min_valid: Duration,
+    ) -> Result<(AccessLookup, watch::Receiver<Option<AccessToken>>), CacheError> {
+        let lookup = self.get_access(key, min_valid).await?;
+        let entry = self.entry(key)?;
+        let mut receiver = entry.access_tokens.subscribe();
         receiver.mark_unchanged();
         Ok((lookup, receiver))
     }
@@ -550,13 +723,14 @@ impl TokenCache {
         Ok(true)
     }
 
-    /// The smallest time to expiry among held tokens, if any are held.
+    /// The smallest time to expiry among held ID tokens, if any are held.
     pub fn min_time_to_expiry(&self) -> Option<Duration> {
         let now = self.inner.clock.now();
         self.inner
             .entries
             .snapshot()
             .into_iter()
+            .filter(|entry| entry.key.kind() == TokenKind::IdToken)
             .filter_map(|entry| lock(&entry.state).token.as_ref().map(|t| t.remaining(now)))
             .min()
     }
@@ -595,6 +769,7 @@ impl TokenCache {
                 }),
                 attempts: watch::channel(0).0,
                 tokens: watch::channel(None).0,
+                access_tokens: watch::channel(None).0,
                 wake: Notify::new(),
                 recency: AtomicU64::new(0),
             })
@@ -640,7 +815,7 @@ impl TokenCache {
     /// Records one finished upstream attempt (the slot's token, error and
     /// backoff) and publishes a new token to watchers. [`InFlight`] then
     /// ends the attempt and tells everyone waiting.
-    fn record(&self, entry: &Entry, result: Result<IdToken, SourceError>) {
+    fn record(&self, entry: &Entry, result: Result<Held, SourceError>) {
         let settings = &self.inner.settings;
         let now = self.inner.clock.now();
         let new_token = {
@@ -696,7 +871,12 @@ impl TokenCache {
                         new_token = Some(token.clone());
                         slot.backoff.succeeded();
                     }
-                    slot.refresh_at = Some(schedule::plan_refresh(&token, now, same, settings));
+                    slot.refresh_at = Some(schedule::plan_refresh(
+                        token.expires_at(),
+                        now,
+                        same,
+                        settings,
+                    ));
                     slot.token = Some(token);
                     slot.last_error = None;
                 }
@@ -726,14 +906,20 @@ impl TokenCache {
             }
             new_token
         };
-        if let Some(token) = new_token {
-            entry.tokens.send_replace(Some(token));
+        match new_token {
+            Some(Held::Id(token)) => {
+                entry.tokens.send_replace(Some(token));
+            }
+            Some(Held::Access(token)) => {
+                entry.access_tokens.send_replace(Some(token));
+            }
+            None => {}
         }
     }
 
     /// One upstream attempt, bounded by [`ATTEMPT_TIMEOUT`] from the moment
     /// it is asked for, waiting for a free upstream slot included.
-    async fn fetch(&self, key: &CacheKey) -> Result<IdToken, SourceError> {
+    async fn fetch(&self, key: &CacheKey) -> Result<Held, SourceError> {
         let Some(upstream) = self.upstreams().get(key.identity()).cloned() else {
             // Removed by a reload while this fetch was queued.
             return Err(SourceError::Unavailable {
@@ -749,7 +935,7 @@ impl TokenCache {
         };
         let deadline = Instant::now() + ATTEMPT_TIMEOUT;
         // The semaphore is never closed, so acquire cannot fail.
-        let _permit = tokio::time::timeout_at(deadline, upstream.permits.acquire())
+        let _permit = tokio::time::timeout_at(deadline, upstream.permits(key.kind()).acquire())
             .await
             .map_err(|_| {
                 timed_out(format!(
@@ -759,7 +945,29 @@ impl TokenCache {
                 ))
             })?;
         let started = Instant::now();
-        let result = tokio::time::timeout_at(deadline, upstream.source.fetch(key.audience()))
+        let source = &upstream.source;
+        let call = async {
+            match key.kind() {
+                TokenKind::IdToken => source.fetch(key.audience()).await.map(Held::Id),
+                TokenKind::AccessToken(of) => {
+                    let fetcher = match of {
+                        AccessOf::Identity => source.access(),
+                        AccessOf::Base => source.base_access(),
+                    };
+                    let Some(fetcher) = fetcher else {
+                        return Err(SourceError::InvalidResponse {
+                            upstream: source.upstream().to_owned(),
+                            message: format!(
+                                "identity {:?} cannot mint access tokens",
+                                key.identity()
+                            ),
+                        });
+                    };
+                    fetcher.fetch_access(key.audience()).await.map(Held::Access)
+                }
+            }
+        };
+        let result = tokio::time::timeout_at(deadline, call)
             .await
             .unwrap_or_else(|_| {
                 Err(timed_out(format!(
@@ -836,7 +1044,7 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn finish(mut self, result: Result<IdToken, SourceError>) {
+    fn finish(mut self, result: Result<Held, SourceError>) {
         self.recorded = true;
         self.cache.record(&self.entry, result);
     }
@@ -885,4 +1093,44 @@ fn lock(mutex: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The cache as the source layer's [`AccessTokens`]: what an identity built
+/// on others presents as its bearer. Holds the cache weakly, as the sources
+/// holding it live in the cache.
+struct EngineAccess(std::sync::Weak<Inner>);
+
+impl AccessTokens for EngineAccess {
+    fn access_token<'a>(
+        &'a self,
+        identity: &'a str,
+        of: AccessOf,
+        scopes: &'a str,
+    ) -> AccessFuture<'a> {
+        Box::pin(async move {
+            let engine = |message: String| SourceError::Unavailable {
+                upstream: "the broker's token cache".into(),
+                message,
+                retry_after: None,
+            };
+            let Some(inner) = self.0.upgrade() else {
+                return Err(engine("the broker is stopping".into()));
+            };
+            let cache = TokenCache { inner };
+            let key = CacheKey::access(identity, of, scopes).map_err(engine)?;
+            match cache.access_lookup(&key, Duration::ZERO, false).await {
+                Ok(lookup) => Ok(lookup.token),
+                Err(CacheError::Upstream(err)) => Err(err),
+                Err(err) => Err(engine(err.to_string())),
+            }
+        })
+    }
+
+    fn invalidate(&self, identity: &str, of: AccessOf, scopes: &str, refused: &AccessToken) {
+        let (Some(inner), Ok(key)) = (self.0.upgrade(), CacheKey::access(identity, of, scopes))
+        else {
+            return;
+        };
+        TokenCache { inner }.invalidate(&key, refused);
+    }
 }

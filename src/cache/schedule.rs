@@ -9,26 +9,27 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 
 use super::EXPIRY_MARGIN;
-use crate::{config::RefreshSettings, token::IdToken};
+use crate::config::RefreshSettings;
 
 /// Never plan two attempts closer than this, whatever the token says.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The wall-clock time of the next refresh of `token`, received at `now`.
+/// The wall-clock time of the next refresh of a token (of either kind)
+/// expiring at `expires_at`, received at `now`.
 pub fn plan_refresh(
-    token: &IdToken,
+    expires_at: SystemTime,
     now: SystemTime,
     same_as_before: bool,
     settings: &RefreshSettings,
 ) -> SystemTime {
-    let usable = token.remaining(now).saturating_sub(EXPIRY_MARGIN);
+    let remaining = expires_at.duration_since(now).unwrap_or_default();
+    let usable = remaining.saturating_sub(EXPIRY_MARGIN);
     let halfway = now + (usable / 2).max(MIN_INTERVAL);
     if same_as_before {
         return halfway;
     }
     let jitter = random_up_to(settings.jitter);
-    let planned = token
-        .expires_at()
+    let planned = expires_at
         .checked_sub(settings.refresh_before_expiry + jitter)
         .unwrap_or(now);
     if planned > now {

@@ -355,7 +355,13 @@ pub struct RuleSettings {
     pub identities: Vec<String>,
     /// Audiences granted: exact strings, or patterns where `*` matches
     /// within one DNS label (`https://*.a.run.app`); `"*"` alone grants any.
+    #[serde(default)]
     pub audiences: Vec<String>,
+    /// OAuth2 scopes of access tokens granted (`GetAccessToken`): exact
+    /// scopes, or a prefix ending in `*`; `"*"` alone grants any. Default
+    /// none: access tokens are off until a rule grants them.
+    #[serde(default)]
+    pub scopes: Vec<String>,
 }
 
 /// What a sink file holds.

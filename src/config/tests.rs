@@ -218,6 +218,7 @@ fn every_key_present() -> Settings {
         gids: vec![],
         identities: vec![],
         audiences: vec![],
+        scopes: vec![],
     });
     s.metadata_endpoint = Some(MetadataEndpointSettings {
         listen: "127.0.0.1:8181".parse().unwrap(),

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -799,6 +799,15 @@ impl Emulator {
         lock(&self.shared.grants).remove(&(caller.to_owned(), target.to_owned(), permission));
     }
 
+    /// What the emulator issued `token` to (a tokeninfo-style lookup):
+    /// the principal and its scopes, or `None` for a token it never issued
+    /// or has revoked.
+    pub fn access_token_info(&self, token: &str) -> Option<(String, Vec<String>)> {
+        lock(&self.shared.access_tokens)
+            .get(token)
+            .map(|t| (t.principal.clone(), t.scopes.clone()))
+    }
+
     /// Every access token issued and not revoked, for tests that check
     /// none of them reached a log.
     pub fn issued_access_tokens(&self) -> Vec<String> {
@@ -943,11 +952,49 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/oauth2/v1/certs", get(certs_v1))
         .route("/oauth2/v3/certs", get(certs_v3))
+        .route("/oauth2/v3/tokeninfo", get(tokeninfo))
         .route("/emulator/stats", get(get_stats))
         .route("/emulator/stats/reset", post(reset_stats))
         .route("/emulator/faults", post(set_faults).delete(clear_faults))
         .fallback(not_found)
         .with_state(shared)
+}
+
+/// Google's access-token introspection (`GET /oauth2/v3/tokeninfo?
+/// access_token=`): who a token the emulator issued belongs to, its scopes
+/// and expiry; 400 `invalid_token` for one it never issued, revoked, or
+/// that has expired.
+async fn tokeninfo(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let now = shared.clock.unix_seconds();
+    let issued = query
+        .get("access_token")
+        .and_then(|t| lock(&shared.access_tokens).get(t).cloned())
+        .filter(|t| t.exp > now);
+    let Some(token) = issued else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({
+                "error": "invalid_token",
+                "error_description": "Invalid Value",
+            })),
+        )
+            .into_response();
+    };
+    let mut body = serde_json::json!({
+        "azp": token.principal,
+        "aud": token.principal,
+        "scope": token.scopes.join(" "),
+        "exp": token.exp.to_string(),
+        "expires_in": (token.exp - now).to_string(),
+    });
+    if token.principal.contains('@') {
+        body["email"] = token.principal.clone().into();
+        body["email_verified"] = "true".into();
+    }
+    Json(body).into_response()
 }
 
 async fn certs_v1(State(shared): State<Arc<Shared>>) -> Response {

@@ -12,6 +12,7 @@ use crate::{
     cache::{AdmitError, CacheError, CacheKey, TokenCache},
     domain::LogText,
     policy::Decision,
+    source::access::AccessOf,
 };
 
 /// Why a request was not admitted. Each door turns it into its own answer
@@ -34,6 +35,18 @@ pub enum Refused {
         uid: Option<u32>,
         identity: String,
         audience: String,
+    },
+    /// An access token whose scopes no rule grants this caller all of.
+    #[error(
+        "uid {} may not have access tokens of identity {} for scopes {} (no [[policy]] rule grants them all; access tokens are off until a rule's `scopes` grant them)",
+        uid_text(*.uid),
+        LogText::new(.identity),
+        LogText::new(.scopes)
+    )]
+    DeniedScopes {
+        uid: Option<u32>,
+        identity: String,
+        scopes: String,
     },
     #[error(
         "uid {uid} asked for too many new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
@@ -77,6 +90,65 @@ pub fn admit(
 ) -> Result<CacheKey, Refused> {
     let key = CacheKey::new(identity, audience).map_err(CacheError::from)?;
     grant(cache, live, peer, identity, audience, decision)?;
+    spend_for_new_key(cache, live, peer, key, min_valid)
+}
+
+/// Admits `peer`'s request for an access token of `identity` for `scopes`
+/// (space-separated, any order): the scope set is checked, every scope must
+/// be granted by one rule, and a new key spends from the same per-uid
+/// budget as a new audience.
+pub fn admit_access(
+    cache: &TokenCache,
+    live: &Live,
+    peer: &PeerCredentials,
+    identity: &str,
+    scopes: &str,
+    min_valid: Duration,
+    decision: &mut Option<Decision>,
+) -> Result<CacheKey, Refused> {
+    let key = CacheKey::access(identity, AccessOf::Identity, scopes)
+        .map_err(CacheError::InvalidScopes)?;
+    grant_access(cache, live, peer, &key, decision)?;
+    spend_for_new_key(cache, live, peer, key, min_valid)
+}
+
+/// Whether the policy in force now lets `peer` have the access-token `key`
+/// (one rule granting its identity and every scope), and the identity
+/// exists: checked on admission and before each delivery on a stream.
+pub fn grant_access(
+    cache: &TokenCache,
+    live: &Live,
+    peer: &PeerCredentials,
+    key: &CacheKey,
+    decision: &mut Option<Decision>,
+) -> Result<(), Refused> {
+    let identity = key.identity();
+    let set = key.scopes().unwrap_or_default();
+    let decided = live
+        .policy()
+        .decide_access(peer.caller(), identity, set.split(' '));
+    *decision = Some(decided);
+    if !decided.allowed() {
+        return Err(Refused::DeniedScopes {
+            uid: peer.uid,
+            identity: identity.to_owned(),
+            scopes: set.to_owned(),
+        });
+    }
+    if !cache.knows(identity) {
+        return Err(CacheError::UnknownIdentity(identity.to_owned()).into());
+    }
+    Ok(())
+}
+
+/// The per-uid budget for keys new to the cache and forced mints.
+fn spend_for_new_key(
+    cache: &TokenCache,
+    live: &Live,
+    peer: &PeerCredentials,
+    key: CacheKey,
+    min_valid: Duration,
+) -> Result<CacheKey, Refused> {
     // Only the request that brings a new audience into the cache spends
     // from its uid's bucket: the cache asks the bucket as it admits the key,
     // so concurrent askers of that key spend once, and a refused request

@@ -28,6 +28,8 @@ pub(super) struct Audit {
     /// logged through [`LogText`].
     pub(super) identity: String,
     pub(super) audience: String,
+    /// The scope set of an access-token request (sorted, space-separated).
+    pub(super) scopes: Option<String>,
     pub(super) decision: Option<Decision>,
     pub(super) outcome: Option<CacheOutcome>,
     pub(super) started: Instant,
@@ -49,6 +51,7 @@ impl Audit {
             peer: peer.clone(),
             identity: identity_of(&req.identity).to_owned(),
             audience: req.audience.clone(),
+            scopes: None,
             decision: None,
             outcome: None,
             started: Instant::now(),
@@ -65,11 +68,46 @@ impl Audit {
             peer: self.peer.clone(),
             identity: self.identity.clone(),
             audience: self.audience.clone(),
+            scopes: self.scopes.clone(),
             decision: None,
             outcome: None,
             started: Instant::now(),
             known: self.known,
             written: false,
+        }
+    }
+
+    /// An access-token request: `scopes` as the client sent them (joined
+    /// by spaces; foreign text, logged through [`LogText`]).
+    pub(super) fn start_access(
+        method: &'static str,
+        peer: &PeerCredentials,
+        identity: &str,
+        scopes: String,
+    ) -> Self {
+        Audit {
+            method,
+            event: None,
+            peer: peer.clone(),
+            identity: identity_of(identity).to_owned(),
+            audience: String::new(),
+            scopes: Some(scopes),
+            decision: None,
+            outcome: None,
+            started: Instant::now(),
+            known: false,
+            written: false,
+        }
+    }
+
+    pub(super) fn finish_access(&mut self, result: Result<&proto::AccessToken, &Status>) {
+        match result {
+            Ok(token) => self.write(
+                tonic::Code::Ok,
+                token.expire_time.as_ref().map(|t| t.seconds),
+                None,
+            ),
+            Err(status) => self.write(status.code(), None, Some(status.message())),
         }
     }
 
@@ -127,6 +165,7 @@ impl Audit {
         let peer_exe = peer.exe.as_deref().map(LogText::new);
         let identity = LogText::new(&self.identity);
         let audience = LogText::new(&self.audience);
+        let scopes = self.scopes.as_deref().map(LogText::new);
         let error = error.map(LogText::new);
         let decision = self
             .decision
@@ -145,6 +184,7 @@ impl Audit {
             peer_exe = peer_exe.as_ref().map(LogText::as_str),
             identity = identity.as_str(),
             audience = audience.as_str(),
+            scopes = scopes.as_ref().map(LogText::as_str),
             event = self.event,
             decision,
             rule,

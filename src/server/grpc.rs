@@ -17,15 +17,15 @@ use super::{
     live::Live,
     peer::PeerCredentials,
     share::{Full, Place, Shares},
-    watch_stream::WatchFeed,
+    watch_stream::{self, WatchFeed},
 };
 use crate::{
     cache::{CacheError, CacheKey, EntryState, TokenCache},
     config::LimitSettings,
     domain::{validate_requested_identity, LogText},
     proto::{self, token_broker_server::TokenBroker},
-    source::SourceError,
-    token::IdToken,
+    source::{access::CLOUD_PLATFORM_SCOPE, SourceError},
+    token::{AccessToken, IdToken},
 };
 
 /// Longest a request waits for upstream when the client set no deadline.
@@ -70,6 +70,51 @@ impl TokenBroker for BrokerService {
         result.map(Response::new)
     }
 
+    async fn get_access_token(
+        &self,
+        request: Request<proto::GetAccessTokenRequest>,
+    ) -> Result<Response<proto::AccessToken>, Status> {
+        let (mut audit, wait, req) = access_parts("GetAccessToken", request);
+        let result = self
+            .get_access(&mut audit, &req.scopes, req.min_valid_for, wait)
+            .await;
+        audit.finish_access(result.as_ref());
+        result.map(Response::new)
+    }
+
+    type WatchAccessTokenStream =
+        Pin<Box<dyn Stream<Item = Result<proto::AccessToken, Status>> + Send>>;
+
+    async fn watch_access_token(
+        &self,
+        request: Request<proto::GetAccessTokenRequest>,
+    ) -> Result<Response<Self::WatchAccessTokenStream>, Status> {
+        let (mut audit, wait, req) = access_parts("WatchAccessToken", request);
+        let result = self
+            .watch_access(&mut audit, &req.scopes, req.min_valid_for, wait)
+            .await;
+        audit.finish_access(result.as_ref().map(|open| &open.first));
+        let open = result?;
+        let reloads = self.live.reloads();
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let watch = WatchFeed {
+            audit,
+            cache: self.cache.clone(),
+            live: self.live.clone(),
+            key: open.key,
+            tokens: open.tokens,
+            reloads,
+            stopping: self.stopping.clone(),
+            sender,
+            _slot: open.slot,
+            _kind: std::marker::PhantomData::<watch_stream::AccessTokens>,
+        };
+        tokio::spawn(watch.run(open.first));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
     type WatchIdTokenStream = Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>;
 
     async fn watch_id_token(
@@ -94,6 +139,7 @@ impl TokenBroker for BrokerService {
             stopping: self.stopping.clone(),
             sender,
             _slot: open.slot,
+            _kind: std::marker::PhantomData::<watch_stream::IdTokens>,
         };
         tokio::spawn(watch.run(open.first));
         Ok(Response::new(Box::pin(
@@ -115,10 +161,13 @@ impl TokenBroker for BrokerService {
             .cache
             .list()
             .into_iter()
-            .filter(|info| {
-                policy
+            .filter(|info| match info.key.scopes() {
+                Some(scopes) => policy
+                    .decide_access(caller, info.key.identity(), scopes.split(' '))
+                    .allowed(),
+                None => policy
                     .decide(caller, info.key.identity(), info.key.audience())
-                    .allowed()
+                    .allowed(),
             })
             .collect();
         let (page, next_page_token) = super::listing::page(readable, after.as_ref(), size);
@@ -126,7 +175,15 @@ impl TokenBroker for BrokerService {
             .into_iter()
             .map(|info| proto::TokenInfo {
                 identity: info.key.identity().to_owned(),
-                audience: info.key.audience().to_owned(),
+                audience: match info.key.scopes() {
+                    Some(_) => String::new(),
+                    None => info.key.audience().to_owned(),
+                },
+                scopes: info
+                    .key
+                    .scopes()
+                    .map(|s| s.split(' ').map(str::to_owned).collect())
+                    .unwrap_or_default(),
                 expire_time: info.expires_at.map(Timestamp::from),
                 issue_time: info.issued_at.map(Timestamp::from),
                 state: token_state(info.state) as i32,
@@ -151,10 +208,10 @@ impl TokenBroker for BrokerService {
 }
 
 /// A watch stream admitted and holding its first token.
-struct OpenWatch {
-    first: proto::IdToken,
+struct OpenWatch<K: watch_stream::Kind> {
+    first: K::Proto,
     key: CacheKey,
-    tokens: watch::Receiver<Option<IdToken>>,
+    tokens: watch::Receiver<Option<K::Token>>,
     /// Its place under `limits.max_streams` and its uid's share, released
     /// when the stream ends.
     slot: Place,
@@ -193,12 +250,89 @@ impl BrokerService {
         Ok(to_proto(&lookup.token, key.identity(), key.audience()))
     }
 
+    async fn get_access(
+        &self,
+        audit: &mut Audit,
+        requested: &[String],
+        min_valid_for: Option<prost_types::Duration>,
+        wait: Duration,
+    ) -> Result<proto::AccessToken, Status> {
+        let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        let key = self.admit_access(audit, requested, min_valid)?;
+        let lookup = tokio::time::timeout(wait, self.cache.get_access(&key, min_valid))
+            .await
+            .map_err(|_| deadline_exceeded(key.identity(), wait))?
+            .map_err(to_status)?;
+        audit.outcome = Some(lookup.outcome);
+        Ok(access_to_proto(&lookup.token, &key))
+    }
+
+    async fn watch_access(
+        &self,
+        audit: &mut Audit,
+        requested: &[String],
+        min_valid_for: Option<prost_types::Duration>,
+        wait: Duration,
+    ) -> Result<OpenWatch<watch_stream::AccessTokens>, Status> {
+        let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
+        let key = self.admit_access(audit, requested, min_valid)?;
+        let slot = self
+            .streams
+            .take(audit.peer.uid)
+            .map_err(|full| streams_full_status(full, audit.peer.uid))?;
+        let (first, tokens) = tokio::time::timeout(wait, self.cache.watch_access(&key, min_valid))
+            .await
+            .map_err(|_| deadline_exceeded(key.identity(), wait))?
+            .map_err(to_status)?;
+        audit.outcome = Some(first.outcome);
+        Ok(OpenWatch {
+            first: access_to_proto(&first.token, &key),
+            key,
+            tokens,
+            slot,
+        })
+    }
+
+    /// [`BrokerService::admit`] for an access token: the scopes as sent are
+    /// checked, then the set against the policy and the rate limit.
+    fn admit_access(
+        &self,
+        audit: &mut Audit,
+        requested: &[String],
+        min_valid: Duration,
+    ) -> Result<CacheKey, Status> {
+        validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
+        // A scope with whitespace inside would split into others: refuse it.
+        if let Some(bad) = requested
+            .iter()
+            .find(|s| s.is_empty() || s.chars().any(char::is_whitespace))
+        {
+            return Err(to_status(CacheError::InvalidScopes(format!(
+                "scope {:?} is empty or holds whitespace",
+                LogText::new(bad).as_str()
+            ))));
+        }
+        audit.known = self.cache.knows(&audit.identity);
+        let scopes = audit.scopes.clone().unwrap_or_default();
+        let key = admission::admit_access(
+            &self.cache,
+            &self.live,
+            &audit.peer,
+            &audit.identity,
+            &scopes,
+            min_valid,
+            &mut audit.decision,
+        )
+        .map_err(|refused| refused_status(&refused))?;
+        Ok(key)
+    }
+
     async fn watch(
         &self,
         audit: &mut Audit,
         min_valid_for: Option<prost_types::Duration>,
         wait: Duration,
-    ) -> Result<OpenWatch, Status> {
+    ) -> Result<OpenWatch<watch_stream::IdTokens>, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
         let key = self.admit(audit, min_valid)?;
         let slot = self
@@ -239,6 +373,27 @@ pub(super) fn check_grant(
     .map_err(|refused| refused_status(&refused))
 }
 
+/// An access-token request's audit (its scopes as sent, cloud-platform
+/// when none), deadline and message.
+fn access_parts(
+    method: &'static str,
+    request: Request<proto::GetAccessTokenRequest>,
+) -> (Audit, Duration, proto::GetAccessTokenRequest) {
+    let peer = PeerCredentials::of_request(&request);
+    let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
+    let req = request.into_inner();
+    let scopes = if req.scopes.is_empty() {
+        CLOUD_PLATFORM_SCOPE.to_owned()
+    } else {
+        req.scopes.join(" ")
+    };
+    (
+        Audit::start_access(method, &peer, &req.identity, scopes),
+        wait,
+        req,
+    )
+}
+
 /// A token request's caller, deadline and message.
 fn parts(
     request: Request<proto::GetIdTokenRequest>,
@@ -246,6 +401,32 @@ fn parts(
     let peer = PeerCredentials::of_request(&request);
     let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
     (peer, wait, request.into_inner())
+}
+
+pub(super) fn access_to_proto(token: &AccessToken, key: &CacheKey) -> proto::AccessToken {
+    proto::AccessToken {
+        token: token.expose().to_owned(),
+        expire_time: Some(token.expires_at().into()),
+        scopes: key
+            .scopes()
+            .unwrap_or_default()
+            .split(' ')
+            .map(str::to_owned)
+            .collect(),
+        identity: key.identity().to_owned(),
+    }
+}
+
+/// [`check_grant`] for an access-token stream's key.
+pub(super) fn check_access_grant(
+    live: &Live,
+    cache: &TokenCache,
+    audit: &mut Audit,
+    key: &CacheKey,
+) -> Result<(), Status> {
+    audit.known = cache.knows(&audit.identity);
+    admission::grant_access(cache, live, &audit.peer, key, &mut audit.decision)
+        .map_err(|refused| refused_status(&refused))
 }
 
 pub(super) fn to_proto(token: &IdToken, identity: &str, audience: &str) -> proto::IdToken {
@@ -293,7 +474,9 @@ fn deadline_exceeded(identity: &str, wait: Duration) -> Status {
 fn refused_status(refused: &Refused) -> Status {
     match refused {
         Refused::Cache(err) => cache_status(err),
-        Refused::Denied { .. } => Status::permission_denied(refused.to_string()),
+        Refused::Denied { .. } | Refused::DeniedScopes { .. } => {
+            Status::permission_denied(refused.to_string())
+        }
         Refused::TooManyNewAudiences { .. } | Refused::TooManyForcedMints { .. } => {
             Status::resource_exhausted(refused.to_string())
         }
@@ -303,10 +486,10 @@ fn refused_status(refused: &Refused) -> Status {
 fn streams_full_status(full: Full, uid: Option<u32>) -> Status {
     Status::resource_exhausted(match full {
         Full::Total(limit) => {
-            format!("too many open WatchIdToken streams (limits.max_streams = {limit})")
+            format!("too many open watch streams (WatchIdToken and WatchAccessToken; limits.max_streams = {limit})")
         }
         Full::Share(limit) => format!(
-            "uid {} has too many open WatchIdToken streams (limits.max_streams_per_uid = {limit})",
+            "uid {} has too many open watch streams (WatchIdToken and WatchAccessToken; limits.max_streams_per_uid = {limit})",
             uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
         ),
     })
@@ -318,9 +501,9 @@ pub fn to_status(err: CacheError) -> Status {
 
 fn cache_status(err: &CacheError) -> Status {
     match err {
-        CacheError::InvalidAudience(_) | CacheError::InvalidIdentity(_) => {
-            Status::invalid_argument(err.to_string())
-        }
+        CacheError::InvalidAudience(_)
+        | CacheError::InvalidIdentity(_)
+        | CacheError::InvalidScopes(_) => Status::invalid_argument(err.to_string()),
         CacheError::UnknownIdentity(_) => Status::not_found(err.to_string()),
         CacheError::TooShortLived { .. } => Status::failed_precondition(err.to_string()),
         CacheError::NoFreshToken { .. } => Status::unavailable(err.to_string()),

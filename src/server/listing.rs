@@ -1,12 +1,27 @@
 //! `ListTokens` in pages. Keyset paging over the entries a caller may read,
-//! ordered by (identity, audience): the page token names the last key a page
-//! held, so entries added or evicted between calls never shift a page, and
+//! ordered by (identity, audience), an access token's scope set standing in
+//! for its audience behind a leading space (which no audience holds, so the
+//! two kinds never tie): the page token names the last key a page held, so entries added or evicted between calls never shift a page, and
 //! each page costs one pass over the cache plus a partial sort of the page.
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use tonic::Status;
 
-use crate::{cache::EntryInfo, domain::MAX_AUDIENCE_LEN};
+use std::borrow::Cow;
+
+use crate::{
+    cache::{EntryInfo, MAX_SCOPES, MAX_SCOPE_LEN},
+    domain::MAX_AUDIENCE_LEN,
+};
+
+/// The second half of an entry's place in the order: its audience, or a
+/// space and its scope set.
+fn target(info: &EntryInfo) -> Cow<'_, str> {
+    match info.key.scopes() {
+        Some(scopes) => Cow::Owned(format!(" {scopes}")),
+        None => Cow::Borrowed(info.key.audience()),
+    }
+}
 
 /// Entries in a page when the request asks for none.
 pub const DEFAULT_PAGE_SIZE: usize = 500;
@@ -38,7 +53,8 @@ pub fn decode_token(token: &str) -> Result<Option<(String, String)>, Status> {
     };
     // An identity name is at most 64 bytes, an audience 2,048; with the
     // separator and base64's 4/3 that bounds a genuine token.
-    if token.len() > (MAX_AUDIENCE_LEN + 128) * 4 / 3 + 4 {
+    let longest = MAX_AUDIENCE_LEN.max(MAX_SCOPES * (MAX_SCOPE_LEN + 1));
+    if token.len() > (longest + 128) * 4 / 3 + 4 {
         return Err(invalid());
     }
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
@@ -48,7 +64,7 @@ pub fn decode_token(token: &str) -> Result<Option<(String, String)>, Status> {
 }
 
 fn encode_token(info: &EntryInfo) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}\n{}", info.key.identity(), info.key.audience()))
+    URL_SAFE_NO_PAD.encode(format!("{}\n{}", info.key.identity(), target(info)))
 }
 
 /// One page of `entries` (any order) after `after`, and the token for the
@@ -58,17 +74,12 @@ pub fn page(
     after: Option<&(String, String)>,
     size: usize,
 ) -> (Vec<EntryInfo>, String) {
-    let sort_key = |info: &EntryInfo| {
-        (
-            info.key.identity().to_owned(),
-            info.key.audience().to_owned(),
-        )
-    };
+    let sort_key = |info: &EntryInfo| (info.key.identity().to_owned(), target(info).into_owned());
     let mut rest: Vec<EntryInfo> = entries
         .into_iter()
         .filter(|info| {
             after.is_none_or(|after| {
-                (info.key.identity(), info.key.audience()) > (after.0.as_str(), after.1.as_str())
+                (info.key.identity(), target(info).as_ref()) > (after.0.as_str(), after.1.as_str())
             })
         })
         .collect();
@@ -76,7 +87,7 @@ pub fn page(
     if more {
         // Only the page needs sorting: select its members first.
         rest.select_nth_unstable_by(size, |a, b| {
-            (a.key.identity(), a.key.audience()).cmp(&(b.key.identity(), b.key.audience()))
+            (a.key.identity(), target(a)).cmp(&(b.key.identity(), target(b)))
         });
         rest.truncate(size);
     }
@@ -107,6 +118,28 @@ mod tests {
         page.iter()
             .map(|e| format!("{}/{}", e.key.identity(), e.key.audience()))
             .collect()
+    }
+
+    #[test]
+    fn access_entries_and_audiences_of_the_same_text_never_tie() {
+        let access = |scopes: &str| EntryInfo {
+            key: CacheKey::access("a", crate::source::access::AccessOf::Identity, scopes).unwrap(),
+            ..entry("a", "unused")
+        };
+        let entries = vec![entry("a", "x"), access("x"), access("w x"), entry("a", "w")];
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = page(entries.clone(), after.as_ref(), 1);
+            seen.extend(page.iter().map(|e| format!("{:?}", e.key)));
+            if next.is_empty() {
+                break;
+            }
+            after = decode_token(&next).unwrap();
+        }
+        assert_eq!(seen.len(), 4, "each entry once: {seen:?}");
+        let unique: std::collections::HashSet<_> = seen.iter().collect();
+        assert_eq!(unique.len(), 4, "{seen:?}");
     }
 
     #[test]

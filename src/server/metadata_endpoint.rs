@@ -761,7 +761,9 @@ impl EndpointState {
     fn refused(&self, refused: Refused) -> Refusal {
         match refused {
             Refused::Cache(err) => self.cache_failure(err),
-            Refused::Denied { .. } => Refusal::new(StatusCode::FORBIDDEN, refused.to_string()),
+            Refused::Denied { .. } | Refused::DeniedScopes { .. } => {
+                Refusal::new(StatusCode::FORBIDDEN, refused.to_string())
+            }
             Refused::TooManyNewAudiences { retry_in, .. }
             | Refused::TooManyForcedMints { retry_in, .. } => {
                 let mut refusal = Refusal::new(StatusCode::TOO_MANY_REQUESTS, refused.to_string());

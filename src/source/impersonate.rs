@@ -4,7 +4,8 @@
 //! account exists on the machine.
 //!
 //! [`IamCredentials`] is the IAM hop, shared with `external_account`: it
-//! takes the bearer from the base's [`AccessTokenCache`], and when IAM
+//! takes the bearer from the cache engine (the base identity's access token,
+//! keyed by identity and scopes, [`super::access::Bearer`]), and when IAM
 //! answers 401 it drops that token once and retries with a fresh one.
 
 use std::{sync::Arc, time::Duration};
@@ -13,7 +14,9 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use super::{
-    access::{AccessFetcher, AccessFuture, AccessToken, AccessTokenCache, CLOUD_PLATFORM_SCOPE},
+    access::{
+        AccessFetcher, AccessFuture, AccessOf, AccessToken, AccessTokens, Bearer, EngineLink,
+    },
     http_client, record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
     SourceError,
 };
@@ -62,13 +65,6 @@ pub(crate) fn account_from_impersonation_url(
             format!("field `{field}` ({text}) does not end in /serviceAccounts/EMAIL:generateAccessToken")
         })?;
     Ok((account, url.origin().ascii_serialization()))
-}
-
-/// Where a bearer token comes from, for the IAM hop.
-pub(crate) struct Bearer<'a> {
-    pub(crate) cache: &'a AccessTokenCache,
-    /// Names the hop in errors, e.g. `base identity "default"`.
-    pub(crate) description: &'a str,
 }
 
 /// The IAM Credentials API as one identity uses it.
@@ -159,7 +155,11 @@ impl IamCredentials {
             .and_then(Value::as_str)
             .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
             .ok_or_else(|| invalid("no RFC 3339 `expireTime`"))?;
-        Ok(AccessToken::new(token.to_owned(), expires_at))
+        Ok(AccessToken::new(
+            token.to_owned(),
+            self.clock.now(),
+            expires_at,
+        ))
     }
 
     /// One IAM call with the bearer's token; a 401 drops that token and
@@ -214,11 +214,7 @@ impl IamCredentials {
             retry_after: None,
         });
         for pass in 0..2 {
-            let token = bearer
-                .cache
-                .get(CLOUD_PLATFORM_SCOPE)
-                .await
-                .map_err(|e| via(e, bearer.description))?;
+            let token = bearer.get().await.map_err(|e| via(e, bearer.description))?;
             result = self.attempt(&url, &token, &body, account, verb).await;
             let unauthorized = matches!(&result, Err(SourceError::Rejected { status: 401, .. }));
             if unauthorized && pass == 0 {
@@ -227,7 +223,7 @@ impl IamCredentials {
                     bearer = bearer.description,
                     "IAM Credentials refused the bearer token (HTTP 401); fetching a new one"
                 );
-                bearer.cache.invalidate(CLOUD_PLATFORM_SCOPE, &token);
+                bearer.invalidate(&token);
                 continue;
             }
             break;
@@ -321,13 +317,18 @@ fn via(err: SourceError, hop: &str) -> SourceError {
 
 /// Mints ID tokens for `service_account` with a base identity's credential.
 pub struct ImpersonateSource {
-    target: Arc<Target>,
-    access: AccessTokenCache,
+    target: Target,
 }
 
 /// What both token kinds of an impersonated identity need.
 struct Target {
     iam: IamCredentials,
+    /// The identity the engine holds this one's bearer under: the base's
+    /// own name, or this identity's when the base is no identity of its own
+    /// (a credential file's `source_credentials`).
+    bearer_identity: String,
+    bearer_of: AccessOf,
+    link: EngineLink,
     base_name: String,
     base_hop: String,
     base: Arc<dyn IdTokenSource>,
@@ -338,15 +339,18 @@ struct Target {
 
 impl Target {
     fn bearer(&self) -> Result<Bearer<'_>, SourceError> {
-        let cache = self
+        let fetcher = self
             .base
-            .access_tokens()
+            .access()
             .ok_or_else(|| SourceError::InvalidResponse {
                 upstream: self.iam.upstream.clone(),
                 message: format!("{} cannot mint access tokens", self.base_hop),
             })?;
         Ok(Bearer {
-            cache,
+            link: &self.link,
+            identity: &self.bearer_identity,
+            of: self.bearer_of,
+            fetcher,
             description: &self.base_hop,
         })
     }
@@ -356,6 +360,9 @@ impl Target {
 pub struct ImpersonateOptions<'a> {
     pub identity: &'a str,
     pub base_name: &'a str,
+    /// Whether the base is a configured identity (its access tokens are
+    /// held under its name) or only the credential under this one.
+    pub named_base: bool,
     pub base: Arc<dyn IdTokenSource>,
     pub service_account: &'a str,
     pub delegates: &'a [String],
@@ -365,25 +372,30 @@ pub struct ImpersonateOptions<'a> {
 
 impl ImpersonateSource {
     pub fn new(options: ImpersonateOptions<'_>, clock: Clock) -> Result<Self, String> {
-        if options.base.access_tokens().is_none() {
+        if options.base.access().is_none() {
             return Err(format!(
                 "identity {:?} cannot mint access tokens, so it cannot be a base",
                 options.base_name
             ));
         }
-        let target = Arc::new(Target {
-            iam: IamCredentials::new(options.iam_endpoint, options.identity, clock.clone())?,
+        let (bearer_identity, bearer_of) = if options.named_base {
+            (options.base_name, AccessOf::Identity)
+        } else {
+            (options.identity, AccessOf::Base)
+        };
+        let target = Target {
+            bearer_identity: bearer_identity.to_owned(),
+            bearer_of,
+            link: EngineLink::default(),
+            iam: IamCredentials::new(options.iam_endpoint, options.identity, clock)?,
             base_name: options.base_name.to_owned(),
             base_hop: format!("base identity {:?}", options.base_name),
             base: options.base,
             service_account: options.service_account.to_owned(),
             delegates: options.delegates.to_vec(),
             include_email: options.include_email,
-        });
-        Ok(Self {
-            access: AccessTokenCache::new(target.clone(), clock),
-            target,
-        })
+        };
+        Ok(Self { target })
     }
 }
 
@@ -428,8 +440,19 @@ impl IdTokenSource for ImpersonateSource {
         )
     }
 
-    fn access_tokens(&self) -> Option<&AccessTokenCache> {
-        Some(&self.access)
+    fn access(&self) -> Option<&dyn AccessFetcher> {
+        Some(&self.target)
+    }
+
+    fn base_access(&self) -> Option<&dyn AccessFetcher> {
+        match self.target.bearer_of {
+            AccessOf::Base => self.target.base.access(),
+            AccessOf::Identity => None,
+        }
+    }
+
+    fn attach(&self, tokens: &Arc<dyn AccessTokens>) {
+        self.target.link.attach(tokens.clone());
     }
 
     fn chain(&self) -> Option<String> {

@@ -10,9 +10,7 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 use serde_json::{Map, Value};
 
 use super::{
-    access::{
-        parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
-    },
+    access::{parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken},
     external_account::{ExternalAccountFile, ExternalAccountSource},
     http_client,
     impersonate::{ImpersonateOptions, ImpersonateSource},
@@ -85,6 +83,7 @@ pub fn impersonated_file_source(
         ImpersonateOptions {
             identity,
             base_name: "source_credentials",
+            named_base: false,
             base,
             service_account: &service_account,
             delegates: &delegates,
@@ -134,7 +133,6 @@ fn source_credentials(
 /// ID tokens for an arbitrary audience.
 pub struct UserSource {
     grant: Arc<RefreshGrant>,
-    access: AccessTokenCache,
 }
 
 struct RefreshGrant {
@@ -173,10 +171,7 @@ impl UserSource {
             identity: crate::metrics::identity_label(identity),
             clock: clock.clone(),
         });
-        Ok(Self {
-            access: AccessTokenCache::new(grant.clone(), clock.clone()),
-            grant,
-        })
+        Ok(Self { grant })
     }
 }
 
@@ -206,8 +201,8 @@ impl IdTokenSource for UserSource {
         )
     }
 
-    fn access_tokens(&self) -> Option<&AccessTokenCache> {
-        Some(&self.access)
+    fn access(&self) -> Option<&dyn AccessFetcher> {
+        Some(&*self.grant)
     }
 }
 

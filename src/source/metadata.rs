@@ -3,14 +3,10 @@
 //! with `Metadata-Flavor: Google`; and, for identities built on this one,
 //! the default account's access token from `.../default/token` (§4).
 
-use std::sync::Arc;
-
 use reqwest::StatusCode;
 
 use super::{
-    access::{
-        parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
-    },
+    access::{parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken},
     http_client, record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
     SourceError,
 };
@@ -27,7 +23,7 @@ pub struct MetadataSource {
     identity_url: url::Url,
     upstream: String,
     clock: Clock,
-    access: AccessTokenCache,
+    access: MetadataAccess,
 }
 
 /// Fetches the default account's access tokens.
@@ -63,7 +59,7 @@ impl MetadataSource {
             client,
             identity_url,
             upstream,
-            access: AccessTokenCache::new(Arc::new(access), clock.clone()),
+            access,
             clock,
         })
     }
@@ -77,7 +73,7 @@ impl MetadataSource {
             identity: crate::metrics::identity_label(identity),
             clock: self.clock.clone(),
         };
-        self.access = AccessTokenCache::new(Arc::new(access), self.clock.clone());
+        self.access = access;
         self
     }
 
@@ -134,7 +130,7 @@ impl IdTokenSource for MetadataSource {
         &self.upstream
     }
 
-    fn access_tokens(&self) -> Option<&AccessTokenCache> {
+    fn access(&self) -> Option<&dyn AccessFetcher> {
         Some(&self.access)
     }
 }

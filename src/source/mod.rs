@@ -67,11 +67,23 @@ pub trait IdTokenSource: Send + Sync + 'static {
         format!("{:?}|{}|{:?}", self.kind(), self.upstream(), self.account())
     }
 
-    /// The access tokens of this identity's credential, for identities built
-    /// on it (impersonation); `None` when it cannot mint them.
-    fn access_tokens(&self) -> Option<&access::AccessTokenCache> {
+    /// Mints this identity's own access tokens, for identities built on it
+    /// (impersonation); `None` when it cannot. The cache engine holds them.
+    fn access(&self) -> Option<&dyn access::AccessFetcher> {
         None
     }
+
+    /// Mints the access tokens of the credential under this identity when
+    /// that credential is no identity of its own (an `external_account`'s
+    /// federated token, the source credential of an impersonated-credentials
+    /// file); the cache engine holds them as [`access::AccessOf::Base`].
+    fn base_access(&self) -> Option<&dyn access::AccessFetcher> {
+        None
+    }
+
+    /// Hands the source the cache engine's access tokens, once the engine
+    /// is built; a source that presents bearer tokens keeps it.
+    fn attach(&self, _tokens: &Arc<dyn access::AccessTokens>) {}
 
     /// How this identity reaches Google when it is built on others, for
     /// `check-config` (e.g. "impersonate X via base (metadata server)").
@@ -267,6 +279,7 @@ fn build_one(
                 ImpersonateOptions {
                     identity: &identity.name,
                     base_name,
+                    named_base: true,
                     base: base.clone(),
                     service_account,
                     delegates: &identity.delegates,

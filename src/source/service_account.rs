@@ -10,9 +10,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    access::{
-        parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken, AccessTokenCache,
-    },
+    access::{parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken},
     http_client, record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
     ServiceAccountKey, SourceError,
 };
@@ -33,7 +31,6 @@ const TRANSIENT_ERRORS: [&str; 3] = [
 /// Mints ID tokens with a service-account key.
 pub struct ServiceAccountSource {
     inner: Arc<KeyGrant>,
-    access: AccessTokenCache,
 }
 
 /// The key and what it takes to use it; shared with the access-token cache.
@@ -91,10 +88,7 @@ impl ServiceAccountSource {
             clock: clock.clone(),
             identity: crate::metrics::identity_label(identity),
         });
-        Ok(Self {
-            access: AccessTokenCache::new(inner.clone(), clock),
-            inner,
-        })
+        Ok(Self { inner })
     }
 }
 
@@ -244,8 +238,8 @@ impl IdTokenSource for ServiceAccountSource {
         )
     }
 
-    fn access_tokens(&self) -> Option<&AccessTokenCache> {
-        Some(&self.access)
+    fn access(&self) -> Option<&dyn AccessFetcher> {
+        Some(&*self.inner)
     }
 }
 

@@ -374,3 +374,66 @@ fn unknown_user_and_group_names_are_config_errors() {
     }
     assert!(stderr.contains("no-such-user-tb"));
 }
+
+/// Issue 15.1: access tokens need a rule granting their scopes to that
+/// caller; a rule granting every audience grants no access token, and
+/// `status` shows an access entry only to callers its scopes are granted to.
+#[tokio::test(flavor = "multi_thread")]
+async fn access_tokens_go_only_to_uids_whose_rules_grant_their_scopes() {
+    const STORAGE_RO: &str = "https://www.googleapis.com/auth/devstorage.read_only";
+    let emulator = support::emulator().await;
+    let broker = guarded(
+        &emulator,
+        &format!(
+            "\n[[policy]]\nuids = [{ALLOWED}]\nidentities = [\"default\"]\nscopes = [\"https://www.googleapis.com/auth/devstorage.*\"]\n"
+        ),
+    )
+    .await;
+    let socket = broker.socket.to_str().unwrap().to_owned();
+    let access_as = |uid: u32, scopes: &str| {
+        cli_as(
+            uid,
+            uid,
+            &["token", "--access", "--scopes", scopes, "--socket", &socket],
+        )
+    };
+
+    let (code, token, stderr) = access_as(ALLOWED, STORAGE_RO);
+    assert_eq!(code, 0, "{stderr}");
+    let token = token.trim().to_owned();
+    broker.served.lock().unwrap().push(token.clone());
+    let (principal, scopes) = emulator.access_token_info(&token).expect("issued");
+    assert_eq!(principal, token_broker::emulator::DEFAULT_ACCOUNT_EMAIL);
+    assert_eq!(scopes, [STORAGE_RO]);
+
+    // Not granted: another uid, another scope, and root, whose rule grants
+    // every identity and audience but no scope.
+    for (uid, scopes) in [
+        (STRANGER, STORAGE_RO),
+        (ALLOWED, "https://www.googleapis.com/auth/cloud-platform"),
+        (0, STORAGE_RO),
+    ] {
+        let (code, stdout, stderr) = access_as(uid, scopes);
+        assert_ne!(code, 0, "uid {uid} {scopes}: {stdout}");
+        assert!(
+            stderr.contains(&format!("uid {uid} may not have access tokens")),
+            "{stderr}"
+        );
+        assert!(!stdout.contains(&token) && !stderr.contains(&token));
+    }
+    assert_eq!(emulator.stats().metadata_token, 1, "refusals cost no call");
+
+    // The cached entry is listed to ALLOWED only.
+    let listed = |uid: u32| {
+        let (code, stdout, stderr) = cli_as(uid, uid, &["status", "--json", "--socket", &socket]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(!stdout.contains(&token));
+        stdout.contains(STORAGE_RO)
+    };
+    assert!(listed(ALLOWED));
+    assert!(!listed(STRANGER));
+    assert!(
+        !listed(0),
+        "root's audience rule does not show access tokens"
+    );
+}

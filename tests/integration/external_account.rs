@@ -923,3 +923,69 @@ async fn credential_files_and_executables_others_can_change_are_refused() {
         "{err}"
     );
 }
+
+/// Issue 15.1: an external_account identity's access token is the
+/// impersonated account's, from STS then generateAccessToken; the federated
+/// token is the bearer of both kinds, exchanged once, and never listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_external_account_serves_the_accounts_access_token() {
+    const STORAGE_RO: &str = "https://www.googleapis.com/auth/devstorage.read_only";
+    let f = Federation::start().await;
+    f.allow("workload-a");
+    f.emulator.grant(
+        &f.provider.principal("workload-a"),
+        ACCOUNT,
+        Permission::AccessToken,
+    );
+    let token_file = f.dir.path().join("subject.jwt");
+    std::fs::write(&token_file, f.subject_token("workload-a")).unwrap();
+    let creds = f.credential_file(
+        serde_json::json!({ "file": token_file, "format": { "type": "text" } }),
+        serde_json::json!({}),
+    );
+    let identities = format!(
+        "{}\n[[policy]]\nuids = [{}]\nidentities = [\"federated\"]\naudiences = [\"*\"]\nscopes = [\"{STORAGE_RO}\"]\n",
+        identity(&creds),
+        nix::unistd::getuid().as_raw()
+    );
+    let broker = Broker::start(|s| support::config_text(s, &identities), "info").await;
+    broker
+        .get("federated", "https://svc.example.com")
+        .await
+        .unwrap();
+    let access = broker
+        .client()
+        .await
+        .get_access_token(token_broker::proto::GetAccessTokenRequest {
+            identity: "federated".into(),
+            scopes: vec![STORAGE_RO.into()],
+            min_valid_for: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    broker.served.lock().unwrap().push(access.token.clone());
+    let (principal, scopes) = f.emulator.access_token_info(&access.token).unwrap();
+    assert_eq!(principal, ACCOUNT, "the impersonated account's token");
+    assert_eq!(scopes, [STORAGE_RO]);
+    let stats = f.emulator.stats();
+    assert_eq!(
+        stats.sts.total, 1,
+        "one exchange for the ID and the access token"
+    );
+    assert_eq!(stats.iam_access, 1);
+    // Only the ID token and the account's access token are listed.
+    let (code, stdout, stderr) = support::run_cli(&[
+        "status",
+        "--json",
+        "--socket",
+        broker.socket.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2, "{stdout}");
+    assert!(
+        !stdout.contains("cloud-platform"),
+        "the federated token is internal: {stdout}"
+    );
+}

@@ -694,6 +694,29 @@ mod extreme_timestamps {
             }))
         }
 
+        async fn get_access_token(
+            &self,
+            request: Request<proto::GetAccessTokenRequest>,
+        ) -> Result<Response<proto::AccessToken>, Status> {
+            let req = request.into_inner();
+            Ok(Response::new(proto::AccessToken {
+                token: "opaque-access-token".into(),
+                expire_time: Some(self.0),
+                scopes: req.scopes,
+                identity: req.identity,
+            }))
+        }
+
+        type WatchAccessTokenStream =
+            Pin<Box<dyn Stream<Item = Result<proto::AccessToken, Status>> + Send>>;
+
+        async fn watch_access_token(
+            &self,
+            _request: Request<proto::GetAccessTokenRequest>,
+        ) -> Result<Response<Self::WatchAccessTokenStream>, Status> {
+            Err(Status::unimplemented("not needed"))
+        }
+
         type WatchIdTokenStream =
             Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>;
 
@@ -718,6 +741,7 @@ mod extreme_timestamps {
                 issue_time: Some(self.0),
                 state: proto::TokenState::Fresh as i32,
                 last_error: String::new(),
+                scopes: Vec::new(),
             });
             Ok(Response::new(response))
         }
@@ -756,6 +780,7 @@ mod extreme_timestamps {
                     "--audience",
                     "https://a.example.com",
                 ],
+                vec!["token", "--access", "--json", "--socket", &socket],
             ] {
                 let cli = tokio::task::spawn_blocking({
                     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();

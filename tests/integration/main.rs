@@ -3,6 +3,8 @@
 mod support;
 
 mod access_control;
+mod access_engine;
+mod access_tokens;
 mod cache_engine;
 mod cli;
 mod clients;

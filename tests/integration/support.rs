@@ -358,6 +358,22 @@ pub async fn verify(emulator: &Emulator, token: &str, audience: &str) -> serde_j
         .claims
 }
 
+/// Introspects an access token at the emulator's tokeninfo endpoint over
+/// HTTP: its claims (`email`, `scope`, `expires_in`), or `None` when the
+/// emulator says it is no valid token of its own.
+pub async fn tokeninfo(emulator: &Emulator, token: &str) -> Option<serde_json::Value> {
+    let url = reqwest::Url::parse_with_params(
+        &format!("{}/oauth2/v3/tokeninfo", emulator.base_url()),
+        [("access_token", token)],
+    )
+    .unwrap();
+    let response = reqwest::get(url).await.unwrap();
+    if response.status() != reqwest::StatusCode::OK {
+        return None;
+    }
+    Some(response.json().await.unwrap())
+}
+
 /// Asserts the log holds none of `secrets`.
 pub fn assert_no_secrets(log: &str, secrets: &[&str]) {
     assert!(!log.is_empty(), "the log is empty: nothing was checked");

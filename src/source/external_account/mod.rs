@@ -27,8 +27,8 @@ use std::{
 use serde_json::{Map, Value};
 
 use super::{
-    access::{AccessFetcher, AccessFuture, AccessTokenCache},
-    impersonate::{Bearer, IamCredentials},
+    access::{AccessFetcher, AccessFuture, AccessOf, AccessTokens, Bearer, EngineLink},
+    impersonate::IamCredentials,
     key_file::{check_universe_domain, string_field},
     FetchFuture, IdTokenSource, SourceError,
 };
@@ -362,16 +362,16 @@ fn checked_url(text: &str, field: &str) -> Result<url::Url, String> {
 
 /// Mints ID tokens through workload identity federation.
 pub struct ExternalAccountSource {
-    chain: Arc<Chain>,
-    /// The impersonated account's access tokens, for identities built on
-    /// this one.
-    account_access: AccessTokenCache,
+    chain: Chain,
 }
 
-/// STS (federated tokens, cached) and the IAM hop.
+/// STS (federated tokens, held by the cache engine as this identity's
+/// [`AccessOf::Base`]) and the IAM hop.
 struct Chain {
+    identity: String,
     file: ExternalAccountFile,
-    federated: AccessTokenCache,
+    exchange: sts::Exchange,
+    link: EngineLink,
     federated_hop: String,
     iam: IamCredentials,
 }
@@ -389,23 +389,25 @@ impl ExternalAccountSource {
             identity,
             clock.clone(),
         )?;
-        let chain = Arc::new(Chain {
+        let chain = Chain {
+            identity: identity.to_owned(),
             federated_hop: format!("STS at {} ({})", file.token_url, file.source.describe()),
-            federated: AccessTokenCache::new(Arc::new(exchange), clock.clone()),
+            exchange,
+            link: EngineLink::default(),
             file,
             iam,
-        });
-        Ok(Self {
-            account_access: AccessTokenCache::new(chain.clone(), clock),
-            chain,
-        })
+        };
+        Ok(Self { chain })
     }
 }
 
 impl Chain {
     fn bearer(&self) -> Bearer<'_> {
         Bearer {
-            cache: &self.federated,
+            link: &self.link,
+            identity: &self.identity,
+            of: AccessOf::Base,
+            fetcher: &self.exchange,
             description: &self.federated_hop,
         }
     }
@@ -447,8 +449,16 @@ impl IdTokenSource for ExternalAccountSource {
         )
     }
 
-    fn access_tokens(&self) -> Option<&AccessTokenCache> {
-        Some(&self.account_access)
+    fn access(&self) -> Option<&dyn AccessFetcher> {
+        Some(&self.chain)
+    }
+
+    fn base_access(&self) -> Option<&dyn AccessFetcher> {
+        Some(&self.chain.exchange)
+    }
+
+    fn attach(&self, tokens: &Arc<dyn AccessTokens>) {
+        self.chain.link.attach(tokens.clone());
     }
 
     fn chain(&self) -> Option<String> {
