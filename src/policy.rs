@@ -12,6 +12,7 @@
 //! (startup warns). With rules, a request is denied unless one allows it.
 
 use crate::{
+    attest::Workload,
     config::RuleSettings,
     domain::{
         principal::{lookup_group, lookup_user},
@@ -19,13 +20,16 @@ use crate::{
     },
 };
 
-/// The caller, as the kernel reported it at connect time.
+/// The caller: what the kernel recorded at connect time, and its attested
+/// workload when that was confirmed (logged; not yet matched by rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caller {
+pub struct Caller<'a> {
     pub uid: u32,
     /// `None` when no group is known (a TCP peer whose uid has no entry in
     /// the user database): only `uids` rules can match it.
     pub gid: Option<u32>,
+    /// `None` when the workload was not attested.
+    pub workload: Option<&'a Workload>,
 }
 
 /// What the policy decided, and by which rule (for the audit line).
@@ -124,7 +128,7 @@ impl Policy {
     }
 
     /// May `caller` have a token for (`identity`, `audience`)?
-    pub fn decide(&self, caller: Option<Caller>, identity: &str, audience: &str) -> Decision {
+    pub fn decide(&self, caller: Option<Caller<'_>>, identity: &str, audience: &str) -> Decision {
         if self.rules.is_empty() {
             return Decision::AllowedOpen;
         }
@@ -336,10 +340,12 @@ mod tests {
         let alice = Some(Caller {
             uid: 1000,
             gid: Some(1000),
+            workload: None,
         });
         let team = Some(Caller {
             uid: 1500,
             gid: Some(2000),
+            workload: None,
         });
         assert_eq!(
             policy.decide(alice, "default", "https://svc.a.run.app"),
@@ -385,7 +391,8 @@ mod tests {
             .decide(
                 Some(Caller {
                     uid: 0,
-                    gid: Some(5)
+                    gid: Some(5),
+                    workload: None,
                 }),
                 "default",
                 "https://a.a.run.app"

@@ -125,6 +125,7 @@ impl Audit {
         }
         let peer = &self.peer;
         let peer_exe = peer.exe.as_deref().map(LogText::new);
+        let selectors = peer.selectors();
         let identity = LogText::new(&self.identity);
         let audience = LogText::new(&self.audience);
         let error = error.map(LogText::new);
@@ -143,6 +144,7 @@ impl Audit {
             peer_gid = peer.gid,
             peer_pid = peer.pid,
             peer_exe = peer_exe.as_ref().map(LogText::as_str),
+            selectors = selectors.as_ref().map(LogText::as_str),
             identity = identity.as_str(),
             audience = audience.as_str(),
             event = self.event,
