@@ -1,6 +1,6 @@
 //! Workload attestation: which process is on the other end of a connection,
 //! in the terms policy rules speak (supplementary groups, executable,
-//! systemd unit), read once per connection from `/proc` and
+//! systemd unit, Kubernetes pod), read once per connection from `/proc` and
 //! confirmed to belong to the connecting process ([`process`]).
 //!
 //! The uid stays what the kernel recorded at `connect()`; what is read here
@@ -14,7 +14,7 @@ pub mod socket_owner;
 
 use std::fmt;
 
-pub use cgroup::CgroupInfo;
+pub use cgroup::{CgroupInfo, PodRef};
 use process::Pinned;
 
 /// A confirmed workload: what `/proc` said about the connecting process.
@@ -28,6 +28,8 @@ pub struct Workload {
     pub exe: Option<String>,
     /// The systemd unit its cgroup lies in.
     pub systemd_unit: Option<String>,
+    /// The Kubernetes pod its cgroup names.
+    pub pod: Option<PodRef>,
 }
 
 /// The outcome of attesting one connection.
@@ -78,10 +80,11 @@ fn confirm(pinned: &Pinned, uid: u32) -> Result<Workload, String> {
         gids: facts.gids,
         exe: facts.exe,
         systemd_unit: facts.cgroup.systemd_unit,
+        pod: facts.cgroup.pod,
     })
 }
 
-/// `gids=1000,27 unit=nginx.service`: the
+/// `gids=1000,27 exe=/usr/bin/x unit=nginx.service pod=<uid>`: the
 /// attested selectors, for logs and denials (each value is quoted by the
 /// caller's log formatter where it is foreign text).
 impl fmt::Display for Attestation {
@@ -93,6 +96,9 @@ impl fmt::Display for Attestation {
                 write!(f, "gids={}", gids.join(","))?;
                 if let Some(unit) = &w.systemd_unit {
                     write!(f, " unit={unit}")?;
+                }
+                if let Some(pod) = &w.pod {
+                    write!(f, " pod={}", pod.uid)?;
                 }
                 Ok(())
             }
