@@ -23,3 +23,4 @@ mod server;
 mod service_account;
 mod sinks;
 mod streaming;
+mod workloads;
