@@ -81,6 +81,20 @@ mod tests {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
         let inode = fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
         let me = nix::unistd::geteuid().as_raw();
+        let started = std::time::Instant::now();
+        let pinned = holder(inode, me, boottime_ticks().unwrap()).unwrap();
+        let searched = started.elapsed();
+        let started = std::time::Instant::now();
+        let attested = crate::attest::Attestation::of_pinned(Ok(pinned), me);
+        println!(
+            "TCP peer: socket holder found among {} processes in {searched:?}; /proc read and confirmed in {:?}",
+            fs::read_dir("/proc").unwrap().count(),
+            started.elapsed()
+        );
+        assert_eq!(
+            attested.workload().map(|w| w.pid),
+            Some(std::process::id() as i32)
+        );
         let pinned = holder(inode, me, boottime_ticks().unwrap()).unwrap();
         assert_eq!(pinned.pid().unwrap(), std::process::id() as i32);
         assert!(holder(0, me, 0).is_err());
