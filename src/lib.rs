@@ -6,6 +6,7 @@
 //! it from memory or makes one shared fetch through the identity's
 //! [`source`], and [`token`] checks what upstream returned.
 
+pub mod attest;
 pub mod cache;
 pub mod cli;
 pub mod client;

@@ -1,17 +1,21 @@
 //! Who may ask for which identity and audience: the second gate after the
 //! socket's permissions (DESIGN.md, security model).
 //!
-//! Rules match a peer by the uid or primary gid the kernel recorded when it
-//! connected (SO_PEERCRED). Decisions use those alone: they are captured by
-//! the kernel at `connect()` and cannot be swapped afterwards, unlike a pid,
-//! which can be reused by another process once the client exits (the race
-//! SPIRE's peertracker guards against). The pid and executable are logged
-//! for the operator, never trusted.
+//! Rules match a caller by selectors: the uid and primary gid the kernel
+//! recorded when it connected (SO_PEERCRED, captured at `connect()` and
+//! unchangeable afterwards), and the workload's attested selectors
+//! ([`crate::attest`]): its supplementary groups, executable and systemd
+//! unit, read from `/proc` once per connection and confirmed to belong to
+//! the connecting process. Within a rule every selector given must match;
+//! rules are alternatives. A caller whose workload could not be attested
+//! matches only on its uid and primary gid. This module decides on the
+//! [`Caller`] value alone and never reads `/proc` itself.
 //!
 //! With no rule configured, every peer that can open the socket is allowed
 //! (startup warns). With rules, a request is denied unless one allows it.
 
 use crate::{
+    attest::{cgroup::is_unit_name, Workload},
     config::RuleSettings,
     domain::{
         principal::{lookup_group, lookup_user},
@@ -19,13 +23,26 @@ use crate::{
     },
 };
 
-/// The caller, as the kernel reported it at connect time.
+/// The caller: what the kernel recorded at connect time, and its attested
+/// workload when that was confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caller {
+pub struct Caller<'a> {
     pub uid: u32,
     /// `None` when no group is known (a TCP peer whose uid has no entry in
     /// the user database): only `uids` rules can match it.
     pub gid: Option<u32>,
+    /// `None` when the workload was not attested: rules with `exe` or
+    /// `systemd_units` do not match, and `gids` sees the primary gid only.
+    pub workload: Option<&'a Workload>,
+}
+
+impl Caller<'_> {
+    fn holds_gid(&self, wanted: &[u32]) -> bool {
+        self.gid.is_some_and(|gid| wanted.contains(&gid))
+            || self
+                .workload
+                .is_some_and(|w| w.gids.iter().any(|gid| wanted.contains(gid)))
+    }
 }
 
 /// What the policy decided, and by which rule (for the audit line).
@@ -57,6 +74,8 @@ impl Decision {
 struct Rule {
     uids: Vec<u32>,
     gids: Vec<u32>,
+    exe: Vec<String>,
+    systemd_units: Vec<String>,
     identities: Vec<String>,
     audiences: Vec<AudiencePattern>,
     scopes: Vec<ScopePattern>,
@@ -78,11 +97,37 @@ impl Policy {
             let key = |field: &str| format!("policy[{i}].{field}");
             let uids = resolve(&rule.uids, &key("uids"), &mut problems, lookup_user);
             let gids = resolve(&rule.gids, &key("gids"), &mut problems, lookup_group);
-            if rule.uids.is_empty() && rule.gids.is_empty() {
+            if rule.uids.is_empty()
+                && rule.gids.is_empty()
+                && rule.exe.is_empty()
+                && rule.systemd_units.is_empty()
+            {
                 problems.push(Problem::new(
                     key("uids"),
-                    "a rule must name at least one uid or gid",
+                    "a rule must name at least one selector: uids, gids, exe or systemd_units",
                 ));
+            }
+            for (j, exe) in rule.exe.iter().enumerate() {
+                if !exe.starts_with('/') || exe.contains('\0') || exe.len() > 4096 {
+                    problems.push(Problem::new(
+                        format!("policy[{i}].exe[{j}]"),
+                        format!(
+                            "{exe:?} is not an absolute path (exe is matched against \
+                             /proc/PID/exe, e.g. \"/usr/bin/python3.12\")"
+                        ),
+                    ));
+                }
+            }
+            for (j, unit) in rule.systemd_units.iter().enumerate() {
+                if !is_unit_name(unit) {
+                    problems.push(Problem::new(
+                        format!("policy[{i}].systemd_units[{j}]"),
+                        format!(
+                            "{unit:?} is not a systemd service or scope name \
+                             (e.g. \"nginx.service\", \"getty@tty1.service\")"
+                        ),
+                    ));
+                }
             }
             if rule.identities.is_empty() {
                 problems.push(Problem::new(
@@ -117,6 +162,8 @@ impl Policy {
             compiled.push(Rule {
                 uids,
                 gids,
+                exe: rule.exe.clone(),
+                systemd_units: rule.systemd_units.clone(),
                 identities: rule.identities.clone(),
                 audiences,
                 scopes,
@@ -135,7 +182,7 @@ impl Policy {
     }
 
     /// May `caller` have a token for (`identity`, `audience`)?
-    pub fn decide(&self, caller: Option<Caller>, identity: &str, audience: &str) -> Decision {
+    pub fn decide(&self, caller: Option<Caller<'_>>, identity: &str, audience: &str) -> Decision {
         if self.rules.is_empty() {
             return Decision::AllowedOpen;
         }
@@ -147,8 +194,7 @@ impl Policy {
         self.rules
             .iter()
             .position(|rule| {
-                (rule.uids.contains(&caller.uid)
-                    || caller.gid.is_some_and(|gid| rule.gids.contains(&gid)))
+                rule.selects(&caller)
                     && rule.identities.iter().any(|i| i == "*" || i == identity)
                     && rule.audiences.iter().any(|p| p.matches(audience))
             })
@@ -212,6 +258,23 @@ impl ScopePattern {
             ScopePattern::Exact(s) => s == scope,
             ScopePattern::Prefix(p) => scope.starts_with(p.as_str()),
         }
+    }
+}
+
+impl Rule {
+    /// Every selector the rule gives matches the caller.
+    fn selects(&self, caller: &Caller<'_>) -> bool {
+        let workload = caller.workload;
+        (self.uids.is_empty() || self.uids.contains(&caller.uid))
+            && (self.gids.is_empty() || caller.holds_gid(&self.gids))
+            && (self.exe.is_empty()
+                || workload
+                    .and_then(|w| w.exe.as_ref())
+                    .is_some_and(|exe| self.exe.contains(exe)))
+            && (self.systemd_units.is_empty()
+                || workload
+                    .and_then(|w| w.systemd_unit.as_ref())
+                    .is_some_and(|unit| self.systemd_units.contains(unit)))
     }
 }
 
@@ -457,6 +520,8 @@ mod tests {
             RuleSettings {
                 uids: vec![Principal::Id(1000)],
                 gids: vec![],
+                exe: vec![],
+                systemd_units: vec![],
                 identities: vec!["default".into()],
                 audiences: vec![
                     "https://*.a.run.app".into(),
@@ -467,6 +532,8 @@ mod tests {
             RuleSettings {
                 uids: vec![],
                 gids: vec![Principal::Name("2000".into())],
+                exe: vec![],
+                systemd_units: vec![],
                 identities: vec!["*".into()],
                 audiences: vec!["https://shared.example.com".into()],
                 scopes: vec![],
@@ -480,10 +547,12 @@ mod tests {
         let alice = Some(Caller {
             uid: 1000,
             gid: Some(1000),
+            workload: None,
         });
         let team = Some(Caller {
             uid: 1500,
             gid: Some(2000),
+            workload: None,
         });
         assert_eq!(
             policy.decide(alice, "default", "https://svc.a.run.app"),
@@ -529,7 +598,8 @@ mod tests {
             .decide(
                 Some(Caller {
                     uid: 0,
-                    gid: Some(5)
+                    gid: Some(5),
+                    workload: None,
                 }),
                 "default",
                 "https://a.a.run.app"
@@ -542,6 +612,8 @@ mod tests {
         let problems = Policy::compile(&[RuleSettings {
             uids: vec![],
             gids: vec![],
+            exe: vec![],
+            systemd_units: vec![],
             identities: vec![],
             audiences: vec![],
             scopes: vec![],
@@ -556,5 +628,101 @@ mod tests {
                 "policy[0].audiences"
             ]
         );
+    }
+
+    fn workload(gids: &[u32], exe: &str, unit: Option<&str>) -> Workload {
+        Workload {
+            pid: 42,
+            gids: gids.to_vec(),
+            exe: Some(exe.into()),
+            systemd_unit: unit.map(str::to_owned),
+            pod: None,
+        }
+    }
+
+    fn rule(uids: &[u32], gids: &[u32], exe: &[&str], units: &[&str]) -> RuleSettings {
+        RuleSettings {
+            uids: uids.iter().map(|u| Principal::Id(*u)).collect(),
+            gids: gids.iter().map(|g| Principal::Id(*g)).collect(),
+            exe: exe.iter().map(|e| e.to_string()).collect(),
+            systemd_units: units.iter().map(|u| u.to_string()).collect(),
+            identities: vec!["*".into()],
+            audiences: vec!["*".into()],
+        }
+    }
+
+    #[test]
+    fn every_selector_of_a_rule_must_match_and_rules_are_alternatives() {
+        let policy = Policy::compile(&[
+            rule(&[1000], &[], &[], &["web.service"]),
+            rule(&[], &[27], &["/usr/bin/deploy"], &[]),
+        ])
+        .unwrap();
+        let web = workload(&[1000], "/usr/bin/python3", Some("web.service"));
+        let shell = workload(&[1000], "/usr/bin/python3", Some("session-3.scope"));
+        let deploy = workload(&[1000, 27], "/usr/bin/deploy", None);
+        let caller = |uid, w| {
+            Some(Caller {
+                uid,
+                gid: Some(1000),
+                workload: w,
+            })
+        };
+        let decide = |c| policy.decide(c, "x", "y");
+        assert_eq!(decide(caller(1000, Some(&web))), Decision::AllowedBy(0));
+        // Same uid, another unit: the unit selector does not match.
+        assert_eq!(decide(caller(1000, Some(&shell))), Decision::Denied);
+        // The unit, but another uid.
+        assert_eq!(decide(caller(1001, Some(&web))), Decision::Denied);
+        // Unattested: only uid and primary gid are known.
+        assert_eq!(decide(caller(1000, None)), Decision::Denied);
+        // A supplementary group and the executable.
+        assert_eq!(decide(caller(1000, Some(&deploy))), Decision::AllowedBy(1));
+        let other_exe = workload(&[1000, 27], "/usr/bin/bash", None);
+        assert_eq!(decide(caller(1000, Some(&other_exe))), Decision::Denied);
+        let no_group = workload(&[1000], "/usr/bin/deploy", None);
+        assert_eq!(decide(caller(1000, Some(&no_group))), Decision::Denied);
+    }
+
+    #[test]
+    fn a_rule_with_uids_and_gids_needs_both() {
+        let policy = Policy::compile(&[rule(&[1000], &[27], &[], &[])]).unwrap();
+        let with = |gid| {
+            policy.decide(
+                Some(Caller {
+                    uid: 1000,
+                    gid: Some(gid),
+                    workload: None,
+                }),
+                "x",
+                "y",
+            )
+        };
+        assert_eq!(with(27), Decision::AllowedBy(0));
+        assert_eq!(with(1000), Decision::Denied);
+    }
+
+    #[test]
+    fn workload_selectors_are_checked_with_their_keys() {
+        let problems = Policy::compile(&[rule(
+            &[],
+            &[],
+            &["python3", "/usr/bin/ok"],
+            &["nginx", "web.service", "a/b.service", "x.socket"],
+        )])
+        .unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "policy[0].exe[0]",
+                "policy[0].systemd_units[0]",
+                "policy[0].systemd_units[2]",
+                "policy[0].systemd_units[3]"
+            ]
+        );
+        assert!(problems[1].message.contains("\"nginx\" is not a systemd"));
+        // A rule may name a unit alone.
+        assert!(Policy::compile(&[rule(&[], &[], &[], &["web.service"])]).is_ok());
     }
 }

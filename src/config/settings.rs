@@ -341,16 +341,28 @@ impl Default for LogSettings {
     }
 }
 
-/// One `[[policy]]` table as written.
+/// One `[[policy]]` table as written. Every selector given (`uids`,
+/// `gids`, `exe`, `systemd_units`) must match the caller; rules are
+/// alternatives.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSettings {
     /// Users (ids or names) this rule applies to.
     #[serde(default)]
     pub uids: Vec<Principal>,
-    /// Groups (ids or names); matched against the peer's primary gid.
+    /// Groups (ids or names); matched against every gid the caller holds:
+    /// the primary gid the kernel recorded at connect and, when the
+    /// workload is attested, its supplementary groups.
     #[serde(default)]
     pub gids: Vec<Principal>,
+    /// Executables (absolute paths, as `/proc/PID/exe` names them); an
+    /// attested workload running one of them matches.
+    #[serde(default)]
+    pub exe: Vec<String>,
+    /// systemd units (`nginx.service`, `session-3.scope`); an attested
+    /// workload whose cgroup lies in one of them matches.
+    #[serde(default)]
+    pub systemd_units: Vec<String>,
     /// Identities granted; `"*"` grants all.
     pub identities: Vec<String>,
     /// Audiences granted: exact strings, or patterns where `*` matches

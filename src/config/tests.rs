@@ -216,6 +216,8 @@ fn every_key_present() -> Settings {
     s.policy.push(RuleSettings {
         uids: vec![],
         gids: vec![],
+        exe: vec![],
+        systemd_units: vec![],
         identities: vec![],
         audiences: vec![],
         scopes: vec![],

@@ -26,13 +26,17 @@ pub enum Refused {
     /// Names the caller and the request (quoted, escaped and capped), and
     /// nothing about the rules.
     #[error(
-        "uid {} may not use identity {} for audience {}",
+        "uid {} may not use identity {} for audience {} (caller: {})",
         uid_text(*.uid),
         LogText::new(.identity),
-        LogText::new(.audience)
+        LogText::new(.audience),
+        .selectors
     )]
     Denied {
         uid: Option<u32>,
+        /// The caller's attested selectors (`gids=... unit=...`), or why
+        /// it has none: what the rules were matched against.
+        selectors: String,
         identity: String,
         audience: String,
     },
@@ -202,6 +206,9 @@ pub fn grant(
     if !decided.allowed() {
         return Err(Refused::Denied {
             uid: peer.uid,
+            selectors: peer
+                .selectors()
+                .map_or_else(|| "unattested".to_owned(), |s| s.as_str().to_owned()),
             identity: identity.to_owned(),
             audience: audience.to_owned(),
         });

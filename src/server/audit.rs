@@ -163,6 +163,7 @@ impl Audit {
         }
         let peer = &self.peer;
         let peer_exe = peer.exe.as_deref().map(LogText::new);
+        let selectors = peer.selectors();
         let identity = LogText::new(&self.identity);
         let audience = LogText::new(&self.audience);
         let scopes = self.scopes.as_deref().map(LogText::new);
@@ -182,6 +183,7 @@ impl Audit {
             peer_gid = peer.gid,
             peer_pid = peer.pid,
             peer_exe = peer_exe.as_ref().map(LogText::as_str),
+            selectors = selectors.as_ref().map(LogText::as_str),
             identity = identity.as_str(),
             audience = audience.as_str(),
             scopes = scopes.as_ref().map(LogText::as_str),

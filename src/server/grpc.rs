@@ -64,6 +64,7 @@ impl TokenBroker for BrokerService {
         request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<proto::IdToken>, Status> {
         let (peer, wait, req) = parts(request);
+        let peer = peer.attested().await;
         let mut audit = Audit::start("GetIdToken", &peer, &req);
         let result = self.get(&mut audit, req.min_valid_for, wait).await;
         audit.finish(result.as_ref());
@@ -122,6 +123,7 @@ impl TokenBroker for BrokerService {
         request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<Self::WatchIdTokenStream>, Status> {
         let (peer, wait, req) = parts(request);
+        let peer = peer.attested().await;
         let mut audit = Audit::start("WatchIdToken", &peer, &req);
         let result = self.watch(&mut audit, req.min_valid_for, wait).await;
         audit.finish(result.as_ref().map(|open| &open.first));
@@ -151,7 +153,7 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::ListTokensRequest>,
     ) -> Result<Response<proto::ListTokensResponse>, Status> {
-        let peer = PeerCredentials::of_request(&request);
+        let peer = PeerCredentials::of_request(&request).attested().await;
         let caller = peer.caller();
         let policy = self.live.policy();
         let size = super::listing::page_size(request.get_ref().page_size)?;
@@ -196,6 +198,7 @@ impl TokenBroker for BrokerService {
             peer_gid = peer.gid,
             peer_pid = peer.pid,
             peer_exe = peer_exe.as_ref().map(LogText::as_str),
+            selectors = peer.selectors().as_ref().map(LogText::as_str),
             entries = tokens.len(),
             result = "OK",
             "ListTokens"

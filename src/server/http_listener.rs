@@ -14,10 +14,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, task::JoinSet};
 use tower::ServiceExt;
 
+use crate::attest::{process::boottime_ticks, Attestation};
+
 use super::{
     accept::{AcceptBackoff, RefusalLog},
     idle::{Activity, IdleTimeout, Tracked},
-    loopback_peer::{self, Unresolved},
+    loopback_peer::{self, SocketOwner, Unresolved},
     peer::PeerCredentials,
     share::{Full, Shares},
 };
@@ -88,8 +90,10 @@ impl HttpListener {
                     let Ok(local) = stream.local_addr() else { continue };
                     // Over the cap nobody is served: skip asking the kernel.
                     let owner = (resolve_owner && !shares.full())
-                        .then(|| loopback_peer::owner_uid(peer, local));
-                    let uid = owner.as_ref().and_then(|o| o.as_ref().ok().copied());
+                        .then(|| loopback_peer::owner(peer, local));
+                    let uid = owner.as_ref().and_then(|o| o.as_ref().ok().map(|o| o.uid));
+                    // Processes started after this cannot be the client.
+                    let accepted_ticks = boottime_ticks().unwrap_or(0);
                     let place = match shares.take(uid) {
                         Ok(place) => place,
                         Err(full) => {
@@ -109,7 +113,7 @@ impl HttpListener {
                     };
                     connections.spawn(serve_connection(
                         stream,
-                        (peer, local, owner),
+                        (peer, local, owner, accepted_ticks),
                         router.clone(),
                         limits.clone(),
                         closing.clone(),
@@ -126,17 +130,26 @@ impl HttpListener {
 
 async fn serve_connection(
     stream: tokio::net::TcpStream,
-    (peer, local, owner): (SocketAddr, SocketAddr, Option<Result<u32, Unresolved>>),
+    (peer, local, owner, accepted_ticks): (
+        SocketAddr,
+        SocketAddr,
+        Option<Result<SocketOwner, Unresolved>>,
+        u64,
+    ),
     router: Router,
     limits: ConnectionLimits,
     mut closing: tokio::sync::watch::Receiver<bool>,
     place: super::share::Place,
 ) {
-    // The user database may be remote (LDAP, sssd): look the group up once
-    // per connection, off the async workers.
+    // The user database may be remote (LDAP, sssd) and /proc is searched
+    // for the socket's process: once per connection, off the async workers.
     let owner = match owner {
-        Some(Ok(uid)) => Some(Ok(tokio::task::spawn_blocking(move || {
-            PeerCredentials::of_uid(uid)
+        Some(Ok(SocketOwner { uid, inode })) => Some(Ok(tokio::task::spawn_blocking(move || {
+            PeerCredentials::of_uid(uid).with_attestation(Attestation::of_tcp_socket(
+                inode,
+                uid,
+                accepted_ticks,
+            ))
         })
         .await
         .unwrap_or_else(|_| PeerCredentials::of_uid_without_group(uid)))),

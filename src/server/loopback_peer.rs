@@ -29,19 +29,33 @@ pub struct Unresolved {
     pub why: String,
 }
 
+/// The client socket of a connection: the uid that created it, and its
+/// inode, by which the process holding it is found ([`crate::attest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub uid: u32,
+    /// 0 when the kernel did not say.
+    pub inode: u64,
+}
+
 /// The uid owning the client socket of the connection `peer` -> `local`
 /// (as `accept` reported them).
 pub fn owner_uid(peer: SocketAddr, local: SocketAddr) -> Result<u32, Unresolved> {
+    owner(peer, local).map(|owner| owner.uid)
+}
+
+/// The client socket of the connection `peer` -> `local`.
+pub fn owner(peer: SocketAddr, local: SocketAddr) -> Result<SocketOwner, Unresolved> {
     let peer = canonical(peer);
     let local = canonical(local);
     let unresolved = |why: String| Unresolved { peer, why };
     match sock_diag(peer, local) {
-        Ok(Some(uid)) => Ok(uid),
+        Ok(Some(owner)) => Ok(owner),
         Ok(None) => Err(unresolved(
             "no socket on this host has that address (a remote or namespaced peer)".into(),
         )),
         Err(netlink) => match proc_net_tcp(peer, local) {
-            Ok(Some(uid)) => Ok(uid),
+            Ok(Some(owner)) => Ok(owner),
             Ok(None) => Err(unresolved(format!(
                 "no socket on this host has that address (netlink: {netlink})"
             ))),
@@ -65,7 +79,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 /// `Ok(None)`: the kernel answered that no such socket exists.
-fn sock_diag(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u32>> {
+fn sock_diag(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<SocketOwner>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
@@ -108,7 +122,10 @@ fn sock_diag(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u32>
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     match message.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-            Ok(Some(response.header.uid))
+            Ok(Some(SocketOwner {
+                uid: response.header.uid,
+                inode: response.header.inode.into(),
+            }))
         }
         NetlinkPayload::Error(error) => match error.code {
             Some(code) if code.get() == -libc_enoent() => Ok(None),
@@ -128,7 +145,7 @@ fn libc_enoent() -> i32 {
 
 /// The same lookup in `/proc/net/tcp{,6}`: the row whose local address is
 /// the peer's and remote address ours.
-fn proc_net_tcp(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u32>> {
+fn proc_net_tcp(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<SocketOwner>> {
     let table = if peer.is_ipv4() {
         "/proc/net/tcp"
     } else {
@@ -138,13 +155,17 @@ fn proc_net_tcp(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u
     Ok(find_owner(&text, peer, local))
 }
 
-fn find_owner(table: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+fn find_owner(table: &str, peer: SocketAddr, local: SocketAddr) -> Option<SocketOwner> {
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (own, remote, uid) = (fields.get(1)?, fields.get(2)?, fields.get(7)?);
-        (parse_proc_addr(own)? == peer && parse_proc_addr(remote)? == local)
-            .then(|| uid.parse().ok())
-            .flatten()
+        if parse_proc_addr(own)? != peer || parse_proc_addr(remote)? != local {
+            return None;
+        }
+        Some(SocketOwner {
+            uid: uid.parse().ok()?,
+            inode: fields.get(9).and_then(|i| i.parse().ok()).unwrap_or(0),
+        })
     })
 }
 
@@ -188,8 +209,16 @@ mod tests {
             let (accepted, peer) = listener.accept().unwrap();
             let local = accepted.local_addr().unwrap();
             assert_eq!(peer, client.local_addr().unwrap());
-            assert_eq!(sock_diag(peer, local).unwrap(), Some(me), "{bind}");
-            assert_eq!(proc_net_tcp(peer, local).unwrap(), Some(me), "{bind}");
+            // Both name the client's socket by its inode, as /proc/self/fd does.
+            let inode = std::fs::metadata(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&client)
+            ))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+            let expected = Some(SocketOwner { uid: me, inode });
+            assert_eq!(sock_diag(peer, local).unwrap(), expected, "{bind}");
+            assert_eq!(proc_net_tcp(peer, local).unwrap(), expected, "{bind}");
             assert_eq!(owner_uid(peer, local), Ok(me));
             // The server's own socket (the reverse tuple) is not the answer's
             // source: a tuple nobody holds is unresolved.

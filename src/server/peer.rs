@@ -1,21 +1,25 @@
-//! Peer credentials, read once per connection at accept time.
+//! Peer credentials, read once per connection at accept time, and the
+//! connection's workload attestation.
 //!
 //! The kernel records the client's uid, gid and pid when it connects
-//! (SO_PEERCRED). Policy decisions use the uid and gid only; the pid and the
-//! executable path read from `/proc/<pid>/exe` are for the audit log, never
-//! trusted, since a pid can be reused once the client exits.
+//! (SO_PEERCRED). At accept the process is also pinned by a pidfd, and its
+//! workload (supplementary groups, executable, systemd unit) is read from
+//! `/proc` on a blocking thread, off the accept loop ([`crate::attest`]);
+//! requests wait for that one reading. Only a reading confirmed to describe
+//! the connecting process is used by the policy.
 
 use std::{
     io,
-    path::PathBuf,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::UnixStream,
+    sync::watch,
 };
 use tokio_stream::Stream;
 
@@ -24,7 +28,16 @@ use super::{
     idle::{Activity, IdleTimeout},
     share::{Full, Place, Shares},
 };
-use crate::{config::LimitSettings, policy::Caller};
+use crate::{
+    attest::{process::Pinned, Attestation},
+    config::LimitSettings,
+    domain::LogText,
+    policy::Caller,
+};
+
+/// Longest a request waits for its connection's attestation; past it the
+/// connection is unattested (its uid and primary gid still count).
+const ATTEST_WAIT: Duration = Duration::from_secs(5);
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Default)]
@@ -32,8 +45,12 @@ pub struct PeerCredentials {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub pid: Option<i32>,
-    /// For logs only.
+    /// The attested executable, for logs.
     pub exe: Option<Arc<str>>,
+    /// The connection's workload, once attested ([`PeerCredentials::attested`]).
+    pub attestation: Option<Arc<Attestation>>,
+    /// The attestation under way since accept.
+    pending: Option<watch::Receiver<Option<Arc<Attestation>>>>,
     /// The connection's requests in progress, for its idle timeout.
     pub(crate) activity: Option<Arc<Activity>>,
 }
@@ -41,20 +58,12 @@ pub struct PeerCredentials {
 impl PeerCredentials {
     fn of(stream: &UnixStream) -> Self {
         match stream.peer_cred() {
-            Ok(cred) => {
-                let exe = cred.pid().and_then(|pid| {
-                    std::fs::read_link(PathBuf::from(format!("/proc/{pid}/exe")))
-                        .ok()
-                        .map(|p| Arc::from(p.to_string_lossy().as_ref()))
-                });
-                PeerCredentials {
-                    uid: Some(cred.uid()),
-                    gid: Some(cred.gid()),
-                    pid: cred.pid(),
-                    exe,
-                    activity: None,
-                }
-            }
+            Ok(cred) => PeerCredentials {
+                uid: Some(cred.uid()),
+                gid: Some(cred.gid()),
+                pid: cred.pid(),
+                ..PeerCredentials::default()
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the peer's credentials");
                 PeerCredentials::default()
@@ -84,19 +93,60 @@ impl PeerCredentials {
     pub fn of_uid_without_group(uid: u32) -> Self {
         PeerCredentials {
             uid: Some(uid),
-            gid: None,
-            pid: None,
-            exe: None,
-            activity: None,
+            ..PeerCredentials::default()
         }
     }
 
+    /// With `attestation` done.
+    pub fn with_attestation(mut self, attestation: Attestation) -> Self {
+        self.pid = attestation.workload().map(|w| w.pid).or(self.pid);
+        self.exe = attestation
+            .workload()
+            .and_then(|w| w.exe.as_deref())
+            .map(Arc::from);
+        self.attestation = Some(Arc::new(attestation));
+        self
+    }
+
+    /// Waits (at most a few seconds) for the attestation started at accept.
+    pub async fn attested(mut self) -> Self {
+        let Some(mut pending) = self.pending.take() else {
+            return self;
+        };
+        let done = tokio::time::timeout(ATTEST_WAIT, async {
+            pending
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|done| done.clone())
+        })
+        .await;
+        let attestation = match done {
+            Ok(Some(done)) => Attestation::clone(&done),
+            Ok(None) => Attestation::Unconfirmed("the attestation task failed".into()),
+            Err(_) => Attestation::Unconfirmed(format!(
+                "reading /proc took longer than {}s",
+                ATTEST_WAIT.as_secs()
+            )),
+        };
+        self.with_attestation(attestation)
+    }
+
     /// The identity policy decisions are made on.
-    pub fn caller(&self) -> Option<Caller> {
+    pub fn caller(&self) -> Option<Caller<'_>> {
         Some(Caller {
             uid: self.uid?,
             gid: self.gid,
+            workload: self.attestation.as_deref().and_then(Attestation::workload),
         })
+    }
+
+    /// The attested selectors (`gids=... unit=...`, or why there are none),
+    /// for audit lines and denials; `None` before attestation.
+    pub fn selectors(&self) -> Option<LogText> {
+        self.attestation
+            .as_deref()
+            .map(|a| LogText::new(&a.to_string()))
     }
 
     /// The credentials tonic attached to a request.
@@ -224,6 +274,21 @@ pub fn incoming(
                     continue;
                 }
             };
+            credentials.pending = credentials.uid.map(|uid| {
+                // The pidfd now (system calls only); /proc off this loop.
+                let pinned = Pinned::unix_peer(&stream, credentials.pid);
+                let (done, pending) = watch::channel(None);
+                tokio::spawn(async move {
+                    let attestation =
+                        tokio::task::spawn_blocking(move || Attestation::of_pinned(pinned, uid))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Attestation::Unconfirmed("the attestation task failed".into())
+                            });
+                    let _ = done.send(Some(Arc::new(attestation)));
+                });
+                pending
+            });
             let activity = Activity::new();
             credentials.activity = Some(activity.clone());
             crate::metrics::get().connected_clients.inc();

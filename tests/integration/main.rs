@@ -25,3 +25,4 @@ mod server;
 mod service_account;
 mod sinks;
 mod streaming;
+mod workloads;
