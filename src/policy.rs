@@ -216,8 +216,7 @@ impl Policy {
         self.rules
             .iter()
             .position(|rule| {
-                (rule.uids.contains(&caller.uid)
-                    || caller.gid.is_some_and(|gid| rule.gids.contains(&gid)))
+                rule.selects(&caller)
                     && rule.identities.iter().any(|i| i == "*" || i == identity)
                     && !rule.scopes.is_empty()
                     && scopes
@@ -389,6 +388,7 @@ mod tests {
         let caller = Some(Caller {
             uid: 1000,
             gid: None,
+            workload: None,
         });
         let cp = "https://www.googleapis.com/auth/cloud-platform";
         let ro = "https://www.googleapis.com/auth/devstorage.read_only";
@@ -403,6 +403,8 @@ mod tests {
             RuleSettings {
                 uids: vec![Principal::Id(1000)],
                 gids: vec![],
+                exe: vec![],
+                systemd_units: vec![],
                 identities: vec!["default".into()],
                 audiences: vec!["*".into()],
                 scopes: vec![],
@@ -410,6 +412,8 @@ mod tests {
             RuleSettings {
                 uids: vec![Principal::Id(1000)],
                 gids: vec![],
+                exe: vec![],
+                systemd_units: vec![],
                 identities: vec!["default".into()],
                 audiences: vec![],
                 scopes: vec![
@@ -440,7 +444,8 @@ mod tests {
             policy.decide_access(
                 Some(Caller {
                     uid: 1001,
-                    gid: None
+                    gid: None,
+                    workload: None,
                 }),
                 "default",
                 [cp].into_iter()
@@ -648,6 +653,7 @@ mod tests {
             systemd_units: units.iter().map(|u| u.to_string()).collect(),
             identities: vec!["*".into()],
             audiences: vec!["*".into()],
+            scopes: vec![],
         }
     }
 
@@ -682,6 +688,28 @@ mod tests {
         assert_eq!(decide(caller(1000, Some(&other_exe))), Decision::Denied);
         let no_group = workload(&[1000], "/usr/bin/deploy", None);
         assert_eq!(decide(caller(1000, Some(&no_group))), Decision::Denied);
+    }
+
+    #[test]
+    fn access_tokens_obey_the_same_workload_selectors() {
+        let cp = "https://www.googleapis.com/auth/cloud-platform";
+        let mut scoped = rule(&[1000], &[], &[], &["web.service"]);
+        scoped.audiences = vec![];
+        scoped.scopes = vec![cp.into()];
+        let policy = Policy::compile(&[scoped]).unwrap();
+        let web = workload(&[1000], "/usr/bin/python3", Some("web.service"));
+        let shell = workload(&[1000], "/usr/bin/python3", Some("session-3.scope"));
+        let caller = |w| {
+            Some(Caller {
+                uid: 1000,
+                gid: Some(1000),
+                workload: w,
+            })
+        };
+        let decide = |c| policy.decide_access(c, "default", [cp].into_iter());
+        assert_eq!(decide(caller(Some(&web))), Decision::AllowedBy(0));
+        assert_eq!(decide(caller(Some(&shell))), Decision::Denied);
+        assert_eq!(decide(caller(None)), Decision::Denied);
     }
 
     #[test]
