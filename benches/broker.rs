@@ -284,6 +284,7 @@ fn broker_settings(socket: &Path, emulator: &Emulator) -> Settings {
     // The bench asks for thousands of new audiences on purpose.
     settings.limits.new_audience_burst = 1_000_000;
     settings.limits.new_audiences_per_minute = 1_000_000;
+    settings.refresh.upstream_qps = 10_000;
     settings.identities = vec![IdentitySettings {
         metadata_host: Some(emulator.metadata_host()),
         ..IdentitySettings::new("default", SourceKind::Metadata)
@@ -489,7 +490,7 @@ async fn rss(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> RssResults {
     std::fs::write(
         &config,
         format!(
-            "[server]\nsocket_path = \"{}\"\n\n[refresh]\nmax_entries = {max_entries}\n\n\
+            "[server]\nsocket_path = \"{}\"\n\n[refresh]\nmax_entries = {max_entries}\nupstream_qps = 10000\n\n\
              [limits]\nnew_audience_burst = 1000000\nnew_audiences_per_minute = 1000000\n\n\
              [log]\nfilter = \"warn\"\n\n[[identities]]\nname = \"default\"\n\
              source = \"metadata\"\nmetadata_host = \"{}\"\n",

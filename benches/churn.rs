@@ -92,7 +92,7 @@ fn start_broker(sizes: &Sizes, emulator: &Emulator, dir: &Path, port: u16) -> Ch
     std::fs::write(
         &config,
         format!(
-            "[server]\nsocket_path = \"{}\"\n\n[refresh]\nmax_entries = {}\n\n\
+            "[server]\nsocket_path = \"{}\"\n\n[refresh]\nmax_entries = {}\nupstream_qps = 10000\n\n\
              [limits]\nnew_audience_burst = 1000000\nnew_audiences_per_minute = 1000000\n\n\
              [telemetry]\nlisten = \"127.0.0.1:{port}\"\n\n\
              [log]\nfilter = \"warn\"\n\n[[identities]]\nname = \"default\"\n\

@@ -231,16 +231,19 @@ pub enum EntryState {
 #[derive(Clone)]
 struct Upstream {
     source: Arc<dyn IdTokenSource>,
+    /// Calls per second to Google, shared by every kind of fetch.
+    budget: Arc<budget::UpstreamBudget>,
     permits: Arc<Semaphore>,
     access_permits: Arc<Semaphore>,
     base_permits: Arc<Semaphore>,
 }
 
 impl Upstream {
-    fn new(source: Arc<dyn IdTokenSource>, concurrency: usize) -> Self {
-        let permits = || Arc::new(Semaphore::new(concurrency.max(1)));
+    fn new(source: Arc<dyn IdTokenSource>, settings: &RefreshSettings) -> Self {
+        let permits = || Arc::new(Semaphore::new(settings.upstream_concurrency.max(1)));
         Self {
             source,
+            budget: Arc::new(budget::UpstreamBudget::new(settings.upstream_qps)),
             permits: permits(),
             access_permits: permits(),
             base_permits: permits(),
@@ -314,7 +317,7 @@ impl TokenCache {
     ) -> Self {
         let upstreams: HashMap<String, Upstream> = sources
             .into_iter()
-            .map(|(name, source)| (name, Upstream::new(source, settings.upstream_concurrency)))
+            .map(|(name, source)| (name, Upstream::new(source, &settings)))
             .collect();
         let sources: Vec<_> = upstreams.values().map(|u| u.source.clone()).collect();
         let cache = Self {
@@ -360,7 +363,7 @@ impl TokenCache {
     /// drops its cached tokens: they came from the old credential.
     pub fn set_identity(&self, name: &str, source: Arc<dyn IdTokenSource>) {
         source.attach(&self.access_tokens());
-        let upstream = Upstream::new(source, self.inner.settings.upstream_concurrency);
+        let upstream = Upstream::new(source, &self.inner.settings);
         let replaced = self
             .inner
             .upstreams
@@ -525,7 +528,7 @@ impl TokenCache {
                 } else if may_start {
                     let attempts = entry.attempts.subscribe();
                     started = true;
-                    self.start_fetch(&entry, &mut slot);
+                    self.start_fetch(&entry, &mut slot, budget::Priority::Waiting);
                     Next::Join(attempts, slot.generation)
                 } else {
                     let retry_at = slot.backoff.on_demand_at().unwrap_or(now);
@@ -651,7 +654,7 @@ impl TokenCache {
                 let mut slot = lock(&entry.state);
                 slot.pinned = true;
                 if slot.token.is_none() && !slot.fetching {
-                    self.start_fetch(&entry, &mut slot);
+                    self.start_fetch(&entry, &mut slot, budget::Priority::Background);
                 }
             }
             pending.push(async move {
@@ -793,13 +796,15 @@ impl TokenCache {
             .refresh_at
             .is_none_or(|at| self.inner.clock.now() >= at);
         if !slot.fetching && due && slot.backoff.ready(Instant::now()) {
-            self.start_fetch(entry, slot);
+            self.start_fetch(entry, slot, budget::Priority::Background);
         }
     }
 
     /// Starts the one upstream fetch for `entry`; it runs detached from any
     /// caller, so a client that goes away does not cancel it for the others.
-    fn start_fetch(&self, entry: &Arc<Entry>, slot: &mut Slot) {
+    /// Its call waits for the identity's upstream budget first, callers'
+    /// fetches (`priority` `Waiting`) ahead of prefetch and refresh.
+    fn start_fetch(&self, entry: &Arc<Entry>, slot: &mut Slot, priority: budget::Priority) {
         slot.fetching = true;
         let flight = InFlight {
             cache: self.clone(),
@@ -807,7 +812,7 @@ impl TokenCache {
             recorded: false,
         };
         tokio::spawn(async move {
-            let result = flight.cache.fetch(&flight.entry.key).await;
+            let result = flight.cache.fetch(&flight.entry.key, priority).await;
             flight.finish(result);
         });
     }
@@ -919,7 +924,7 @@ impl TokenCache {
 
     /// One upstream attempt, bounded by [`ATTEMPT_TIMEOUT`] from the moment
     /// it is asked for, waiting for a free upstream slot included.
-    async fn fetch(&self, key: &CacheKey) -> Result<Held, SourceError> {
+    async fn fetch(&self, key: &CacheKey, priority: budget::Priority) -> Result<Held, SourceError> {
         let Some(upstream) = self.upstreams().get(key.identity()).cloned() else {
             // Removed by a reload while this fetch was queued.
             return Err(SourceError::Unavailable {
@@ -928,6 +933,9 @@ impl TokenCache {
                 retry_after: None,
             });
         };
+        // The budget's wait is not part of the attempt's bound: a prefetch of
+        // thousands of audiences queues here for as long as it takes.
+        upstream.budget.acquire(priority).await;
         let timed_out = |message: String| SourceError::Unavailable {
             upstream: upstream.source.upstream().to_owned(),
             message,

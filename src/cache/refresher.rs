@@ -50,7 +50,7 @@ pub(super) async fn run(cache: Weak<Inner>, entry: Arc<Entry>) {
             (None, _) => wants_retry(&slot, &entry),
         };
         if due {
-            cache.start_fetch(&entry, &mut slot);
+            cache.start_fetch(&entry, &mut slot, super::budget::Priority::Background);
         }
     }
 }

@@ -156,6 +156,10 @@ pub struct RefreshSettings {
     pub max_entries: usize,
     /// Most concurrent upstream calls per identity.
     pub upstream_concurrency: usize,
+    /// Most upstream calls per second per identity, shared by prefetch,
+    /// refresh and misses (misses go first): a fleet booting together must
+    /// not exceed Google's quotas.
+    pub upstream_qps: u32,
 }
 
 impl Default for RefreshSettings {
@@ -168,6 +172,7 @@ impl Default for RefreshSettings {
             idle_evict_after: Duration::from_secs(24 * 3600),
             max_entries: 10_000,
             upstream_concurrency: 8,
+            upstream_qps: 20,
         }
     }
 }

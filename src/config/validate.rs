@@ -66,6 +66,12 @@ impl Settings {
         if r.max_entries == 0 {
             problems.push(Problem::new("refresh.max_entries", "must be at least 1"));
         }
+        if !(1..=10_000).contains(&r.upstream_qps) {
+            problems.push(Problem::new(
+                "refresh.upstream_qps",
+                "must be between 1 and 10000",
+            ));
+        }
         if r.upstream_concurrency == 0 {
             problems.push(Problem::new(
                 "refresh.upstream_concurrency",

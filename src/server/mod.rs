@@ -122,7 +122,7 @@ impl Prepared {
     pub fn describe(&self) -> String {
         let r = &self.settings.refresh;
         let mut out = format!(
-            "socket: {} (mode {:04o})\nrefresh: window {}, jitter {}, retry {}..{}, idle eviction {}, max {} entries, {} upstream calls per identity\nlog: {:?}, filter {:?}\nidentities:\n",
+            "socket: {} (mode {:04o})\nrefresh: window {}, jitter {}, retry {}..{}, idle eviction {}, max {} entries, {} upstream calls per identity, at most {}/s{}\nlog: {:?}, filter {:?}\nidentities:\n",
             self.socket_path.display(),
             self.socket_mode,
             humantime::format_duration(r.refresh_before_expiry),
@@ -132,6 +132,10 @@ impl Prepared {
             humantime::format_duration(r.idle_evict_after),
             r.max_entries,
             r.upstream_concurrency,
+            r.upstream_qps,
+            budget_shortfall(r)
+                .map(|need| format!(" (WARNING: {} entries refreshed need {need:.1}/s)", r.max_entries))
+                .unwrap_or_default(),
             self.settings.log.format,
             self.settings.log.filter,
         );
@@ -218,6 +222,15 @@ pub enum ServeError {
     },
 }
 
+/// The calls per second `max_entries` keys need at steady state (one
+/// refresh per token's usable life: Google's hour less the refresh window),
+/// when that is more than `upstream_qps` grants.
+fn budget_shortfall(r: &crate::config::RefreshSettings) -> Option<f64> {
+    let usable = std::time::Duration::from_secs(3600).saturating_sub(r.refresh_before_expiry);
+    let need = crate::cache::budget::steady_state_qps(r.max_entries, usable);
+    (need > f64::from(r.upstream_qps)).then_some(need)
+}
+
 pub(crate) fn warn_if_open(policy: &Policy, socket: &Path) {
     if policy.is_open() {
         tracing::warn!(
@@ -294,6 +307,16 @@ impl Server {
             None => None,
         };
         warn_if_open(&prepared.policy, &prepared.socket_path);
+        let r = &prepared.settings.refresh;
+        if let Some(need) = budget_shortfall(r) {
+            tracing::warn!(
+                max_entries = r.max_entries,
+                upstream_qps = r.upstream_qps,
+                needed_qps = format!("{need:.1}"),
+                "refresh.max_entries keys cannot all be kept fresh within refresh.upstream_qps: \
+                 raise upstream_qps or lower max_entries"
+            );
+        }
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(
                 |e| tracing::warn!(error = %e, "cannot listen for SIGHUP; reload is unavailable"),

@@ -433,3 +433,66 @@ async fn random_concurrent_requests_never_get_another_keys_token() {
         "at most one fetch per key"
     );
 }
+
+/// Issue 16: a fleet booting together must not exceed Google's quotas. 2,000
+/// prefetched audiences at `upstream_qps = 20` take at least 99 s of
+/// upstream calls (20 at once, then 20 a second), while a cached key answers
+/// at once and a client's miss goes ahead of the whole backlog.
+#[tokio::test(start_paused = true)]
+async fn a_prefetch_of_two_thousand_audiences_keeps_to_the_upstream_budget() {
+    let e = engine(RefreshSettings {
+        upstream_qps: 20,
+        max_entries: 5_000,
+        ..RefreshSettings::default()
+    })
+    .await;
+    let hot = key("https://hot.example.com");
+    e.cache.get(&hot, Duration::ZERO).await.unwrap();
+    let keys: Vec<_> = (0..2000)
+        .map(|i| key(&format!("https://prefetched-{i}.example.com")))
+        .collect();
+    let started = tokio::time::Instant::now();
+    let prefetching = {
+        let cache = e.cache.clone();
+        tokio::spawn(async move { cache.prefetch(keys).await })
+    };
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let calls_at_30s = e.emulator.stats().identity.total;
+    // 1 for the hot key, 20 at once, then 20 a second (and one in flight).
+    assert!(
+        calls_at_30s <= 1 + 20 + 30 * 20 + 1,
+        "{calls_at_30s} calls in 30 s"
+    );
+
+    let t0 = tokio::time::Instant::now();
+    let hit = e.cache.get(&hot, Duration::ZERO).await.unwrap();
+    assert_eq!(hit.outcome, CacheOutcome::Hit);
+    assert!(
+        t0.elapsed() <= Duration::from_millis(10),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    // About 1,380 prefetches are still queued (69 s of budget); the miss
+    // waits for a token or two.
+    let t0 = tokio::time::Instant::now();
+    let miss = e
+        .cache
+        .get(&key("https://a-new-client.example.com"), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(miss.outcome, CacheOutcome::Miss);
+    assert!(
+        t0.elapsed() <= Duration::from_secs(5),
+        "the miss waited {:?}",
+        t0.elapsed()
+    );
+
+    prefetching.await.unwrap();
+    let took = started.elapsed();
+    eprintln!(
+        "2,000 prefetched audiences at 20/s took {took:?} of simulated time; {calls_at_30s} upstream calls in the first 30 s"
+    );
+    assert!(took >= Duration::from_secs(99), "{took:?}");
+    assert_eq!(e.emulator.stats().identity.total, 2000 + 2);
+}

@@ -39,6 +39,7 @@ socket_path = "{}"
 [refresh]
 retry_initial = "1h"
 retry_max = "1h"
+upstream_qps = 10000
 {refresh}
 
 [limits]

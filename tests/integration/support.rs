@@ -55,7 +55,10 @@ pub fn key_file(
 
 /// A config file's text with the given identity tables appended. Background
 /// retries after a failure wait an hour, so a test's upstream call counts
-/// are exactly those its own requests caused.
+/// are exactly those its own requests caused. The upstream budget is set
+/// out of the way: it is tested on its own (`cache_engine`), and at its
+/// default of 20 calls a second it would pace tests that fetch thousands
+/// of audiences.
 pub fn config_text(socket: &Path, identities: &str) -> String {
     format!(
         r#"[server]
@@ -64,6 +67,7 @@ socket_path = "{}"
 [refresh]
 retry_initial = "1h"
 retry_max = "1h"
+upstream_qps = 10000
 
 {identities}
 "#,
