@@ -1065,7 +1065,7 @@ impl Drop for InFlight {
             // task as the broker stops.
             tracing::warn!(
                 identity = self.entry.key.identity(),
-                audience = self.entry.key.audience(),
+                audience = crate::domain::LogText::new(self.entry.key.audience()).as_str(),
                 "an upstream fetch ended without an answer (it panicked, or the broker is stopping); the key backs off and retries"
             );
             let upstream = self
