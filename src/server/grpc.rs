@@ -95,25 +95,7 @@ impl TokenBroker for BrokerService {
             .watch_access(&mut audit, &req.scopes, req.min_valid_for, wait)
             .await;
         audit.finish_access(result.as_ref().map(|open| &open.first));
-        let open = result?;
-        let reloads = self.live.reloads();
-        let (sender, receiver) = tokio::sync::mpsc::channel(1);
-        let watch = WatchFeed {
-            audit,
-            cache: self.cache.clone(),
-            live: self.live.clone(),
-            key: open.key,
-            tokens: open.tokens,
-            reloads,
-            stopping: self.stopping.clone(),
-            sender,
-            _slot: open.slot,
-            _kind: std::marker::PhantomData::<watch_stream::AccessTokens>,
-        };
-        tokio::spawn(watch.run(open.first));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        Ok(Response::new(self.feed(audit, result?)))
     }
 
     type WatchIdTokenStream = Pin<Box<dyn Stream<Item = Result<proto::IdToken, Status>> + Send>>;
@@ -127,26 +109,7 @@ impl TokenBroker for BrokerService {
         let mut audit = Audit::start("WatchIdToken", &peer, &req);
         let result = self.watch(&mut audit, req.min_valid_for, wait).await;
         audit.finish(result.as_ref().map(|open| &open.first));
-        let open = result?;
-        // Before the first token: a reload announced from now on is seen.
-        let reloads = self.live.reloads();
-        let (sender, receiver) = tokio::sync::mpsc::channel(1);
-        let watch = WatchFeed {
-            audit,
-            cache: self.cache.clone(),
-            live: self.live.clone(),
-            key: open.key,
-            tokens: open.tokens,
-            reloads,
-            stopping: self.stopping.clone(),
-            sender,
-            _slot: open.slot,
-            _kind: std::marker::PhantomData::<watch_stream::IdTokens>,
-        };
-        tokio::spawn(watch.run(open.first));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        Ok(Response::new(self.feed(audit, result?)))
     }
 
     async fn list_tokens(
@@ -221,6 +184,32 @@ struct OpenWatch<K: watch_stream::Kind> {
 }
 
 impl BrokerService {
+    /// Hands an opened watch to a task of its own, which re-checks the grant
+    /// before every delivery; the client reads what it sends.
+    fn feed<K: watch_stream::Kind>(
+        &self,
+        audit: Audit,
+        open: OpenWatch<K>,
+    ) -> Pin<Box<dyn Stream<Item = Result<K::Proto, Status>> + Send>> {
+        // Before the first token: a reload announced from now on is seen.
+        let reloads = self.live.reloads();
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let watch = WatchFeed {
+            audit,
+            cache: self.cache.clone(),
+            live: self.live.clone(),
+            key: open.key,
+            tokens: open.tokens,
+            reloads,
+            stopping: self.stopping.clone(),
+            sender,
+            _slot: open.slot,
+            _kind: std::marker::PhantomData::<K>,
+        };
+        tokio::spawn(watch.run(open.first));
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
+    }
+
     /// Validates, checks the policy and the rate limit: the key to look up.
     fn admit(&self, audit: &mut Audit, min_valid: Duration) -> Result<CacheKey, Status> {
         validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
