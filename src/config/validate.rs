@@ -552,20 +552,10 @@ fn validate_account_email(email: &str) -> Result<(), String> {
 /// An http(s) base URL without query or fragment; plain http only to loopback.
 fn validate_base_url(text: &str) -> Result<(), String> {
     let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-    let loopback = match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    };
-    match url.scheme() {
-        "https" => {}
-        "http" if loopback => {}
-        _ => {
-            return Err(format!(
-                "{text:?} must be an https URL (plain http only to loopback)"
-            ))
-        }
+    if !crate::domain::upstream_url::is_https_or_loopback(&url) {
+        return Err(format!(
+            "{text:?} must be an https URL (plain http only to loopback)"
+        ));
     }
     if url.query().is_some()
         || url.fragment().is_some()

@@ -12,6 +12,7 @@ pub mod log_text;
 pub mod principal;
 pub mod problem;
 pub mod trusted_path;
+pub mod upstream_url;
 
 pub use audience::{validate_audience, AudienceError, MAX_AUDIENCE_LEN};
 pub use identity::{

@@ -38,18 +38,7 @@ pub(crate) fn account_from_impersonation_url(
     text: &str,
     field: &str,
 ) -> Result<(String, String), String> {
-    let url = url::Url::parse(text).map_err(|e| format!("field `{field}` is not a URL: {e}"))?;
-    let loopback = match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    };
-    if !(url.scheme() == "https" || (url.scheme() == "http" && loopback)) {
-        return Err(format!(
-            "field `{field}` must be an https URL (plain http only to loopback), not {text:?}"
-        ));
-    }
+    let url = crate::domain::upstream_url::parse_https_or_loopback(text, field)?;
     let account = url
         .path_segments()
         .and_then(|mut s| s.next_back())

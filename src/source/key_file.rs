@@ -171,22 +171,8 @@ impl ServiceAccountKey {
         let client_email = string_field(fields, "client_email")?.to_owned();
         let private_key_id = string_field(fields, "private_key_id")?.to_owned();
         let token_uri_text = string_field(fields, "token_uri")?;
-        let token_uri = url::Url::parse(token_uri_text)
-            .map_err(|e| format!("field `token_uri` is not a URL: {e}"))?;
-        let loopback = matches!(
-            token_uri.host(),
-            Some(url::Host::Ipv4(ip)) if ip.is_loopback()
-        ) || matches!(token_uri.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())
-            || token_uri.host_str() == Some("localhost");
-        match token_uri.scheme() {
-            "https" => {}
-            "http" if loopback => {}
-            _ => {
-                return Err(format!(
-                    "field `token_uri` must be an https URL (plain http only to loopback), not {token_uri_text:?}"
-                ))
-            }
-        }
+        let token_uri =
+            crate::domain::upstream_url::parse_https_or_loopback(token_uri_text, "token_uri")?;
         if !pem.contains("-----BEGIN PRIVATE KEY-----") {
             return Err(
                 "field `private_key` is not a PKCS#8 PEM key (\"-----BEGIN PRIVATE KEY-----\")"

@@ -154,7 +154,10 @@ impl ExternalAccountFile {
                 "field `subject_token_type` is {subject_token_type:?}, not one Google knows"
             ));
         }
-        let token_url = checked_url(string_field(&fields, "token_url")?, "token_url")?;
+        let token_url = crate::domain::upstream_url::parse_https_or_loopback(
+            string_field(&fields, "token_url")?,
+            "token_url",
+        )?;
         let workforce = audience.starts_with("//iam.googleapis.com/locations/")
             && audience.contains("/workforcePools/");
         let workforce_pool_user_project = match fields.get("workforce_pool_user_project") {
@@ -340,24 +343,6 @@ pub(crate) fn trusted_file(path: &Path) -> Result<PathBuf, String> {
         ));
     }
     Ok(real)
-}
-
-/// An https URL, or plain http to loopback (the emulator).
-fn checked_url(text: &str, field: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(text).map_err(|e| format!("field `{field}` is not a URL: {e}"))?;
-    let loopback = match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d == "localhost",
-        None => false,
-    };
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if loopback => Ok(url),
-        _ => Err(format!(
-            "field `{field}` must be an https URL (plain http only to loopback), not {text:?}"
-        )),
-    }
 }
 
 /// Mints ID tokens through workload identity federation.
