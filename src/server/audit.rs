@@ -101,23 +101,18 @@ impl Audit {
     }
 
     pub(super) fn finish_access(&mut self, result: Result<&proto::AccessToken, &Status>) {
-        match result {
-            Ok(token) => self.write(
-                tonic::Code::Ok,
-                token.expire_time.as_ref().map(|t| t.seconds),
-                None,
-            ),
-            Err(status) => self.write(status.code(), None, Some(status.message())),
-        }
+        self.finish_with(result.map(|token| token.expire_time.as_ref()));
     }
 
     pub(super) fn finish(&mut self, result: Result<&proto::IdToken, &Status>) {
+        self.finish_with(result.map(|token| token.expire_time.as_ref()));
+    }
+
+    /// The line for a request that ended with a token expiring at
+    /// `expire_time`, or with `status`.
+    fn finish_with(&mut self, result: Result<Option<&prost_types::Timestamp>, &Status>) {
         match result {
-            Ok(token) => self.write(
-                tonic::Code::Ok,
-                token.expire_time.as_ref().map(|t| t.seconds),
-                None,
-            ),
+            Ok(expire_time) => self.write(tonic::Code::Ok, expire_time.map(|t| t.seconds), None),
             Err(status) => self.write(status.code(), None, Some(status.message())),
         }
     }

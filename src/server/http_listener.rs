@@ -21,7 +21,7 @@ use super::{
     idle::{Activity, IdleTimeout, Tracked},
     loopback_peer::{self, SocketOwner, Unresolved},
     peer::PeerCredentials,
-    share::{Full, Shares},
+    share::Shares,
 };
 
 /// Largest request head (request line and headers) read, in bytes.
@@ -98,10 +98,7 @@ impl HttpListener {
                         Ok(place) => place,
                         Err(full) => {
                             if refusals.due() {
-                                let (limit, key) = match full {
-                                    Full::Total(n) => (n, "max_connections"),
-                                    Full::Share(n) => (n, "max_connections_per_uid"),
-                                };
+                                let (limit, key) = full.limit_and_key();
                                 tracing::warn!(
                                     listener = name, %peer, peer_uid = uid, limit,
                                     refused = refusals.take(),

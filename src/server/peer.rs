@@ -26,7 +26,7 @@ use tokio_stream::Stream;
 use super::{
     accept::{AcceptBackoff, RefusalLog},
     idle::{Activity, IdleTimeout},
-    share::{Full, Place, Shares},
+    share::{Place, Shares},
 };
 use crate::{
     attest::{process::Pinned, Attestation},
@@ -259,10 +259,7 @@ pub fn incoming(
                 Ok(place) => place,
                 Err(full) => {
                     if refusals.due() {
-                        let (limit, key) = match full {
-                            Full::Total(n) => (n, "max_connections"),
-                            Full::Share(n) => (n, "max_connections_per_uid"),
-                        };
+                        let (limit, key) = full.limit_and_key();
                         tracing::warn!(
                             peer_uid = credentials.uid,
                             peer_pid = credentials.pid,

@@ -31,6 +31,17 @@ pub enum Full {
     Share(usize),
 }
 
+impl Full {
+    /// The bound reached and the `*_connections` key that sets it, for the
+    /// refusal's log line.
+    pub fn limit_and_key(self) -> (usize, &'static str) {
+        match self {
+            Full::Total(n) => (n, "max_connections"),
+            Full::Share(n) => (n, "max_connections_per_uid"),
+        }
+    }
+}
+
 /// One place, given back when dropped.
 #[derive(Debug)]
 pub struct Place {
