@@ -194,9 +194,7 @@ impl Policy {
         self.rules
             .iter()
             .position(|rule| {
-                rule.selects(&caller)
-                    && rule.identities.iter().any(|i| i == "*" || i == identity)
-                    && rule.audiences.iter().any(|p| p.matches(audience))
+                rule.serves(&caller, identity) && rule.audiences.iter().any(|p| p.matches(audience))
             })
             .map_or(Decision::Denied, Decision::AllowedBy)
     }
@@ -216,8 +214,7 @@ impl Policy {
         self.rules
             .iter()
             .position(|rule| {
-                rule.selects(&caller)
-                    && rule.identities.iter().any(|i| i == "*" || i == identity)
+                rule.serves(&caller, identity)
                     && !rule.scopes.is_empty()
                     && scopes
                         .clone()
@@ -262,6 +259,11 @@ impl ScopePattern {
 
 impl Rule {
     /// Every selector the rule gives matches the caller.
+    /// This rule applies to `caller` and grants it `identity`.
+    fn serves(&self, caller: &Caller<'_>, identity: &str) -> bool {
+        self.selects(caller) && self.identities.iter().any(|i| i == "*" || i == identity)
+    }
+
     fn selects(&self, caller: &Caller<'_>) -> bool {
         let workload = caller.workload;
         (self.uids.is_empty() || self.uids.contains(&caller.uid))
