@@ -680,6 +680,7 @@ async fn over_tls_only_the_cluster_ca_and_the_current_token_are_accepted() {
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
     );
+    eprintln!("impostor kubelet: {err}");
     assert_eq!(
         impostor.pod_list_calls(),
         0,
@@ -741,6 +742,7 @@ async fn huge_or_slow_kubelet_answers_are_refused_with_a_clear_error() {
         "{:?}",
         started.elapsed()
     );
+    eprintln!("slow kubelet: {err} after {:?}", started.elapsed());
     // By IP: the recorded hostNetwork pods share the node's IP.
     kubelet.set_delay(Duration::ZERO);
     let pods = PodDirectory::new(&settings, &env).unwrap();
