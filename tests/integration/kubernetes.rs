@@ -797,3 +797,116 @@ fn a_full_nodes_pod_list_parses_quickly() {
     // Generous: a debug build on a busy machine.
     assert!(each < Duration::from_millis(500), "{each:?}");
 }
+
+/// The DaemonSet's setup, for real: the broker in a pod cgroup of its own,
+/// in its own pid, mount and cgroup namespaces (a pod without `hostPID`),
+/// its `/proc` its own, the host's `/proc` mounted at `proc_root`. A client
+/// pod's process, invisible in the broker's `/proc` and shown by the
+/// kernel with a cgroup path relative to the broker's cgroup namespace
+/// (`/../../../kubepods-burstable.slice/...`), is still found and attested.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_without_host_pid_reads_its_peers_through_the_hosts_proc() {
+    let (uid, cid) = ids(10);
+    let Some(client) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+        return;
+    };
+    let (broker_uid, broker_cid) = ids(11);
+    let Some(broker_cgroup) = PodCgroup::at(&format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{broker_cid}.scope",
+        broker_uid.replace('-', "_")
+    )) else {
+        return;
+    };
+    let emulator = support::emulator().await;
+    let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
+    kubelet.add_pod(&stand_in_pod(
+        "payments",
+        "api-7f9c8d6b5-h0stp",
+        &uid,
+        "api-sa",
+        &cid,
+    ));
+    let dir = support::workdir();
+    support::set_mode(dir.path(), 0o755);
+    let socket = dir.path().join("broker.sock");
+    let host_proc = dir.path().join("host-proc");
+    std::fs::create_dir(&host_proc).unwrap();
+    let identity = support::metadata_identity("default", &emulator);
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[kubernetes]\nkubelet_url = \"{url}\"\napi_server_url = \"{url}\"\nproc_root = \"{}\"\n\n{}",
+            support::config_text(&socket, &identity)
+                .replace("[server]\n", "[server]\nsocket_mode = \"0666\"\n"),
+            host_proc.display(),
+            payments_rule(),
+            url = kubelet.url(),
+        ),
+    )
+    .unwrap();
+    // As the container runtime would: into the pod's cgroup, then new pid
+    // and mount namespaces with the host's /proc kept aside and a /proc of
+    // their own, then a cgroup namespace rooted at the pod's cgroup.
+    let script = r#"set -e
+echo 0 > "$1"
+mount --bind /proc "$2"
+mount -t proc proc /proc
+exec unshare --cgroup -- "$3" serve --config "$4""#;
+    let log_path = dir.path().join("broker.log");
+    let mut command = Command::new("unshare");
+    command
+        .args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(broker_cgroup.procs())
+        .arg(&host_proc)
+        .arg(env!("CARGO_BIN_EXE_token-broker"))
+        .arg(&config)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info,token_broker=trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            eprintln!("SKIPPED: cannot run unshare ({error})");
+            return;
+        }
+    };
+    let broker = Broker {
+        child,
+        socket,
+        log_path,
+        dir,
+        served: Default::default(),
+    };
+    broker.wait_ready().await;
+
+    let (code, token, stderr) = token_in(&broker, &client, AUDIENCE);
+    let log = broker.log();
+    assert_eq!(code, 0, "{stderr}\n{log}");
+    support::verify(&emulator, token.trim(), AUDIENCE).await;
+    let allowed = workloads::audit_lines(&log, "decision=\"allowed\"");
+    assert_eq!(allowed.len(), 1, "{log}");
+    assert!(
+        allowed[0].contains("k8s=payments/api-sa pod=payments/api-7f9c8d6b5-h0stp"),
+        "{}",
+        allowed[0]
+    );
+    // The kernel told the broker no pid (the client is outside its pid
+    // namespace); the pid it logs is the client's in the host's.
+    assert!(allowed[0].contains("peer_pid="), "{}", allowed[0]);
+    assert!(!allowed[0].contains("peer_pid=0 "), "{}", allowed[0]);
+    eprintln!("{}", allowed[0]);
+}
