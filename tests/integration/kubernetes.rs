@@ -456,10 +456,11 @@ async fn a_kubelet_that_is_down_leaves_uid_rules_working_and_k8s_rules_refusing(
     ));
     kubelet.set_down(true);
     let by_uid = "https://by-uid.example.com";
+    let telemetry = support::free_port();
     let broker = broker_with(
         &emulator,
         &kubelet,
-        "",
+        &format!("\n[telemetry]\nlisten = \"127.0.0.1:{telemetry}\"\n"),
         &format!(
             "{}\n[[policy]]\nuids = [{WEB}]\nidentities = [\"default\"]\naudiences = [\"{by_uid}\"]\n",
             payments_rule()
@@ -482,6 +483,14 @@ async fn a_kubelet_that_is_down_leaves_uid_rules_working_and_k8s_rules_refusing(
     kubelet.set_down(false);
     let (code, _, stderr) = token_in(&broker, &cgroup, AUDIENCE);
     assert_eq!(code, 0, "{stderr}");
+    let (_, metrics) = support::scrape(telemetry, "/metrics").await;
+    let fetches = |outcome: &str| {
+        support::sample(
+            &metrics,
+            &format!("token_broker_kubelet_fetches_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert!(fetches("error") >= 1.0 && fetches("ok") >= 1.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
