@@ -317,11 +317,14 @@ impl Shared {
 }
 
 async fn pod_list(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    shared.pod_list_calls.fetch_add(1, Ordering::SeqCst);
     if let Err(refused) = shared.admit(&headers).await {
+        shared.pod_list_calls.fetch_add(1, Ordering::SeqCst);
         return refused;
     }
     let items = serde_json::to_string(&*lock(&shared.pods)).unwrap_or_else(|_| "[]".into());
+    // Counted once the answer's pods are fixed: a test that sees the
+    // count rise knows what that call answered.
+    shared.pod_list_calls.fetch_add(1, Ordering::SeqCst);
     // Padding is spliced in as text: building 64 MiB through serde_json
     // would make the stand-in, not the broker, the slow part.
     let padding = "x".repeat(shared.padding_bytes.load(Ordering::SeqCst) as usize);
