@@ -964,3 +964,52 @@ exec unshare --cgroup -- "$3" serve --config "$4""#;
     assert!(!allowed[0].contains("peer_pid=0 "), "{}", allowed[0]);
     eprintln!("{}", allowed[0]);
 }
+
+/// `check-config` names every bad `k8s_*` selector and `[kubernetes]` key,
+/// and, with no kubelet URL, the missing `NODE_NAME`.
+#[test]
+fn check_config_names_each_bad_kubernetes_key() {
+    let dir = support::workdir();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[kubernetes]\nproc_root = \"/proc\"\n\n[[policy]]\n\
+             k8s_namespaces = [\"Payments\"]\nk8s_service_accounts = [\"api-sa\"]\n\
+             k8s_pod_labels = [\"app\", \"tier=-x\"]\nidentities = [\"*\"]\naudiences = [\"*\"]\n",
+            support::config_text(&dir.path().join("s.sock"), "")
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    for expected in [
+        "policy[0].k8s_namespaces[0]: \"Payments\" is not a namespace name",
+        "policy[0].k8s_service_accounts[0]: \"api-sa\" is not `namespace/name`",
+        "policy[0].k8s_pod_labels[0]: \"app\" is not `key=value`",
+        "policy[0].k8s_pod_labels[1]: \"-x\" in \"tier=-x\" is not a label value",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in {stderr}"
+        );
+    }
+    // The selectors fixed, the kubelet's address is the problem left.
+    let fixed = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("Payments", "payments")
+        .replace("\"api-sa\"", "\"payments/api-sa\"")
+        .replace("\"app\", \"tier=-x\"", "\"app=api\"");
+    std::fs::write(&config, fixed).unwrap();
+    let out = support::base_command(&["check-config", "--config", config.to_str().unwrap()])
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    let (code, stderr) = (out.status.code(), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("kubernetes.kubelet_url: not set, and NODE_NAME is not in the environment"),
+        "{stderr}"
+    );
+}
