@@ -95,6 +95,27 @@ pub struct MetadataEndpointSettings {
     /// (a client that stops reading its answer, or trickles a body).
     #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// `project/project-id`. Unset: the metadata server's when the served
+    /// identity's base is `metadata`, else the key file's `project_id`,
+    /// else 404.
+    #[serde(default)]
+    pub project_id: Option<String>,
+    /// `project/numeric-project-id`. Unset: the metadata server's when the
+    /// identity's base is `metadata`, else 404.
+    #[serde(default)]
+    pub numeric_project_id: Option<u64>,
+    /// `instance/zone`, a zone name such as `"us-central1-a"`, answered as
+    /// `projects/NUMERIC_PROJECT_ID/zones/ZONE` (so it needs
+    /// `numeric_project_id`). Unset: the metadata server's, else 404.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// `instance/id`. Unset: the metadata server's, else 404.
+    #[serde(default)]
+    pub instance_id: Option<u64>,
+    /// `universe/universe-domain`. Unset: the metadata server's, else
+    /// `"googleapis.com"`.
+    #[serde(default)]
+    pub universe_domain: Option<String>,
 }
 
 fn default_endpoint_max_connections() -> usize {

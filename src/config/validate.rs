@@ -6,7 +6,9 @@
 use std::{collections::HashSet, time::Duration};
 
 use super::{resolve::parse_mode, ConfigError, Settings};
-use crate::domain::{validate_audience, validate_identity_name, Principal, Problem, SourceKind};
+use crate::domain::{
+    validate_audience, validate_identity_name, LogText, Principal, Problem, SourceKind,
+};
 
 impl Settings {
     /// Every semantic problem this layer can see, each naming its key.
@@ -329,6 +331,7 @@ impl Settings {
                     ));
                 }
             }
+            endpoint_instance_problems(endpoint, &mut problems);
         }
         if let Some(telemetry) = &self.telemetry {
             if !telemetry.listen.ip().is_loopback() && !telemetry.allow_non_loopback {
@@ -594,5 +597,86 @@ fn validate_host(host: &str) -> Result<(), String> {
         Err(format!(
             "{host:?} is not a host[:port] (no scheme, no path), e.g. \"169.254.169.254\""
         ))
+    }
+}
+
+/// The project and instance values an operator sets for the metadata
+/// endpoint: shaped as Google's are, so libraries parsing them do not choke.
+fn endpoint_instance_problems(
+    endpoint: &super::MetadataEndpointSettings,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(project) = &endpoint.project_id {
+        // Google's rule (6-30 of a-z, 0-9, '-', a letter first, no '-'
+        // last), plus the legacy domain-scoped form "example.com:name".
+        let name = project.rsplit_once(':').map_or(project.as_str(), |(_, n)| n);
+        let domain_ok = project.rsplit_once(':').is_none_or(|(d, _)| {
+            !d.is_empty() && d.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
+        });
+        let ok = (6..=30).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && !name.ends_with('-')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && domain_ok;
+        if !ok {
+            problems.push(Problem::new(
+                "metadata_endpoint.project_id",
+                format!(
+                    "{:?} is not a Google Cloud project id (6 to 30 lowercase letters, digits \
+                     and hyphens, starting with a letter, e.g. \"my-project\")",
+                    LogText::new(project).as_str()
+                ),
+            ));
+        }
+    }
+    for (key, value) in [
+        ("metadata_endpoint.numeric_project_id", endpoint.numeric_project_id),
+        ("metadata_endpoint.instance_id", endpoint.instance_id),
+    ] {
+        if value == Some(0) {
+            problems.push(Problem::new(key, "must be a positive number"));
+        }
+    }
+    if let Some(zone) = &endpoint.zone {
+        let ok = !zone.is_empty()
+            && zone.len() <= 63
+            && zone
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok {
+            problems.push(Problem::new(
+                "metadata_endpoint.zone",
+                format!(
+                    "{:?} is not a zone name: give the bare name, e.g. \"us-central1-a\" \
+                     (it is served as projects/NUMERIC_PROJECT_ID/zones/ZONE)",
+                    LogText::new(zone).as_str()
+                ),
+            ));
+        } else if endpoint.numeric_project_id.is_none() {
+            problems.push(Problem::new(
+                "metadata_endpoint.zone",
+                "needs metadata_endpoint.numeric_project_id: Google answers instance/zone as \
+                 projects/NUMERIC_PROJECT_ID/zones/ZONE",
+            ));
+        }
+    }
+    if let Some(domain) = &endpoint.universe_domain {
+        let ok = !domain.is_empty()
+            && domain.len() <= 253
+            && domain.contains('.')
+            && domain
+                .split('.')
+                .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        if !ok {
+            problems.push(Problem::new(
+                "metadata_endpoint.universe_domain",
+                format!(
+                    "{:?} is not a domain name such as \"googleapis.com\"",
+                    LogText::new(domain).as_str()
+                ),
+            ));
+        }
     }
 }
