@@ -1,6 +1,8 @@
 //! The emulated GCE metadata server: the root ping, the default service
-//! account's `identity`, `email`, directory and `token` routes, and the two
-//! project values libraries sometimes read. It behaves as PROTOCOLS.md §3
+//! account's `identity`, `email`, directory and `token` routes, and the
+//! project, instance and universe values libraries sometimes read
+//! (`project/project-id`, `project/numeric-project-id`, `instance/zone`,
+//! `instance/id`, `universe/universe-domain`). It behaves as PROTOCOLS.md §3
 //! describes, so unmodified Google client libraries accept it when
 //! `GCE_METADATA_HOST` points here.
 
@@ -102,6 +104,7 @@ pub(super) async fn handle(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
+    shared.count(|stats| *stats.metadata_paths.entry(uri.path().to_owned()).or_default() += 1);
     let route = route(uri.path());
     let query = Query::parse(uri.query());
     let (response, audience) = match route {

@@ -155,6 +155,9 @@ pub struct Stats {
     /// Metadata server project, instance and universe value calls, by path
     /// (`/computeMetadata/v1/project/project-id`, ...).
     pub instance_values: BTreeMap<String, u64>,
+    /// Every path the metadata server was asked for (query left out), so a
+    /// test can tell exactly what a client made it fetch.
+    pub metadata_paths: BTreeMap<String, u64>,
 }
 
 /// Counters of one token-issuing endpoint.

@@ -18,6 +18,7 @@ mod layering;
 mod log_output;
 mod memory_bounds;
 mod metadata_endpoint;
+mod metadata_paths;
 mod metadata_source;
 mod operations;
 mod properties;
