@@ -609,9 +609,13 @@ fn endpoint_instance_problems(
     if let Some(project) = &endpoint.project_id {
         // Google's rule (6-30 of a-z, 0-9, '-', a letter first, no '-'
         // last), plus the legacy domain-scoped form "example.com:name".
-        let name = project.rsplit_once(':').map_or(project.as_str(), |(_, n)| n);
+        let name = project
+            .rsplit_once(':')
+            .map_or(project.as_str(), |(_, n)| n);
         let domain_ok = project.rsplit_once(':').is_none_or(|(d, _)| {
-            !d.is_empty() && d.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
+            !d.is_empty()
+                && d.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
         });
         let ok = (6..=30).contains(&name.len())
             && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -632,7 +636,10 @@ fn endpoint_instance_problems(
         }
     }
     for (key, value) in [
-        ("metadata_endpoint.numeric_project_id", endpoint.numeric_project_id),
+        (
+            "metadata_endpoint.numeric_project_id",
+            endpoint.numeric_project_id,
+        ),
         ("metadata_endpoint.instance_id", endpoint.instance_id),
     ] {
         if value == Some(0) {
@@ -666,9 +673,12 @@ fn endpoint_instance_problems(
         let ok = !domain.is_empty()
             && domain.len() <= 253
             && domain.contains('.')
-            && domain
-                .split('.')
-                .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+            && domain.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            });
         if !ok {
             problems.push(Problem::new(
                 "metadata_endpoint.universe_domain",

@@ -104,7 +104,12 @@ pub(super) async fn handle(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    shared.count(|stats| *stats.metadata_paths.entry(uri.path().to_owned()).or_default() += 1);
+    shared.count(|stats| {
+        *stats
+            .metadata_paths
+            .entry(uri.path().to_owned())
+            .or_default() += 1
+    });
     let route = route(uri.path());
     let query = Query::parse(uri.query());
     let (response, audience) = match route {

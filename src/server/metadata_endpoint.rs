@@ -263,11 +263,7 @@ impl AccountEmail {
         }
     }
 
-    pub(super) async fn get(
-        &self,
-        cache: &TokenCache,
-        identity: &str,
-    ) -> Result<String, Refusal> {
+    pub(super) async fn get(&self, cache: &TokenCache, identity: &str) -> Result<String, Refusal> {
         if let Some(email) = self.known.get() {
             return Ok(email.clone());
         }

@@ -72,9 +72,7 @@ pub(super) fn tree_route(path: &str) -> Option<Tree> {
         "/project" | "/project/" => Tree::Project,
         "/universe" | "/universe/" => Tree::Universe,
         _ => {
-            let value = InstanceValue::ALL
-                .into_iter()
-                .find(|v| v.path() == path)?;
+            let value = InstanceValue::ALL.into_iter().find(|v| v.path() == path)?;
             Tree::Value(value)
         }
     })
@@ -83,7 +81,10 @@ pub(super) fn tree_route(path: &str) -> Option<Tree> {
 /// What is rendered: a value, a list, or a directory.
 #[derive(Debug, Clone, PartialEq)]
 enum Node {
-    Value { text: String, numeric: bool },
+    Value {
+        text: String,
+        numeric: bool,
+    },
     List(Vec<String>),
     /// Children: (name in the path, key in JSON, node).
     Dir(Vec<(String, String, Node)>),
@@ -99,7 +100,10 @@ impl Node {
 
     fn json(&self) -> serde_json::Value {
         match self {
-            Node::Value { text, numeric: true } => text
+            Node::Value {
+                text,
+                numeric: true,
+            } => text
                 .parse::<u64>()
                 .map_or_else(|_| text.clone().into(), serde_json::Value::from),
             Node::Value { text, .. } => text.clone().into(),
@@ -464,7 +468,11 @@ fn account_node(email: &str) -> Node {
             Node::List(vec!["default".into()]),
         ),
         ("email".into(), "email".into(), Node::text(email)),
-        ("scopes".into(), "scopes".into(), Node::List(default_scopes())),
+        (
+            "scopes".into(),
+            "scopes".into(),
+            Node::List(default_scopes()),
+        ),
     ])
 }
 
@@ -629,7 +637,11 @@ mod tests {
                     numeric: true,
                 },
             ),
-            ("aliases".into(), "aliases".into(), Node::List(vec!["default".into()])),
+            (
+                "aliases".into(),
+                "aliases".into(),
+                Node::List(vec!["default".into()]),
+            ),
         ]);
         assert_eq!(
             node.json().to_string(),
@@ -647,7 +659,10 @@ mod tests {
     fn the_404_page_escapes_the_path() {
         let refusal = not_found("/x<script>\"", "why");
         let (_, page) = refusal.page.unwrap();
-        assert!(page.contains("<code>/x&lt;script&gt;&quot;</code>"), "{page}");
+        assert!(
+            page.contains("<code>/x&lt;script&gt;&quot;</code>"),
+            "{page}"
+        );
         assert!(page.contains("Error 404 (Not Found)!!1"));
         assert_eq!(refusal.message, "why");
     }

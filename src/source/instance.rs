@@ -167,7 +167,9 @@ mod tests {
         assert!(InstanceValue::Zone
             .check("projects/123/zones/us-central1-a")
             .is_ok());
-        assert!(InstanceValue::InstanceId.check("4520031799277581759").is_ok());
+        assert!(InstanceValue::InstanceId
+            .check("4520031799277581759")
+            .is_ok());
         assert!(InstanceValue::InstanceId.check("12a").is_err());
         assert!(InstanceValue::ProjectId.check("").is_err());
         assert!(InstanceValue::ProjectId.check("a b").is_err());

@@ -180,11 +180,7 @@ impl ServiceAccountKey {
         let project_id = fields
             .get("project_id")
             .and_then(Value::as_str)
-            .filter(|p| {
-                super::instance::InstanceValue::ProjectId
-                    .check(p)
-                    .is_ok()
-            })
+            .filter(|p| super::instance::InstanceValue::ProjectId.check(p).is_ok())
             .map(str::to_owned);
         if !pem.contains("-----BEGIN PRIVATE KEY-----") {
             return Err(

@@ -11,8 +11,7 @@ use super::{
     access::{parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken},
     http_client,
     instance::{InstanceFacts, InstanceMetadata},
-    record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
-    SourceError,
+    record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 

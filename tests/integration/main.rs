@@ -11,6 +11,7 @@ mod clients;
 mod doors;
 mod external_account;
 mod faults;
+mod google_libraries;
 mod hostile_client;
 mod impersonation;
 mod key_files;

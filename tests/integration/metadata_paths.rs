@@ -172,7 +172,10 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
     for scopes in [GMAIL.to_owned(), format!("{CLOUD},{GMAIL}")] {
         let (status, _, body) = get(&base, &format!("{SA}/default/token?scopes={scopes}")).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{scopes}: {body}");
-        assert!(body.contains("no [[policy]] rule grants them all"), "{body}");
+        assert!(
+            body.contains("no [[policy]] rule grants them all"),
+            "{body}"
+        );
     }
     let (status, _, body) = get(&base, &format!("{SA}/default/token?scopes=a%20b")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
@@ -181,10 +184,17 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
 
     // Audited like identity requests: scopes, decision, never the token.
     let lines = log_lines_for(&broker, "/token");
-    assert_eq!(lines.len(), 6, "one line per request:\n{}", lines.join("\n"));
+    assert_eq!(
+        lines.len(),
+        6,
+        "one line per request:\n{}",
+        lines.join("\n")
+    );
     let denied: Vec<_> = lines.iter().filter(|l| l.contains(GMAIL)).collect();
     assert_eq!(denied.len(), 2);
-    assert!(denied.iter().all(|l| l.contains("denied") && l.contains("403")));
+    assert!(denied
+        .iter()
+        .all(|l| l.contains("denied") && l.contains("403")));
     assert!(lines
         .iter()
         .any(|l| l.contains(&format!("scopes=\"{STORAGE_RO} {CLOUD}\""))
@@ -287,8 +297,16 @@ async fn account_paths_render_as_google_renders_them() {
     let emulator = support::emulator().await;
     let (_broker, base) = broker(support::metadata_identity("default", &emulator), "", "").await;
     let cases = [
-        (format!("{SA}/default/scopes"), "application/text", format!("{CLOUD}\n")),
-        (format!("{SA}/default/aliases"), "application/text", "default\n".to_owned()),
+        (
+            format!("{SA}/default/scopes"),
+            "application/text",
+            format!("{CLOUD}\n"),
+        ),
+        (
+            format!("{SA}/default/aliases"),
+            "application/text",
+            "default\n".to_owned(),
+        ),
         (
             format!("{SA}/default/scopes?alt=json"),
             "application/json",
@@ -324,7 +342,8 @@ async fn account_paths_render_as_google_renders_them() {
     let (_, headers, body) = get(&base, &format!("{SA}/?recursive=true")).await;
     assert_eq!(content_type(&headers), "application/json");
     let accounts: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let account = json!({"aliases": ["default"], "email": DEFAULT_ACCOUNT_EMAIL, "scopes": [CLOUD]});
+    let account =
+        json!({"aliases": ["default"], "email": DEFAULT_ACCOUNT_EMAIL, "scopes": [CLOUD]});
     assert_eq!(accounts["default"], account);
     assert_eq!(accounts[DEFAULT_ACCOUNT_EMAIL], account);
 
@@ -366,14 +385,24 @@ async fn key_file_and_config_supply_values_and_unknown_ones_are_404() {
         (VALUE_PATHS[4], "googleapis.com"),
     ] {
         let (status, _, body) = get(&base, path).await;
-        assert_eq!((status, body.as_str()), (StatusCode::OK, expected), "{path}");
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, expected),
+            "{path}"
+        );
     }
     // instance/id: nothing knows it. Google's 404 page; the log says why.
     let (status, headers, body) = get(&base, VALUE_PATHS[3]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(content_type(&headers), "text/html; charset=UTF-8");
-    assert!(body.contains("<title>Error 404 (Not Found)!!1</title>"), "{body}");
-    assert!(body.contains("<code>/computeMetadata/v1/instance/id</code>"), "{body}");
+    assert!(
+        body.contains("<title>Error 404 (Not Found)!!1</title>"),
+        "{body}"
+    );
+    assert!(
+        body.contains("<code>/computeMetadata/v1/instance/id</code>"),
+        "{body}"
+    );
     let why = log_lines_for(&broker, "/computeMetadata/v1/instance/id");
     assert!(
         why.iter()
@@ -404,7 +433,11 @@ async fn config_values_win_over_the_metadata_server() {
         (VALUE_PATHS[4], "example-universe.com"),
     ] {
         let (status, _, body) = get(&base, path).await;
-        assert_eq!((status, body.as_str()), (StatusCode::OK, expected), "{path}");
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, expected),
+            "{path}"
+        );
     }
     assert!(
         emulator.stats().instance_values.is_empty(),
@@ -485,7 +518,9 @@ async fn a_failing_metadata_server_is_503_for_values_and_not_hammered() {
         let (status, _, body) = get(&base, VALUE_PATHS[0]).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(
-            body.contains("cannot read /computeMetadata/v1/project/project-id from the metadata server"),
+            body.contains(
+                "cannot read /computeMetadata/v1/project/project-id from the metadata server"
+            ),
             "{body}"
         );
     }
