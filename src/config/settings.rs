@@ -424,17 +424,24 @@ pub struct SinkSettings {
     /// The identity whose token is written.
     #[serde(default = "default_identity_name")]
     pub identity: String,
-    /// The audience of the ID token written.
-    pub audience: String,
+    /// The audience of the ID token written; exactly one of `audience` and
+    /// `scopes`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// The scopes of the access token written instead of an ID token
+    /// (the identity's own, as `GetAccessToken` serves it).
+    #[serde(default)]
+    pub scopes: Vec<String>,
     /// The file, written atomically (a temporary file in the same directory,
     /// then a rename) at every refresh. Absolute.
     pub path: PathBuf,
     /// `jwt`, `json`, `env` or `header`.
     #[serde(default)]
     pub format: SinkFormat,
-    /// The variable name for `format = "env"`.
-    #[serde(default = "default_env_name")]
-    pub env_name: String,
+    /// The variable name for `format = "env"`; unset: `ID_TOKEN`, or
+    /// `ACCESS_TOKEN` for a `scopes` sink.
+    #[serde(default)]
+    pub env_name: Option<String>,
     /// The file's owner (name or id); unset: the daemon's user.
     #[serde(default)]
     pub owner: Option<Principal>,
@@ -458,10 +465,6 @@ pub struct SinkSettings {
     /// The pid file read for `signal`.
     #[serde(default)]
     pub pid_file: Option<PathBuf>,
-}
-
-fn default_env_name() -> String {
-    "ID_TOKEN".into()
 }
 
 fn default_sink_mode() -> String {

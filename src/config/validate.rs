@@ -365,8 +365,38 @@ impl Settings {
             if let Err(message) = validate_identity_name(&sink.identity) {
                 problems.push(Problem::new(key("identity"), message));
             }
-            if let Err(e) = validate_audience(&sink.audience) {
-                problems.push(Problem::new(key("audience"), e.to_string()));
+            match (&sink.audience, sink.scopes.is_empty()) {
+                (Some(audience), true) => {
+                    if let Err(e) = validate_audience(audience) {
+                        problems.push(Problem::new(key("audience"), e.to_string()));
+                    }
+                }
+                (None, false) => {
+                    for (j, scope) in sink.scopes.iter().enumerate() {
+                        let ok = !scope.is_empty()
+                            && scope.len() <= 512
+                            && scope.bytes().all(|b| b.is_ascii_graphic());
+                        if !ok {
+                            problems.push(Problem::new(
+                                key(&format!("scopes[{j}]")),
+                                format!(
+                                    "{:?} is not a scope (printable ASCII without spaces, e.g. \
+                                     \"https://www.googleapis.com/auth/cloud-platform\")",
+                                    LogText::new(scope).as_str()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                (Some(_), false) => problems.push(Problem::new(
+                    key("scopes"),
+                    "set either audience (the file holds an ID token) or scopes (an access \
+                     token), not both",
+                )),
+                (None, true) => problems.push(Problem::new(
+                    key("audience"),
+                    "required: set audience for an ID token, or scopes for an access token",
+                )),
             }
             let path_ok = sink.path.is_absolute()
                 && sink.path.file_name().is_some()
@@ -388,11 +418,11 @@ impl Settings {
                     format!("{:?} is written by another sink too", sink.path),
                 ));
             }
-            let name_ok = !sink.env_name.is_empty()
-                && sink.env_name.len() <= 128
-                && !sink.env_name.starts_with(|c: char| c.is_ascii_digit())
-                && sink
-                    .env_name
+            let env_name = sink.env_name();
+            let name_ok = !env_name.is_empty()
+                && env_name.len() <= 128
+                && !env_name.starts_with(|c: char| c.is_ascii_digit())
+                && env_name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !name_ok {
@@ -400,7 +430,7 @@ impl Settings {
                     key("env_name"),
                     format!(
                         "{:?} is not an environment variable name (A-Z a-z 0-9 _, not starting with a digit)",
-                        sink.env_name
+                        env_name
                     ),
                 ));
             }
