@@ -529,3 +529,25 @@ async fn a_failing_metadata_server_is_503_for_values_and_not_hammered() {
     assert_eq!(log_lines_for(&broker, VALUE_PATHS[0]).len(), 3);
     server.abort();
 }
+
+#[test]
+fn check_config_names_every_bad_instance_value() {
+    let dir = support::workdir();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[metadata_endpoint]\nlisten = \"127.0.0.1:8181\"\nproject_id = \"My Project\"\nzone = \"us-central1-a\"\ninstance_id = 0\nuniverse_domain = \"nodots\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    for expected in [
+        "metadata_endpoint.project_id: \"My Project\" is not a Google Cloud project id",
+        "metadata_endpoint.zone: needs metadata_endpoint.numeric_project_id",
+        "metadata_endpoint.instance_id: must be a positive number",
+        "metadata_endpoint.universe_domain: \"nodots\" is not a domain name",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+}
