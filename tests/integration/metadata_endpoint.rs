@@ -272,12 +272,18 @@ async fn refuses_what_the_metadata_server_refuses() {
             "{body}"
         );
     }
-    assert!(
-        broker
+    // The log says why (written off the request path: allow it a moment).
+    let mut logged = false;
+    for _ in 0..200 {
+        logged = broker
             .log()
-            .contains("is not served by token-broker's metadata endpoint"),
-        "the log says why"
-    );
+            .contains("is not served by token-broker's metadata endpoint");
+        if logged {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(logged, "the log says why");
 
     // 405: only GET.
     let (status, _, _) = send(

@@ -88,14 +88,26 @@ async fn upstream_value(emulator: &Emulator, path: &str) -> String {
         .unwrap()
 }
 
-/// The lines of the log about `path` on the metadata endpoint.
-fn log_lines_for(broker: &Broker, path: &str) -> Vec<String> {
-    broker
-        .log()
-        .lines()
-        .filter(|l| l.contains("metadata endpoint") && l.contains(path))
-        .map(str::to_owned)
-        .collect()
+/// The lines of the log about `path` on the metadata endpoint, once at
+/// least `count` are there: the log is written off the request path, so a
+/// line can land a moment after its answer (waits up to 10 s).
+async fn log_lines_for(broker: &Broker, path: &str, count: usize) -> Vec<String> {
+    let lines = || -> Vec<String> {
+        broker
+            .log()
+            .lines()
+            .filter(|l| l.contains("metadata endpoint") && l.contains(path))
+            .map(str::to_owned)
+            .collect()
+    };
+    for _ in 0..200 {
+        let found = lines();
+        if found.len() >= count {
+            return found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    lines()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -183,7 +195,7 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
     assert_eq!(emulator.stats().metadata_token, 2);
 
     // Audited like identity requests: scopes, decision, never the token.
-    let lines = log_lines_for(&broker, "/token");
+    let lines = log_lines_for(&broker, "/token", 6).await;
     assert_eq!(
         lines.len(),
         6,
@@ -403,7 +415,7 @@ async fn key_file_and_config_supply_values_and_unknown_ones_are_404() {
         body.contains("<code>/computeMetadata/v1/instance/id</code>"),
         "{body}"
     );
-    let why = log_lines_for(&broker, "/computeMetadata/v1/instance/id");
+    let why = log_lines_for(&broker, "/computeMetadata/v1/instance/id", 1).await;
     assert!(
         why.iter()
             .any(|l| l.contains("404") && l.contains("metadata_endpoint.instance_id is not set")),
@@ -526,7 +538,7 @@ async fn a_failing_metadata_server_is_503_for_values_and_not_hammered() {
     }
     // The failure is held a few seconds: three answers, one upstream call.
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert_eq!(log_lines_for(&broker, VALUE_PATHS[0]).len(), 3);
+    assert_eq!(log_lines_for(&broker, VALUE_PATHS[0], 3).await.len(), 3);
     server.abort();
 }
 
