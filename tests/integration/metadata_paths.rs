@@ -192,13 +192,21 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
     let (status, _, body) = get(&base, &format!("{SA}/default/token?scopes=a%20b")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.contains("holds whitespace"), "{body}");
+    let many: Vec<String> = (0..100).map(|i| format!("s{i}")).collect();
+    let (status, _, body) = get(
+        &base,
+        &format!("{SA}/default/token?scopes={}", many.join(",")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("invalid scopes"), "{body}");
     assert_eq!(emulator.stats().metadata_token, 2);
 
     // Audited like identity requests: scopes, decision, never the token.
-    let lines = log_lines_for(&broker, "/token", 6).await;
+    let lines = log_lines_for(&broker, "/token", 7).await;
     assert_eq!(
         lines.len(),
-        6,
+        7,
         "one line per request:\n{}",
         lines.join("\n")
     );
