@@ -571,3 +571,22 @@ fn check_config_names_every_bad_instance_value() {
         assert!(stderr.contains(expected), "{expected}: {stderr}");
     }
 }
+
+/// An identity built on the metadata server (impersonation) runs where its
+/// base does: its project and instance values are the metadata server's.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_impersonated_from_the_metadata_server_passes_its_values_through() {
+    let emulator = support::emulator().await;
+    let identities = format!(
+        "{}[[identities]]\nname = \"deployer\"\nsource = \"impersonate\"\nbase = \"default\"\nservice_account = \"deploy@target-project.iam.gserviceaccount.com\"\niam_endpoint = \"{}\"\n",
+        support::metadata_identity("default", &emulator),
+        emulator.base_url()
+    );
+    let (_broker, base) = broker(identities, "identity = \"deployer\"", "").await;
+    let (status, _, body) = get(&base, VALUE_PATHS[0]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, upstream_value(&emulator, VALUE_PATHS[0]).await);
+    let (status, _, body) = get(&base, VALUE_PATHS[3]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, upstream_value(&emulator, VALUE_PATHS[3]).await);
+}
