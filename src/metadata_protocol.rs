@@ -41,6 +41,12 @@ pub struct Query {
     pub format: Option<String>,
     pub licenses: Option<String>,
     pub recursive: Option<String>,
+    /// `json` or `text`: how a value or directory is rendered.
+    pub alt: Option<String>,
+    /// Long polling for a change; the broker does not offer it.
+    pub wait_for_change: Option<String>,
+    /// `.../token?scopes=a,b`: comma-separated.
+    pub scopes: Option<String>,
 }
 
 impl Query {
@@ -52,6 +58,9 @@ impl Query {
                 "format" => &mut parsed.format,
                 "licenses" => &mut parsed.licenses,
                 "recursive" => &mut parsed.recursive,
+                "alt" => &mut parsed.alt,
+                "wait_for_change" => &mut parsed.wait_for_change,
+                "scopes" => &mut parsed.scopes,
                 _ => continue,
             };
             if slot.is_none() {
@@ -64,6 +73,13 @@ impl Query {
     /// `recursive=true` (any case).
     pub fn recursive(&self) -> bool {
         self.recursive
+            .as_deref()
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
+    /// `wait_for_change=true` (any case).
+    pub fn wait_for_change(&self) -> bool {
+        self.wait_for_change
             .as_deref()
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }

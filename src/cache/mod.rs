@@ -684,6 +684,12 @@ impl TokenCache {
             })
     }
 
+    /// The time on the cache's clock, which token expiries are compared
+    /// with (a door reporting a token's life left uses the same).
+    pub fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
     /// The longest `min_valid_for` a request may ask: a fresh token's
     /// usable life, [`GOOGLE_TOKEN_LIFETIME`] less the refresh window. Any
     /// more could never be answered from the cache, so every request would

@@ -125,6 +125,21 @@ impl SinkSettings {
     pub fn mode_bits(&self) -> u32 {
         parse_mode(&self.mode).unwrap_or(0o600)
     }
+
+    /// Whether the file holds an access token (`scopes`) rather than an ID
+    /// token (`audience`).
+    pub fn is_access(&self) -> bool {
+        !self.scopes.is_empty()
+    }
+
+    /// The variable name for `format = "env"`.
+    pub fn env_name(&self) -> &str {
+        match &self.env_name {
+            Some(name) => name,
+            None if self.is_access() => "ACCESS_TOKEN",
+            None => "ID_TOKEN",
+        }
+    }
 }
 
 impl super::KubernetesSettings {

@@ -98,6 +98,27 @@ pub struct MetadataEndpointSettings {
     /// (a client that stops reading its answer, or trickles a body).
     #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// `project/project-id`. Unset: the metadata server's when the served
+    /// identity's base is `metadata`, else the key file's `project_id`,
+    /// else 404.
+    #[serde(default)]
+    pub project_id: Option<String>,
+    /// `project/numeric-project-id`. Unset: the metadata server's when the
+    /// identity's base is `metadata`, else 404.
+    #[serde(default)]
+    pub numeric_project_id: Option<u64>,
+    /// `instance/zone`, a zone name such as `"us-central1-a"`, answered as
+    /// `projects/NUMERIC_PROJECT_ID/zones/ZONE` (so it needs
+    /// `numeric_project_id`). Unset: the metadata server's, else 404.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// `instance/id`. Unset: the metadata server's, else 404.
+    #[serde(default)]
+    pub instance_id: Option<u64>,
+    /// `universe/universe-domain`. Unset: the metadata server's, else
+    /// `"googleapis.com"`.
+    #[serde(default)]
+    pub universe_domain: Option<String>,
 }
 
 fn default_endpoint_max_connections() -> usize {
@@ -419,17 +440,24 @@ pub struct SinkSettings {
     /// The identity whose token is written.
     #[serde(default = "default_identity_name")]
     pub identity: String,
-    /// The audience of the ID token written.
-    pub audience: String,
+    /// The audience of the ID token written; exactly one of `audience` and
+    /// `scopes`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// The scopes of the access token written instead of an ID token
+    /// (the identity's own, as `GetAccessToken` serves it).
+    #[serde(default)]
+    pub scopes: Vec<String>,
     /// The file, written atomically (a temporary file in the same directory,
     /// then a rename) at every refresh. Absolute.
     pub path: PathBuf,
     /// `jwt`, `json`, `env` or `header`.
     #[serde(default)]
     pub format: SinkFormat,
-    /// The variable name for `format = "env"`.
-    #[serde(default = "default_env_name")]
-    pub env_name: String,
+    /// The variable name for `format = "env"`; unset: `ID_TOKEN`, or
+    /// `ACCESS_TOKEN` for a `scopes` sink.
+    #[serde(default)]
+    pub env_name: Option<String>,
     /// The file's owner (name or id); unset: the daemon's user.
     #[serde(default)]
     pub owner: Option<Principal>,
@@ -453,10 +481,6 @@ pub struct SinkSettings {
     /// The pid file read for `signal`.
     #[serde(default)]
     pub pid_file: Option<PathBuf>,
-}
-
-fn default_env_name() -> String {
-    "ID_TOKEN".into()
 }
 
 fn default_sink_mode() -> String {

@@ -234,6 +234,11 @@ fn every_key_present() -> Settings {
         max_connections_per_uid: 64,
         header_read_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(30),
+        project_id: Some("my-project".into()),
+        numeric_project_id: Some(123),
+        zone: Some("us-central1-a".into()),
+        instance_id: Some(456),
+        universe_domain: Some("googleapis.com".into()),
     });
     s.telemetry = Some(TelemetrySettings {
         listen: "127.0.0.1:9464".parse().unwrap(),

@@ -6,7 +6,9 @@
 use std::{collections::HashSet, time::Duration};
 
 use super::{resolve::parse_mode, ConfigError, Settings};
-use crate::domain::{validate_audience, validate_identity_name, Principal, Problem, SourceKind};
+use crate::domain::{
+    validate_audience, validate_identity_name, LogText, Principal, Problem, SourceKind,
+};
 
 impl Settings {
     /// Every semantic problem this layer can see, each naming its key.
@@ -329,6 +331,7 @@ impl Settings {
                     ));
                 }
             }
+            endpoint_instance_problems(endpoint, &mut problems);
         }
         if let Some(telemetry) = &self.telemetry {
             if !telemetry.listen.ip().is_loopback() && !telemetry.allow_non_loopback {
@@ -447,8 +450,38 @@ impl Settings {
             if let Err(message) = validate_identity_name(&sink.identity) {
                 problems.push(Problem::new(key("identity"), message));
             }
-            if let Err(e) = validate_audience(&sink.audience) {
-                problems.push(Problem::new(key("audience"), e.to_string()));
+            match (&sink.audience, sink.scopes.is_empty()) {
+                (Some(audience), true) => {
+                    if let Err(e) = validate_audience(audience) {
+                        problems.push(Problem::new(key("audience"), e.to_string()));
+                    }
+                }
+                (None, false) => {
+                    for (j, scope) in sink.scopes.iter().enumerate() {
+                        let ok = !scope.is_empty()
+                            && scope.len() <= 512
+                            && scope.bytes().all(|b| b.is_ascii_graphic());
+                        if !ok {
+                            problems.push(Problem::new(
+                                key(&format!("scopes[{j}]")),
+                                format!(
+                                    "{:?} is not a scope (printable ASCII without spaces, e.g. \
+                                     \"https://www.googleapis.com/auth/cloud-platform\")",
+                                    LogText::new(scope).as_str()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                (Some(_), false) => problems.push(Problem::new(
+                    key("scopes"),
+                    "set either audience (the file holds an ID token) or scopes (an access \
+                     token), not both",
+                )),
+                (None, true) => problems.push(Problem::new(
+                    key("audience"),
+                    "required: set audience for an ID token, or scopes for an access token",
+                )),
             }
             let path_ok = sink.path.is_absolute()
                 && sink.path.file_name().is_some()
@@ -470,11 +503,11 @@ impl Settings {
                     format!("{:?} is written by another sink too", sink.path),
                 ));
             }
-            let name_ok = !sink.env_name.is_empty()
-                && sink.env_name.len() <= 128
-                && !sink.env_name.starts_with(|c: char| c.is_ascii_digit())
-                && sink
-                    .env_name
+            let env_name = sink.env_name();
+            let name_ok = !env_name.is_empty()
+                && env_name.len() <= 128
+                && !env_name.starts_with(|c: char| c.is_ascii_digit())
+                && env_name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !name_ok {
@@ -482,7 +515,7 @@ impl Settings {
                     key("env_name"),
                     format!(
                         "{:?} is not an environment variable name (A-Z a-z 0-9 _, not starting with a digit)",
-                        sink.env_name
+                        env_name
                     ),
                 ));
             }
@@ -702,5 +735,96 @@ fn validate_host(host: &str) -> Result<(), String> {
         Err(format!(
             "{host:?} is not a host[:port] (no scheme, no path), e.g. \"169.254.169.254\""
         ))
+    }
+}
+
+/// The project and instance values an operator sets for the metadata
+/// endpoint: shaped as Google's are, so libraries parsing them do not choke.
+fn endpoint_instance_problems(
+    endpoint: &super::MetadataEndpointSettings,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(project) = &endpoint.project_id {
+        // Google's rule (6-30 of a-z, 0-9, '-', a letter first, no '-'
+        // last), plus the legacy domain-scoped form "example.com:name".
+        let name = project
+            .rsplit_once(':')
+            .map_or(project.as_str(), |(_, n)| n);
+        let domain_ok = project.rsplit_once(':').is_none_or(|(d, _)| {
+            !d.is_empty()
+                && d.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
+        });
+        let ok = (6..=30).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && !name.ends_with('-')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && domain_ok;
+        if !ok {
+            problems.push(Problem::new(
+                "metadata_endpoint.project_id",
+                format!(
+                    "{:?} is not a Google Cloud project id (6 to 30 lowercase letters, digits \
+                     and hyphens, starting with a letter, e.g. \"my-project\")",
+                    LogText::new(project).as_str()
+                ),
+            ));
+        }
+    }
+    for (key, value) in [
+        (
+            "metadata_endpoint.numeric_project_id",
+            endpoint.numeric_project_id,
+        ),
+        ("metadata_endpoint.instance_id", endpoint.instance_id),
+    ] {
+        if value == Some(0) {
+            problems.push(Problem::new(key, "must be a positive number"));
+        }
+    }
+    if let Some(zone) = &endpoint.zone {
+        let ok = !zone.is_empty()
+            && zone.len() <= 63
+            && zone
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok {
+            problems.push(Problem::new(
+                "metadata_endpoint.zone",
+                format!(
+                    "{:?} is not a zone name: give the bare name, e.g. \"us-central1-a\" \
+                     (it is served as projects/NUMERIC_PROJECT_ID/zones/ZONE)",
+                    LogText::new(zone).as_str()
+                ),
+            ));
+        } else if endpoint.numeric_project_id.is_none() {
+            problems.push(Problem::new(
+                "metadata_endpoint.zone",
+                "needs metadata_endpoint.numeric_project_id: Google answers instance/zone as \
+                 projects/NUMERIC_PROJECT_ID/zones/ZONE",
+            ));
+        }
+    }
+    if let Some(domain) = &endpoint.universe_domain {
+        let ok = !domain.is_empty()
+            && domain.len() <= 253
+            && domain.contains('.')
+            && domain.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            });
+        if !ok {
+            problems.push(Problem::new(
+                "metadata_endpoint.universe_domain",
+                format!(
+                    "{:?} is not a domain name such as \"googleapis.com\"",
+                    LogText::new(domain).as_str()
+                ),
+            ));
+        }
     }
 }

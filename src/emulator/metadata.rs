@@ -1,6 +1,8 @@
 //! The emulated GCE metadata server: the root ping, the default service
-//! account's `identity`, `email`, directory and `token` routes, and the two
-//! project values libraries sometimes read. It behaves as PROTOCOLS.md §3
+//! account's `identity`, `email`, directory and `token` routes, and the
+//! project, instance and universe values libraries sometimes read
+//! (`project/project-id`, `project/numeric-project-id`, `instance/zone`,
+//! `instance/id`, `universe/universe-domain`). It behaves as PROTOCOLS.md §3
 //! describes, so unmodified Google client libraries accept it when
 //! `GCE_METADATA_HOST` points here.
 
@@ -60,10 +62,19 @@ enum Route {
         account: String,
         leaf: Leaf,
     },
-    ProjectId,
-    NumericProjectId,
+    /// A project, instance or universe value: its path and its answer.
+    Value(&'static str),
     Unknown,
 }
+
+/// The value paths the emulated instance answers.
+const VALUE_PATHS: [&str; 5] = [
+    "/v1/project/project-id",
+    "/v1/project/numeric-project-id",
+    "/v1/instance/zone",
+    "/v1/instance/id",
+    "/v1/universe/universe-domain",
+];
 
 fn route(path: &str) -> Route {
     let Some(rest) = path.strip_prefix("/computeMetadata") else {
@@ -71,9 +82,10 @@ fn route(path: &str) -> Route {
     };
     match rest {
         "" | "/" => return Route::Listing("v1/\n"),
-        "/v1" | "/v1/" => return Route::Listing("instance/\nproject/\n"),
-        "/v1/project/project-id" => return Route::ProjectId,
-        "/v1/project/numeric-project-id" => return Route::NumericProjectId,
+        "/v1" | "/v1/" => return Route::Listing("instance/\nproject/\nuniverse/\n"),
+        value if VALUE_PATHS.contains(&value) => {
+            return Route::Value(VALUE_PATHS.iter().find(|p| **p == value).expect("listed"))
+        }
         "/v1/instance/service-accounts" | "/v1/instance/service-accounts/" => {
             return Route::ServiceAccounts
         }
@@ -92,6 +104,12 @@ pub(super) async fn handle(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
+    shared.count(|stats| {
+        *stats
+            .metadata_paths
+            .entry(uri.path().to_owned())
+            .or_default() += 1
+    });
     let route = route(uri.path());
     let query = Query::parse(uri.query());
     let (response, audience) = match route {
@@ -308,11 +326,25 @@ fn other(
             StatusCode::OK,
             format!("default/\n{}/\n", shared.default_email),
         ),
-        Route::ProjectId => text(StatusCode::OK, shared.compute_engine.project_id.clone()),
-        Route::NumericProjectId => text(
-            StatusCode::OK,
-            shared.compute_engine.project_number.to_string(),
-        ),
+        Route::Value(path) => {
+            shared.count(|stats| {
+                *stats
+                    .instance_values
+                    .entry(format!("/computeMetadata{path}"))
+                    .or_default() += 1;
+            });
+            let gce = &shared.compute_engine;
+            let value = match path {
+                "/v1/project/project-id" => gce.project_id.clone(),
+                "/v1/project/numeric-project-id" => gce.project_number.to_string(),
+                "/v1/instance/zone" => {
+                    format!("projects/{}/zones/{}", gce.project_number, gce.zone)
+                }
+                "/v1/instance/id" => gce.instance_id.clone(),
+                _ => "googleapis.com".to_owned(),
+            };
+            text(StatusCode::OK, value)
+        }
         Route::Account { account, .. } if !is_default_account(shared, &account) => {
             unknown_account(&account)
         }

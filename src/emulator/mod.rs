@@ -153,6 +153,12 @@ pub struct Stats {
     pub sts: EndpointStats,
     /// Calls to the emulated AWS instance metadata service.
     pub aws_metadata: u64,
+    /// Metadata server project, instance and universe value calls, by path
+    /// (`/computeMetadata/v1/project/project-id`, ...).
+    pub instance_values: BTreeMap<String, u64>,
+    /// Every path the metadata server was asked for (query left out), so a
+    /// test can tell exactly what a client made it fetch.
+    pub metadata_paths: BTreeMap<String, u64>,
 }
 
 /// Counters of one token-issuing endpoint.

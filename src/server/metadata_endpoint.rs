@@ -8,10 +8,14 @@
 //! | path | answer |
 //! | --- | --- |
 //! | `/` | 200, the ping libraries use to detect a metadata server |
-//! | `.../service-accounts/{default,EMAIL}/identity?audience=A[&format=standard\|full]` | 200 text/plain: the bare JWT, from the same cache as gRPC |
-//! | `.../service-accounts/{default,EMAIL}/email` | 200 text/plain: the identity's account |
-//! | `.../service-accounts/{default,EMAIL}/?recursive=true` | 200 application/json: `aliases`, `email`, `scopes` |
-//! | `.../service-accounts/{default,EMAIL}/token` | 404: access tokens are not served |
+//! | `.../service-accounts/{default,EMAIL}/identity?audience=A[&format=standard\|full]` | 200 application/text: the bare JWT, from the same cache as gRPC |
+//! | `.../service-accounts/{default,EMAIL}/token[?scopes=A,B]` | 200 application/json: an access token, from the same cache and policy as gRPC |
+//! | `.../service-accounts/{default,EMAIL}/{email,scopes,aliases}` | 200 application/text |
+//! | `.../service-accounts/[{default,EMAIL}/]?recursive=true` | 200 application/json: `aliases`, `email`, `scopes` |
+//! | `project/{project-id,numeric-project-id}`, `instance/{zone,id}`, `universe/universe-domain` and their directories | [`super::metadata_paths`] |
+//!
+//! Values and directories honour `?alt=json|text` and `?recursive=true` as
+//! Google's server does; `?wait_for_change=true` is 400.
 //!
 //! Who is asking: each connection's peer is resolved at accept to the uid
 //! owning its socket ([`super::loopback_peer`]); tokens are then admitted
@@ -63,6 +67,9 @@ use super::{
     admission::{self, Refused},
     http_listener::{Connection, ConnectionLimits, HttpListener},
     live::Live,
+    metadata_paths::{
+        self, refuse_wait_for_change, tree_route, InstanceValues, Tree, APPLICATION_TEXT,
+    },
     peer::PeerCredentials,
 };
 use crate::{
@@ -85,8 +92,8 @@ pub const ACCOUNT_PROBE_AUDIENCE: &str = "token-broker-account-probe";
 
 const METADATA_FLAVOR: HeaderName = HeaderName::from_static("metadata-flavor");
 const GOOGLE: HeaderValue = HeaderValue::from_static("Google");
+/// Error messages are the broker's own plain text.
 const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const SERVICE_ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
 
 /// The endpoint could not listen.
@@ -117,13 +124,15 @@ pub struct RunningEndpoint {
     task: tokio::task::JoinHandle<()>,
 }
 
-struct EndpointState {
-    cache: TokenCache,
+pub(super) struct EndpointState {
+    pub(super) cache: TokenCache,
     /// The policy and rate limit, shared with gRPC and replaced by reloads.
-    live: Arc<Live>,
-    identity: String,
+    pub(super) live: Arc<Live>,
+    pub(super) identity: String,
     audiences: Vec<String>,
-    email: AccountEmail,
+    pub(super) email: AccountEmail,
+    /// `project/...`, `instance/...`, `universe/...` values.
+    pub(super) instance_values: InstanceValues,
 }
 
 impl MetadataEndpoint {
@@ -158,6 +167,7 @@ impl MetadataEndpoint {
                 identity: settings.identity.clone(),
                 audiences: settings.audiences.clone(),
                 email: AccountEmail::new(known),
+                instance_values: InstanceValues::new(settings),
             }),
         })
     }
@@ -228,7 +238,7 @@ impl RunningEndpoint {
 /// teaching the endpoint where each one's upstream lives, costs one upstream
 /// call per broker lifetime, and the probe token is neither cached nor
 /// served.
-struct AccountEmail {
+pub(super) struct AccountEmail {
     known: OnceLock<String>,
     probing: tokio::sync::Mutex<()>,
 }
@@ -253,7 +263,7 @@ impl AccountEmail {
         }
     }
 
-    async fn get(&self, cache: &TokenCache, identity: &str) -> Result<String, Refusal> {
+    pub(super) async fn get(&self, cache: &TokenCache, identity: &str) -> Result<String, Refusal> {
         if let Some(email) = self.known.get() {
             return Ok(email.clone());
         }
@@ -287,19 +297,23 @@ impl AccountEmail {
 
 /// An error answer: status and a text a person can act on.
 #[derive(Debug)]
-struct Refusal {
-    status: StatusCode,
-    message: String,
+pub(super) struct Refusal {
+    pub(super) status: StatusCode,
+    pub(super) message: String,
     /// Seconds, for a `Retry-After` header.
     retry_after: Option<u64>,
+    /// A body to send instead of the message (Google's 404 page), with its
+    /// content type; the message is then only logged.
+    pub(super) page: Option<(HeaderValue, String)>,
 }
 
 impl Refusal {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
             retry_after: None,
+            page: None,
         }
     }
 }
@@ -310,6 +324,8 @@ enum Route {
     Root,
     /// A directory listing with this body.
     Listing(&'static str),
+    /// `/computeMetadata/v1/` and the project, instance and universe paths.
+    Tree(Tree),
     ServiceAccounts,
     Account {
         account: String,
@@ -322,12 +338,11 @@ fn route(path: &str) -> Route {
     match path {
         "/" | "" => return Route::Root,
         "/computeMetadata" | "/computeMetadata/" => return Route::Listing("v1/\n"),
-        "/computeMetadata/v1" | "/computeMetadata/v1/" => return Route::Listing("instance/\n"),
-        "/computeMetadata/v1/instance" | "/computeMetadata/v1/instance/" => {
-            return Route::Listing("service-accounts/\n")
-        }
         "/computeMetadata/v1/instance/service-accounts" => return Route::ServiceAccounts,
         _ => {}
+    }
+    if let Some(tree) = tree_route(path) {
+        return Route::Tree(tree);
     }
     let Some(tail) = path.strip_prefix(SERVICE_ACCOUNTS) else {
         return Route::Unknown;
@@ -341,10 +356,12 @@ fn route(path: &str) -> Route {
 
 /// What one request did, for its log line.
 #[derive(Default)]
-struct Outcome {
+pub(super) struct Outcome {
     audience: Option<String>,
-    cache: Option<CacheOutcome>,
-    decision: Option<Decision>,
+    /// An access token's scopes, space-separated.
+    pub(super) scopes: Option<String>,
+    pub(super) cache: Option<CacheOutcome>,
+    pub(super) decision: Option<Decision>,
 }
 
 /// Status logged for a request whose client went away before the answer
@@ -380,6 +397,7 @@ impl RequestLine {
         self.written = true;
         let latency_us = self.started.elapsed().as_micros() as u64;
         let audience = self.outcome.audience.as_deref().map(LogText::new);
+        let scopes = self.outcome.scopes.as_deref().map(LogText::new);
         let error = error.map(LogText::new);
         let decision = self
             .outcome
@@ -401,6 +419,7 @@ impl RequestLine {
             path = self.path.as_str(),
             identity = self.identity.as_str(),
             audience = audience.as_ref().map(LogText::as_str),
+            scopes = scopes.as_ref().map(LogText::as_str),
             decision,
             rule,
             cache = self.outcome.cache.map(CacheOutcome::as_str),
@@ -461,9 +480,14 @@ async fn handle(
         }
         Err(refusal) => {
             line.write(refusal.status.as_u16(), Some(&refusal.message));
-            let mut message = refusal.message;
-            message.push('\n');
-            let mut response = respond(refusal.status, TEXT, message);
+            let mut response = match refusal.page {
+                Some((content_type, page)) => respond(refusal.status, content_type, page),
+                None => {
+                    let mut message = refusal.message;
+                    message.push('\n');
+                    respond(refusal.status, TEXT, message)
+                }
+            };
             if let Some(retry_after) = refusal.retry_after {
                 response
                     .headers_mut()
@@ -614,7 +638,11 @@ async fn answer(
     if route == Route::Root {
         // Detection probes (Go's sends no Metadata-Flavor) need only the
         // response header; the root reveals nothing.
-        return Ok(respond(StatusCode::OK, TEXT, "computeMetadata/\n".into()));
+        return Ok(respond(
+            StatusCode::OK,
+            APPLICATION_TEXT,
+            "computeMetadata/\n".into(),
+        ));
     }
     if headers.get(&METADATA_FLAVOR).map(HeaderValue::as_bytes) != Some(b"Google") {
         return Err(Refusal::new(
@@ -623,53 +651,21 @@ async fn answer(
         ));
     }
     let query = Query::parse(uri.query());
+    refuse_wait_for_change(&query)?;
     match route {
         Route::Root => unreachable!("answered above"),
-        Route::Listing(body) => Ok(respond(StatusCode::OK, TEXT, body.into())),
-        Route::ServiceAccounts => {
-            let email = state.email.get(&state.cache, &state.identity).await?;
-            Ok(respond(
-                StatusCode::OK,
-                TEXT,
-                format!("default/\n{email}/\n"),
-            ))
-        }
+        Route::Listing(body) => Ok(respond(StatusCode::OK, APPLICATION_TEXT, body.into())),
+        Route::Tree(tree) => metadata_paths::tree(state, tree, uri.path(), &query).await,
+        Route::ServiceAccounts => metadata_paths::service_accounts(state, &query).await,
         Route::Account { account, leaf } => {
-            if leaf == Leaf::Token {
-                return Err(Refusal::new(
-                    StatusCode::NOT_FOUND,
-                    "access tokens are not served by token-broker: its metadata endpoint serves \
-                     ID tokens only (.../service-accounts/default/identity?audience=...)",
-                ));
-            }
             if leaf == Leaf::Unknown {
                 return Err(not_served(uri.path()));
             }
             state.check_account(&account).await?;
             match leaf {
                 Leaf::Identity => state.identity_token(peer, &query, outcome).await,
-                Leaf::Email => {
-                    let email = state.email.get(&state.cache, &state.identity).await?;
-                    Ok(respond(StatusCode::OK, TEXT, email))
-                }
-                Leaf::Directory if query.recursive() => {
-                    let email = state.email.get(&state.cache, &state.identity).await?;
-                    // No scopes: the broker grants no access tokens.
-                    let body = serde_json::json!({
-                        "aliases": ["default"],
-                        "email": email,
-                        "scopes": [],
-                    });
-                    Ok(respond(StatusCode::OK, JSON, body.to_string()))
-                }
-                Leaf::Directory => Ok(respond(
-                    StatusCode::OK,
-                    TEXT,
-                    "aliases\nemail\nidentity\nscopes\n".into(),
-                )),
-                Leaf::Scopes => Ok(respond(StatusCode::OK, TEXT, String::new())),
-                Leaf::Aliases => Ok(respond(StatusCode::OK, TEXT, "default\n".into())),
-                Leaf::Token | Leaf::Unknown => unreachable!("answered above"),
+                Leaf::Token => metadata_paths::access_token(state, peer, &query, outcome).await,
+                leaf => metadata_paths::account_leaf(state, leaf, &query).await,
             }
         }
         Route::Unknown => Err(not_served(uri.path())),
@@ -762,13 +758,13 @@ impl EndpointState {
         self.email.learn(lookup.token.email());
         Ok(respond(
             StatusCode::OK,
-            TEXT,
+            APPLICATION_TEXT,
             lookup.token.expose().to_owned(),
         ))
     }
 
     /// The one mapping from an admission refusal to an HTTP answer.
-    fn refused(&self, refused: Refused) -> Refusal {
+    pub(super) fn refused(&self, refused: Refused) -> Refusal {
         match refused {
             Refused::Cache(err) => self.cache_failure(err),
             Refused::Denied { .. } | Refused::DeniedScopes { .. } => {
@@ -783,12 +779,15 @@ impl EndpointState {
         }
     }
 
-    fn cache_failure(&self, err: CacheError) -> Refusal {
+    pub(super) fn cache_failure(&self, err: CacheError) -> Refusal {
         match &err {
             CacheError::InvalidAudience(e) => {
                 Refusal::new(StatusCode::BAD_REQUEST, format!("invalid audience: {e}"))
             }
             CacheError::UnknownIdentity(identity) => unknown_identity(identity),
+            CacheError::InvalidScopes(e) => {
+                Refusal::new(StatusCode::BAD_REQUEST, format!("invalid scopes: {e}"))
+            }
             CacheError::Upstream(source) => upstream_failure(source, ""),
             CacheError::Full { .. } | CacheError::NoFreshToken { .. } => {
                 Refusal::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
@@ -799,7 +798,7 @@ impl EndpointState {
 }
 
 /// See the module doc for why a rejection is 502 and not 403.
-fn upstream_failure(err: &SourceError, context: &str) -> Refusal {
+pub(super) fn upstream_failure(err: &SourceError, context: &str) -> Refusal {
     let status = if err.is_permanent() {
         StatusCode::BAD_GATEWAY
     } else {
@@ -808,14 +807,14 @@ fn upstream_failure(err: &SourceError, context: &str) -> Refusal {
     Refusal::new(status, format!("{context}{err}"))
 }
 
-fn unknown_identity(identity: &str) -> Refusal {
+pub(super) fn unknown_identity(identity: &str) -> Refusal {
     Refusal::new(
         StatusCode::NOT_FOUND,
         format!("no identity named {identity:?} is configured"),
     )
 }
 
-fn timed_out(identity: &str) -> Refusal {
+pub(super) fn timed_out(identity: &str) -> Refusal {
     Refusal::new(
         StatusCode::GATEWAY_TIMEOUT,
         format!(
@@ -825,13 +824,13 @@ fn timed_out(identity: &str) -> Refusal {
     )
 }
 
+/// Google's 404 page; the log line says what is served.
 fn not_served(path: &str) -> Refusal {
-    Refusal::new(
-        StatusCode::NOT_FOUND,
+    metadata_paths::not_found(
+        path,
         format!(
-            "{} is not served by token-broker's metadata endpoint; it serves /, \
-             {SERVICE_ACCOUNTS}default/identity?audience=..., .../default/email and \
-             .../default/?recursive=true",
+            "{} is not served by token-broker's metadata endpoint (README: Metadata endpoint \
+             lists what is)",
             LogText::new(path)
         ),
     )
@@ -839,7 +838,7 @@ fn not_served(path: &str) -> Refusal {
 
 /// Every answer carries `Metadata-Flavor: Google`: clients use it to tell a
 /// metadata server from anything else on that address.
-fn respond(status: StatusCode, content_type: HeaderValue, body: String) -> Response {
+pub(super) fn respond(status: StatusCode, content_type: HeaderValue, body: String) -> Response {
     (
         status,
         [
@@ -906,6 +905,12 @@ mod tests {
         );
         assert_eq!(
             route("/computeMetadata/v1/project/project-id"),
+            Route::Tree(Tree::Value(
+                crate::source::instance::InstanceValue::ProjectId
+            ))
+        );
+        assert_eq!(
+            route("/computeMetadata/v1/project/attributes/ssh-keys"),
             Route::Unknown
         );
         assert_eq!(route("/metadata/v1/"), Route::Unknown);

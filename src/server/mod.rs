@@ -12,6 +12,7 @@ mod listing;
 mod live;
 pub mod loopback_peer;
 pub mod metadata_endpoint;
+mod metadata_paths;
 pub mod peer;
 mod rate_limit;
 mod reload;

@@ -8,18 +8,64 @@ use std::{
     io::{self, Write},
     os::unix::fs::PermissionsExt,
     path::Path,
+    time::SystemTime,
 };
 
 use zeroize::Zeroizing;
 
-use crate::{config::SinkFormat, token::IdToken};
+use crate::{
+    config::SinkFormat,
+    token::{AccessToken, IdToken},
+};
 
-/// The file's content for `token`. Zeroized when dropped.
+/// The token a sink's file holds: an ID token (`audience`) or an access
+/// token (`scopes`).
+#[derive(Debug, Clone)]
+pub enum SinkToken {
+    Id(IdToken),
+    Access(AccessToken),
+}
+
+impl SinkToken {
+    pub fn expose(&self) -> &str {
+        match self {
+            SinkToken::Id(t) => t.expose(),
+            SinkToken::Access(t) => t.expose(),
+        }
+    }
+
+    pub fn expires_at(&self) -> SystemTime {
+        match self {
+            SinkToken::Id(t) => t.expires_at(),
+            SinkToken::Access(t) => t.expires_at(),
+        }
+    }
+
+    pub fn issued_at(&self) -> SystemTime {
+        match self {
+            SinkToken::Id(t) => t.issued_at(),
+            SinkToken::Access(t) => t.issued_at(),
+        }
+    }
+
+    pub fn same_token_as(&self, other: &SinkToken) -> bool {
+        match (self, other) {
+            (SinkToken::Id(a), SinkToken::Id(b)) => a.same_token_as(b),
+            (SinkToken::Access(a), SinkToken::Access(b)) => a.same_token_as(b),
+            _ => false,
+        }
+    }
+}
+
+/// The file's content for `token`. Zeroized when dropped. `json` names
+/// what the token is for: the ID token's `audience`, or the access token's
+/// `scopes` (space-separated in `scopes`).
 pub fn render(
     format: SinkFormat,
     env_name: &str,
     identity: &str,
-    token: &IdToken,
+    scopes: &str,
+    token: &SinkToken,
 ) -> Zeroizing<String> {
     let text = token.expose();
     Zeroizing::new(match format {
@@ -27,13 +73,19 @@ pub fn render(
         SinkFormat::Env => format!("{env_name}={text}\n"),
         SinkFormat::Header => format!("Authorization: Bearer {text}\n"),
         SinkFormat::Json => {
-            let json = serde_json::json!({
+            let mut json = serde_json::json!({
                 "token": text,
                 "expire_time": humantime::format_rfc3339_seconds(token.expires_at()).to_string(),
                 "issue_time": humantime::format_rfc3339_seconds(token.issued_at()).to_string(),
                 "identity": identity,
-                "audience": token.audience(),
             });
+            match token {
+                SinkToken::Id(id) => json["audience"] = id.audience().into(),
+                SinkToken::Access(_) => {
+                    json["scopes"] = scopes.split(' ').collect::<Vec<_>>().into();
+                    json["token_type"] = "Bearer".into();
+                }
+            }
             format!("{json}\n")
         }
     })

@@ -1,7 +1,8 @@
 //! Token files (`[[sinks]]`): for programs that can only read a token from
 //! a file (nginx, Envoy, shell scripts, cron jobs), the broker keeps one
-//! (identity, audience) token in a file, replaced atomically at every
-//! refresh from the same cache, and runs an optional hook after each write.
+//! (identity, audience) ID token or (identity, scopes) access token in a
+//! file, replaced atomically at every refresh from the same cache, and runs
+//! an optional hook after each write.
 //!
 //! Each sink is one task holding a watch on its cache entry, so the entry is
 //! kept fresh and never idle-evicted. When no new token comes (an outage),
@@ -19,13 +20,14 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use tokio::task::JoinHandle;
 
 use crate::{
-    cache::{CacheKey, TokenCache},
+    cache::{CacheError, CacheKey, TokenCache},
     clock::Clock,
     config::{RefreshSettings, SinkSettings},
     domain::LogText,
-    token::IdToken,
+    source::access::AccessOf,
+    token::{AccessToken, IdToken},
 };
-pub use file::{render, write_atomically, Ownership};
+pub use file::{render, write_atomically, Ownership, SinkToken};
 pub use hook::Hook;
 
 /// A sink's settings, resolved for running.
@@ -40,8 +42,16 @@ struct Sink {
 impl Sink {
     /// Resolves validated settings (names to ids, the hook).
     fn resolve(settings: &SinkSettings) -> Result<Sink, String> {
-        let key =
-            CacheKey::new(&settings.identity, &settings.audience).map_err(|e| e.to_string())?;
+        let key = match &settings.audience {
+            Some(audience) if settings.scopes.is_empty() => {
+                CacheKey::new(&settings.identity, audience).map_err(|e| e.to_string())?
+            }
+            _ => CacheKey::access(
+                &settings.identity,
+                AccessOf::Identity,
+                &settings.scopes.join(" "),
+            )?,
+        };
         let owner = Ownership {
             uid: settings
                 .owner
@@ -79,10 +89,21 @@ impl Sink {
         &self.settings.path
     }
 
+    /// The ID token's audience, for log lines.
+    fn audience(&self) -> Option<&str> {
+        (!self.settings.is_access()).then(|| self.key.audience())
+    }
+
+    /// The access token's scopes (sorted, space-separated), for log lines.
+    fn scopes(&self) -> Option<&str> {
+        self.key.scopes()
+    }
+
     /// Writes `token` to the file, then runs the hook.
-    async fn deliver(&self, token: &IdToken) -> Result<(), String> {
+    async fn deliver(&self, token: &SinkToken) -> Result<(), String> {
         let s = &self.settings;
-        let content = render(s.format, &s.env_name, &s.identity, token);
+        let scopes = self.scopes().unwrap_or_default();
+        let content = render(s.format, s.env_name(), &s.identity, scopes, token);
         let (path, mode, owner) = (s.path.clone(), self.settings.mode_bits(), self.owner);
         tokio::task::spawn_blocking(move || {
             // Checked at every write, like the socket's directory: no user
@@ -100,7 +121,8 @@ impl Sink {
         .map_err(|e| format!("writer task failed: {e}"))?
         .map_err(|e| format!("cannot write {}: {e}", s.path.display()))?;
         tracing::info!(
-            sink = %s.path.display(), identity = %s.identity, audience = %s.audience,
+            sink = %s.path.display(), identity = %s.identity, audience = self.audience(),
+            scopes = self.scopes(),
             expire_time = %humantime::format_rfc3339_seconds(token.expires_at()),
             "token file written"
         );
@@ -124,7 +146,7 @@ impl Sink {
         match removed {
             Ok(Ok(())) => tracing::warn!(
                 sink = %self.path().display(), identity = %self.settings.identity,
-                audience = %self.settings.audience,
+                audience = self.audience(), scopes = self.scopes(),
                 "the token expired and no new one could be had: token file removed"
             ),
             Ok(Err(e)) => tracing::error!(
@@ -240,16 +262,17 @@ async fn run(
     clock: Clock,
     (initial, max): (Duration, Duration),
 ) {
-    let mut written: Option<IdToken> = None;
+    let mut written: Option<SinkToken> = None;
     let mut backoff = initial;
     loop {
-        let watched = cache.watch(&sink.key, Duration::ZERO).await;
+        let watched = Feed::open(&cache, &sink).await;
         let (first, mut receiver) = match watched {
-            Ok((lookup, receiver)) => (lookup.token, receiver),
+            Ok(opened) => opened,
             Err(e) => {
                 tracing::warn!(
                     sink = %sink.path().display(), identity = %sink.settings.identity,
-                    audience = %sink.settings.audience, error = %e, retry_in = ?backoff,
+                    audience = sink.audience(), scopes = sink.scopes(), error = %e,
+                    retry_in = ?backoff,
                     "no token for the sink; the last file stays until its token expires"
                 );
                 let retry_at = tokio::time::Instant::now() + backoff;
@@ -284,7 +307,7 @@ async fn run(
             let expiry = written.as_ref().map(|t| clock.deadline_for(t.expires_at()));
             tokio::select! {
                 changed = receiver.changed() => match changed {
-                    Ok(()) => pending = receiver.borrow_and_update().clone(),
+                    Ok(token) => pending = token,
                     // The entry is gone (identity removed or changed by a
                     // reload): watch again.
                     Err(_) => break,
@@ -299,11 +322,45 @@ async fn run(
     }
 }
 
+/// A sink's watch on its cache entry, of either kind.
+enum Feed {
+    Id(tokio::sync::watch::Receiver<Option<IdToken>>),
+    Access(tokio::sync::watch::Receiver<Option<AccessToken>>),
+}
+
+impl Feed {
+    /// The current token and a watch for the next ones.
+    async fn open(cache: &TokenCache, sink: &Sink) -> Result<(SinkToken, Feed), CacheError> {
+        if sink.settings.is_access() {
+            let (lookup, receiver) = cache.watch_access(&sink.key, Duration::ZERO).await?;
+            Ok((SinkToken::Access(lookup.token), Feed::Access(receiver)))
+        } else {
+            let (lookup, receiver) = cache.watch(&sink.key, Duration::ZERO).await?;
+            Ok((SinkToken::Id(lookup.token), Feed::Id(receiver)))
+        }
+    }
+
+    /// The next token published (or `None` when the entry was emptied);
+    /// an error when the entry is gone.
+    async fn changed(&mut self) -> Result<Option<SinkToken>, tokio::sync::watch::error::RecvError> {
+        match self {
+            Feed::Id(receiver) => {
+                receiver.changed().await?;
+                Ok(receiver.borrow_and_update().clone().map(SinkToken::Id))
+            }
+            Feed::Access(receiver) => {
+                receiver.changed().await?;
+                Ok(receiver.borrow_and_update().clone().map(SinkToken::Access))
+            }
+        }
+    }
+}
+
 /// Sleeps until `retry_at`, removing the file if its token expires first.
 async fn wait_or_expire(
     sink: &Sink,
     clock: &Clock,
-    written: &mut Option<IdToken>,
+    written: &mut Option<SinkToken>,
     retry_at: tokio::time::Instant,
 ) {
     if let Some(token) = written {

@@ -416,6 +416,12 @@ impl IdTokenSource for ImpersonateSource {
         Some(&self.target.service_account)
     }
 
+    /// The base's project and machine: an impersonating broker runs where
+    /// its base does.
+    fn instance(&self) -> super::instance::InstanceFacts {
+        self.target.base.instance()
+    }
+
     fn fingerprint(&self) -> String {
         let t = &self.target;
         format!(

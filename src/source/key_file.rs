@@ -34,6 +34,8 @@ pub struct ServiceAccountKey {
     pub(crate) client_email: String,
     pub(crate) private_key_id: String,
     pub(crate) token_uri: url::Url,
+    /// The key's `project_id`, when present and well-formed.
+    pub(crate) project_id: Option<String>,
     /// Zeroized on drop by jsonwebtoken.
     pub(crate) signing_key: EncodingKey,
 }
@@ -173,6 +175,13 @@ impl ServiceAccountKey {
         let token_uri_text = string_field(fields, "token_uri")?;
         let token_uri =
             crate::domain::upstream_url::parse_https_or_loopback(token_uri_text, "token_uri")?;
+        // Optional, and only informational (the metadata endpoint's
+        // `project/project-id`): a malformed one is left out, not an error.
+        let project_id = fields
+            .get("project_id")
+            .and_then(Value::as_str)
+            .filter(|p| super::instance::InstanceValue::ProjectId.check(p).is_ok())
+            .map(str::to_owned);
         if !pem.contains("-----BEGIN PRIVATE KEY-----") {
             return Err(
                 "field `private_key` is not a PKCS#8 PEM key (\"-----BEGIN PRIVATE KEY-----\")"
@@ -189,6 +198,7 @@ impl ServiceAccountKey {
             client_email,
             private_key_id,
             token_uri,
+            project_id,
             signing_key,
         })
     }

@@ -5,10 +5,13 @@
 
 use reqwest::StatusCode;
 
+use std::sync::Arc;
+
 use super::{
     access::{parse_oauth_access_token, AccessFetcher, AccessFuture, AccessToken},
-    http_client, record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
-    SourceError,
+    http_client,
+    instance::{InstanceFacts, InstanceMetadata},
+    record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource, SourceError,
 };
 use crate::{clock::Clock, domain::SourceKind, token::IdToken};
 
@@ -24,6 +27,7 @@ pub struct MetadataSource {
     upstream: String,
     clock: Clock,
     access: MetadataAccess,
+    instance: Arc<InstanceMetadata>,
 }
 
 /// Fetches the default account's access tokens.
@@ -48,6 +52,11 @@ impl MetadataSource {
             .map_err(|e| format!("{host:?}: {e}"))?;
         let client = http_client()?;
         let upstream = format!("metadata server at http://{host}");
+        let instance = Arc::new(InstanceMetadata::new(
+            base.clone(),
+            upstream.clone(),
+            clock.clone(),
+        )?);
         let access = MetadataAccess {
             client: client.clone(),
             token_url,
@@ -61,6 +70,7 @@ impl MetadataSource {
             upstream,
             access,
             clock,
+            instance,
         })
     }
 
@@ -132,6 +142,13 @@ impl IdTokenSource for MetadataSource {
 
     fn access(&self) -> Option<&dyn AccessFetcher> {
         Some(&self.access)
+    }
+
+    fn instance(&self) -> InstanceFacts {
+        InstanceFacts {
+            project_id: None,
+            metadata: Some(self.instance.clone()),
+        }
     }
 }
 

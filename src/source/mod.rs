@@ -11,6 +11,7 @@ pub mod access;
 mod external_account;
 mod impersonate;
 mod impersonated_file;
+pub mod instance;
 mod key_file;
 mod metadata;
 mod service_account;
@@ -89,6 +90,12 @@ pub trait IdTokenSource: Send + Sync + 'static {
     /// `check-config` (e.g. "impersonate X via base (metadata server)").
     fn chain(&self) -> Option<String> {
         None
+    }
+
+    /// What this identity knows of its project and machine, for the
+    /// metadata endpoint's `project/` and `instance/` paths.
+    fn instance(&self) -> instance::InstanceFacts {
+        instance::InstanceFacts::default()
     }
 }
 

@@ -229,6 +229,13 @@ impl IdTokenSource for ServiceAccountSource {
         Some(&self.inner.key.client_email)
     }
 
+    fn instance(&self) -> super::instance::InstanceFacts {
+        super::instance::InstanceFacts {
+            project_id: self.inner.key.project_id.clone(),
+            metadata: None,
+        }
+    }
+
     /// A rotated key (new `private_key_id`) at the same path is a change.
     fn fingerprint(&self) -> String {
         let key = &self.inner.key;

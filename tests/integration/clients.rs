@@ -32,18 +32,18 @@ pub(crate) fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
 }
 
-fn venvs() -> PathBuf {
+pub(crate) fn venvs() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-venvs")
 }
 
 /// Says what the test is doing on the real stderr: the test harness
 /// captures `eprintln!`, and an install taking a while should be visible.
-fn announce(message: &str) {
+pub(crate) fn announce(message: &str) {
     let _ = writeln!(std::io::stderr(), "[clients] {message}");
 }
 
 /// Holds an exclusive lock on `path` (created if needed) until dropped.
-fn exclusive_lock(path: &Path) -> nix::fcntl::Flock<std::fs::File> {
+pub(crate) fn exclusive_lock(path: &Path) -> nix::fcntl::Flock<std::fs::File> {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -56,7 +56,7 @@ fn exclusive_lock(path: &Path) -> nix::fcntl::Flock<std::fs::File> {
         .expect("install lock")
 }
 
-fn run_setup_step(command: &mut Command, what: &str, hint: &str) {
+pub(crate) fn run_setup_step(command: &mut Command, what: &str, hint: &str) {
     let status = command
         .stdin(Stdio::null())
         .status()
@@ -373,7 +373,7 @@ async fn the_node_client_fetches_watches_and_reports_errors() {
 }
 
 /// `program`'s full path from PATH, failing with a clear message.
-fn which(program: &str) -> PathBuf {
+pub(crate) fn which(program: &str) -> PathBuf {
     std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)

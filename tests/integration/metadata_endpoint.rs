@@ -102,14 +102,14 @@ async fn answers_the_routes_unmodified_clients_use() {
 
     let (status, headers, body) = get(&base, &format!("{SA}/default/email")).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(content_type(&headers).starts_with("text/plain"));
+    assert_eq!(content_type(&headers), "application/text");
     assert_eq!(body, DEFAULT_ACCOUNT_EMAIL);
 
     for format in ["full", "standard"] {
         let audience = "https://svc-http.example.com";
         let (status, headers, body) = get(&base, &identity_path(audience, format)).await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        assert!(content_type(&headers).starts_with("text/plain"));
+        assert_eq!(content_type(&headers), "application/text");
         let claims = support::verify(&emulator, &body, audience).await;
         assert_eq!(claims["email"], DEFAULT_ACCOUNT_EMAIL);
     }
@@ -195,7 +195,7 @@ async fn the_endpoint_and_grpc_share_one_cached_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn refuses_what_the_metadata_server_refuses() {
     let emulator = support::emulator().await;
-    let (_broker, base) = broker_with_endpoint(&emulator, "").await;
+    let (broker, base) = broker_with_endpoint(&emulator, "").await;
     let client = http();
     let good = identity_path("https://a.example.com", "full");
 
@@ -248,13 +248,7 @@ async fn refuses_what_the_metadata_server_refuses() {
         assert!(body.contains(expected), "{path}: {body}");
     }
 
-    // 404: access tokens, other accounts, paths not served.
-    let (status, _, body) = get(&base, &format!("{SA}/default/token")).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(
-        body.contains("access tokens are not served by token-broker"),
-        "{body}"
-    );
+    // 404: other accounts, paths not served.
     let (status, _, body) = get(
         &base,
         &format!("{SA}/other@x.iam.gserviceaccount.com/email"),
@@ -262,15 +256,34 @@ async fn refuses_what_the_metadata_server_refuses() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("is not available on this endpoint"), "{body}");
+    // Paths not served get Google's 404 page; the log says why.
     for path in [
-        "/computeMetadata/v1/project/project-id".to_owned(),
+        "/computeMetadata/v1/project/attributes/ssh-keys".to_owned(),
         format!("{SA}/default/identity/extra"),
         "/latest/meta-data/".to_owned(),
     ] {
-        let (status, _, body) = get(&base, &path).await;
+        let (status, headers, body) = get(&base, &path).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
-        assert!(body.contains("is not served by token-broker"), "{body}");
+        assert_eq!(content_type(&headers), "text/html; charset=UTF-8");
+        assert!(
+            body.contains(&format!(
+                "The requested URL <code>{path}</code> was not found on this server."
+            )),
+            "{body}"
+        );
     }
+    // The log says why (written off the request path: allow it a moment).
+    let mut logged = false;
+    for _ in 0..200 {
+        logged = broker
+            .log()
+            .contains("is not served by token-broker's metadata endpoint");
+        if logged {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(logged, "the log says why");
 
     // 405: only GET.
     let (status, _, _) = send(

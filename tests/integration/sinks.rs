@@ -391,3 +391,169 @@ async fn a_directory_others_can_write_gets_no_token_file() {
     .await;
     claims(&token).unwrap();
 }
+
+const CLOUD: &str = "https://www.googleapis.com/auth/cloud-platform";
+const STORAGE_RO: &str = "https://www.googleapis.com/auth/devstorage.read_only";
+
+/// An access-token sink (`scopes` instead of `audience`).
+fn access_sink(path: &Path, extra: &str) -> SinkSettings {
+    toml::from_str(&format!(
+        "scopes = [\"{STORAGE_RO}\", \"{CLOUD}\"]\npath = \"{}\"\n{extra}",
+        path.display()
+    ))
+    .expect("sink settings")
+}
+
+/// Issue 15.3 with `scopes`: an access token in every format, replaced at
+/// each refresh, kept through an outage while valid and removed when it
+/// expires. The identity is a key file, so its access tokens come from the
+/// emulator's token endpoint (jwt-bearer with `scope`), where faults apply.
+#[tokio::test(start_paused = true)]
+async fn an_access_token_sink_is_written_refreshed_and_removed_at_expiry() {
+    let clock = Clock::tokio();
+    let emulator = Emulator::start(EmulatorOptions {
+        clock: clock.clone(),
+        ..EmulatorOptions::default()
+    })
+    .await
+    .unwrap();
+    let keys = support::workdir();
+    let email = "files@sink-project.iam.gserviceaccount.com";
+    let (key, _) = support::key_file(keys.path(), "files", email, &emulator, true);
+    let identity = IdentitySettings {
+        key_file: Some(key),
+        ..IdentitySettings::new("default", SourceKind::ServiceAccountKey)
+    };
+    let source = build_source(0, &identity, &HashMap::new(), &clock).expect("source");
+    let refresh = RefreshSettings::default();
+    let cache = TokenCache::new(
+        [("default".to_owned(), source)],
+        refresh.clone(),
+        clock.clone(),
+    );
+    let dir = support::workdir();
+    let json_path = dir.path().join("access.json");
+    let env_path = dir.path().join("access.env");
+    let header_path = dir.path().join("access.header");
+    let _sinks = SinkSet::start(
+        cache.clone(),
+        clock.clone(),
+        &refresh,
+        &[
+            access_sink(&json_path, "format = \"json\""),
+            access_sink(&env_path, "format = \"env\""),
+            access_sink(&header_path, "format = \"header\""),
+        ],
+    );
+    let first: serde_json::Value = wait_for("the json file", || {
+        serde_json::from_str(&std::fs::read_to_string(&json_path).ok()?).ok()
+    })
+    .await;
+    let token = first["token"].as_str().unwrap().to_owned();
+    let info = support::tokeninfo(&emulator, &token)
+        .await
+        .expect("a token the emulator issued");
+    assert_eq!(info["scope"], format!("{CLOUD} {STORAGE_RO}"));
+    assert_eq!(info["email"], email);
+    assert_eq!(first["scopes"], serde_json::json!([CLOUD, STORAGE_RO]));
+    assert_eq!(first["token_type"], "Bearer");
+    assert_eq!(first["identity"], "default");
+    assert!(first.get("audience").is_none(), "{first}");
+    let expire: std::time::SystemTime =
+        humantime::parse_rfc3339(first["expire_time"].as_str().unwrap()).unwrap();
+    let life = clock.until(expire).as_secs();
+    assert!((3500..=3600).contains(&life), "{life}");
+    // One cache entry for the three files: one upstream call.
+    let env = wait_for("the env file", || std::fs::read_to_string(&env_path).ok()).await;
+    assert_eq!(env, format!("ACCESS_TOKEN={token}\n"), "the default name");
+    let header = wait_for("the header file", || {
+        std::fs::read_to_string(&header_path).ok()
+    })
+    .await;
+    assert_eq!(header, format!("Authorization: Bearer {token}\n"));
+    assert_eq!(emulator.stats().token_access, 1);
+
+    // A refresh replaces the file before expiry…
+    tokio::time::sleep(clock.until(expire) - refresh.refresh_before_expiry + refresh.jitter).await;
+    let second: serde_json::Value = wait_for("the refreshed file", || {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json_path).ok()?).ok()?;
+        (v["token"] != first["token"]).then_some(v)
+    })
+    .await;
+    let expire: std::time::SystemTime =
+        humantime::parse_rfc3339(second["expire_time"].as_str().unwrap()).unwrap();
+
+    // …then an outage: the file stays while its token is valid, and is
+    // removed when it expires, so readers fail closed.
+    emulator.set_faults(Faults {
+        status: Some(503),
+        endpoint: Some("token".into()),
+        ..Faults::default()
+    });
+    tokio::time::sleep(clock.until(expire) - Duration::from_secs(5)).await;
+    assert!(json_path.exists(), "removed before its token expired");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for _ in 0..100 {
+        if !json_path.exists() && !env_path.exists() && !header_path.exists() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !json_path.exists() && !env_path.exists() && !header_path.exists(),
+        "an expired access token was left in a file"
+    );
+}
+
+/// Through a real broker: `[[sinks]]` with `scopes` writes the identity's
+/// access token; check-config names a sink with both or neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configured_scopes_sink_holds_an_access_token() {
+    let emulator = support::emulator().await;
+    let identity = support::metadata_identity("default", &emulator);
+    let files = support::workdir();
+    let path = files.path().join("gcs.token");
+    let table = format!(
+        "[[sinks]]\nscopes = [\"{STORAGE_RO}\"]\npath = \"{}\"\n",
+        path.display()
+    );
+    let broker = Broker::start(
+        move |socket| format!("{}\n{table}", support::config_text(socket, &identity)),
+        "",
+    )
+    .await;
+    let token = wait_for("the token file", || std::fs::read_to_string(&path).ok()).await;
+    broker.served.lock().unwrap().push(token.clone());
+    let info = support::tokeninfo(&emulator, &token)
+        .await
+        .expect("an access token the emulator issued");
+    assert_eq!(info["scope"], STORAGE_RO);
+    assert!(!broker.log().contains(&token));
+}
+
+#[test]
+fn a_sink_holds_an_audience_or_scopes_exactly() {
+    let dir = support::workdir();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[sinks]]\naudience = \"https://a\"\nscopes = [\"{CLOUD}\"]\npath = \"/run/t/both\"\n\n\
+             [[sinks]]\npath = \"/run/t/neither\"\n\n\
+             [[sinks]]\nscopes = [\"has space\", \"\"]\npath = \"/run/t/bad\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) =
+        support::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    for expected in [
+        "sinks[0].scopes: set either audience (the file holds an ID token) or scopes",
+        "sinks[1].audience: required: set audience for an ID token, or scopes for an access token",
+        "sinks[2].scopes[0]: \"has space\" is not a scope",
+        "sinks[2].scopes[1]",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+}
