@@ -260,11 +260,14 @@ mod tests {
     /// An output that holds every write until the test opens the gate.
     struct Gated {
         gate: Gate,
+        /// Told each time the writer reaches the output, before the gate.
+        entered: mpsc::Sender<()>,
         seen: mpsc::Sender<Vec<u8>>,
     }
 
     impl Write for Gated {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.entered.send(());
             let (open, cv) = &*self.gate;
             let mut open = open.lock().unwrap();
             while !*open {
@@ -280,19 +283,40 @@ mod tests {
 
     type Gate = Arc<(Mutex<bool>, Condvar)>;
 
-    fn gated() -> (Pipe, Gate, mpsc::Receiver<Vec<u8>>) {
+    struct GatedPipe {
+        pipe: Pipe,
+        gate: Gate,
+        entered: mpsc::Receiver<()>,
+        received: mpsc::Receiver<Vec<u8>>,
+    }
+
+    impl GatedPipe {
+        /// Sends `first` and returns once the writer has taken it and is
+        /// held at the gate, so the queue behind it is empty.
+        fn hold_writer(&self) {
+            self.pipe.send(line("first"), Keep::Always);
+            self.entered
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the writer reaches its output");
+        }
+    }
+
+    fn gated() -> GatedPipe {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let (seen, received) = mpsc::channel();
+        let (entered_tx, entered) = mpsc::channel();
         let out = Gated {
             gate: gate.clone(),
+            entered: entered_tx,
             seen,
         };
         // BufWriter holds 64 KiB: lines reach Gated only on flush.
-        (
-            Pipe::start(4, Box::new(out), |_| {}).unwrap(),
+        GatedPipe {
+            pipe: Pipe::start(4, Box::new(out), |_| {}).unwrap(),
             gate,
+            entered,
             received,
-        )
+        }
     }
 
     fn open(gate: &(Mutex<bool>, Condvar)) {
@@ -306,11 +330,11 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_droppable_lines_at_once_and_keeps_the_rest() {
-        let (pipe, gate, received) = gated();
+        let gated = gated();
+        let (pipe, gate, received) = (&gated.pipe, &gated.gate, &gated.received);
         // The writer takes the first batch and blocks on the gate; fill the
         // queue behind it.
-        pipe.send(line("first"), Keep::Always);
-        std::thread::sleep(Duration::from_millis(50));
+        gated.hold_writer();
         for i in 0..4 {
             pipe.send(line(&format!("queued {i}")), Keep::Always);
         }
@@ -327,7 +351,7 @@ mod tests {
         let sender = pipe.clone();
         let waiting = std::thread::spawn(move || sender.send(line("denied"), Keep::Always));
         std::thread::sleep(Duration::from_millis(50));
-        open(&gate);
+        open(gate);
         waiting.join().unwrap();
         assert!(pipe.flush(Duration::from_secs(5)));
         let written: String = received
@@ -341,9 +365,9 @@ mod tests {
 
     #[test]
     fn a_wedged_output_bounds_the_wait_of_kept_lines() {
-        let (pipe, gate, _received) = gated();
-        pipe.send(line("first"), Keep::Always);
-        std::thread::sleep(Duration::from_millis(50));
+        let gated = gated();
+        let (pipe, gate) = (&gated.pipe, &gated.gate);
+        gated.hold_writer();
         for i in 0..4 {
             pipe.send(line(&format!("queued {i}")), Keep::Always);
         }
@@ -352,13 +376,14 @@ mod tests {
         let waited = t0.elapsed();
         assert!(waited >= KEEP_WAIT && waited < KEEP_WAIT * 3, "{waited:?}");
         assert_eq!(pipe.dropped(), 1);
-        open(&gate);
+        open(gate);
     }
 
     #[test]
     fn flush_writes_everything_in_order() {
-        let (pipe, gate, received) = gated();
-        open(&gate);
+        let gated = gated();
+        let (pipe, gate, received) = (&gated.pipe, &gated.gate, &gated.received);
+        open(gate);
         for i in 0..100 {
             pipe.send(line(&format!("{i}")), Keep::Always);
         }
