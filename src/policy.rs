@@ -27,7 +27,12 @@ use crate::{
 /// workload when that was confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller<'a> {
-    pub uid: u32,
+    /// `None` for a caller in another network namespace, known only by its
+    /// source IP (a pod reaching the metadata endpoint on a node address):
+    /// it has no uid on this host, so rules with `uids`, `gids`, `exe` or
+    /// `systemd_units` never match it, and only the workload's Kubernetes
+    /// selectors can.
+    pub uid: Option<u32>,
     /// `None` when no group is known (a TCP peer whose uid has no entry in
     /// the user database): only `uids` rules can match it.
     pub gid: Option<u32>,
@@ -266,7 +271,7 @@ impl Rule {
 
     fn selects(&self, caller: &Caller<'_>) -> bool {
         let workload = caller.workload;
-        (self.uids.is_empty() || self.uids.contains(&caller.uid))
+        (self.uids.is_empty() || caller.uid.is_some_and(|uid| self.uids.contains(&uid)))
             && (self.gids.is_empty() || caller.holds_gid(&self.gids))
             && (self.exe.is_empty()
                 || workload
@@ -388,7 +393,7 @@ mod tests {
     #[test]
     fn access_tokens_need_a_rule_granting_every_scope() {
         let caller = Some(Caller {
-            uid: 1000,
+            uid: Some(1000),
             gid: None,
             workload: None,
         });
@@ -445,7 +450,7 @@ mod tests {
         assert_eq!(
             policy.decide_access(
                 Some(Caller {
-                    uid: 1001,
+                    uid: Some(1001),
                     gid: None,
                     workload: None,
                 }),
@@ -552,12 +557,12 @@ mod tests {
     fn decisions() {
         let policy = Policy::compile(&rules()).unwrap();
         let alice = Some(Caller {
-            uid: 1000,
+            uid: Some(1000),
             gid: Some(1000),
             workload: None,
         });
         let team = Some(Caller {
-            uid: 1500,
+            uid: Some(1500),
             gid: Some(2000),
             workload: None,
         });
@@ -604,7 +609,7 @@ mod tests {
         assert!(policy
             .decide(
                 Some(Caller {
-                    uid: 0,
+                    uid: Some(0),
                     gid: Some(5),
                     workload: None,
                 }),
@@ -671,7 +676,7 @@ mod tests {
         let deploy = workload(&[1000, 27], "/usr/bin/deploy", None);
         let caller = |uid, w| {
             Some(Caller {
-                uid,
+                uid: Some(uid),
                 gid: Some(1000),
                 workload: w,
             })
@@ -703,7 +708,7 @@ mod tests {
         let shell = workload(&[1000], "/usr/bin/python3", Some("session-3.scope"));
         let caller = |w| {
             Some(Caller {
-                uid: 1000,
+                uid: Some(1000),
                 gid: Some(1000),
                 workload: w,
             })
@@ -720,7 +725,7 @@ mod tests {
         let with = |gid| {
             policy.decide(
                 Some(Caller {
-                    uid: 1000,
+                    uid: Some(1000),
                     gid: Some(gid),
                     workload: None,
                 }),

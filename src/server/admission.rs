@@ -3,11 +3,11 @@
 //! policy allows this caller (as the kernel named it) this identity and
 //! audience, the identity exists, and a request that brings a new audience
 //! into the cache, or forces a new token with `min_valid_for`, is within its
-//! uid's rate.
+//! uid's rate (a pod known by its source address: that address's rate).
 
 use std::time::Duration;
 
-use super::{live::Live, peer::PeerCredentials};
+use super::{live::Live, peer::PeerCredentials, share::Sharer};
 use crate::{
     cache::{AdmitError, CacheError, CacheKey, TokenCache},
     domain::LogText,
@@ -26,14 +26,14 @@ pub enum Refused {
     /// Names the caller and the request (quoted, escaped and capped), and
     /// nothing about the rules.
     #[error(
-        "uid {} may not use identity {} for audience {} (caller: {})",
-        uid_text(*.uid),
+        "{} may not use identity {} for audience {} (caller: {})",
+        .uid,
         LogText::new(.identity),
         LogText::new(.audience),
         .selectors
     )]
     Denied {
-        uid: Option<u32>,
+        uid: Sharer,
         /// The caller's attested selectors (`gids=... unit=...`), or why
         /// it has none: what the rules were matched against.
         selectors: String,
@@ -42,22 +42,22 @@ pub enum Refused {
     },
     /// An access token whose scopes no rule grants this caller all of.
     #[error(
-        "uid {} may not have access tokens of identity {} for scopes {} (no [[policy]] rule grants them all; access tokens are off until a rule's `scopes` grant them)",
-        uid_text(*.uid),
+        "{} may not have access tokens of identity {} for scopes {} (no [[policy]] rule grants them all; access tokens are off until a rule's `scopes` grant them)",
+        .uid,
         LogText::new(.identity),
         LogText::new(.scopes)
     )]
     DeniedScopes {
-        uid: Option<u32>,
+        uid: Sharer,
         identity: String,
         scopes: String,
     },
     #[error(
-        "uid {uid} asked for too many new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
+        "{uid} asked for too many new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
         .retry_in.as_secs().max(1)
     )]
     TooManyNewAudiences {
-        uid: u32,
+        uid: Sharer,
         per_minute: u32,
         burst: u32,
         retry_in: Duration,
@@ -65,19 +65,15 @@ pub enum Refused {
     /// `min_valid_for` forced a new token while the held one serves
     /// everybody else, once too often: these spend the same budget.
     #[error(
-        "uid {uid} forced too many new tokens with min_valid_for, which count as new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
+        "{uid} forced too many new tokens with min_valid_for, which count as new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
         .retry_in.as_secs().max(1)
     )]
     TooManyForcedMints {
-        uid: u32,
+        uid: Sharer,
         per_minute: u32,
         burst: u32,
         retry_in: Duration,
     },
-}
-
-fn uid_text(uid: Option<u32>) -> String {
-    uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
 }
 
 /// Admits `peer`'s request for (`identity`, `audience`) with `min_valid`
@@ -134,7 +130,7 @@ pub fn grant_access(
     *decision = Some(decided);
     if !decided.allowed() {
         return Err(Refused::DeniedScopes {
-            uid: peer.uid,
+            uid: peer.sharer(),
             identity: identity.to_owned(),
             scopes: set.to_owned(),
         });
@@ -157,13 +153,13 @@ fn spend_for_new_key(
     // from its uid's bucket: the cache asks the bucket as it admits the key,
     // so concurrent askers of that key spend once, and a refused request
     // leaves nothing behind.
-    let spend = |uid: u32| {
+    let spend = |uid: Sharer| {
         let (limits, limiter) = live.limits();
         limiter
             .check(uid)
             .map_err(|retry_in| (limits.clone(), retry_in))
     };
-    let new = match peer.uid {
+    let new = match peer.budget() {
         Some(uid) => cache.admit(&key, || spend(uid)).map_err(|err| match err {
             AdmitError::Refused((limits, retry_in)) => Refused::TooManyNewAudiences {
                 uid,
@@ -178,7 +174,7 @@ fn spend_for_new_key(
     // A request whose `min_valid_for` forces a new token, although the held
     // one serves everybody else, spends from the same bucket.
     if !new && cache.forces_mint(&key, min_valid)? {
-        if let Some(uid) = peer.uid {
+        if let Some(uid) = peer.budget() {
             spend(uid).map_err(|(limits, retry_in)| Refused::TooManyForcedMints {
                 uid,
                 per_minute: limits.new_audiences_per_minute,
@@ -205,7 +201,7 @@ pub fn grant(
     *decision = Some(decided);
     if !decided.allowed() {
         return Err(Refused::Denied {
-            uid: peer.uid,
+            uid: peer.sharer(),
             selectors: peer
                 .selectors()
                 .map_or_else(|| "unattested".to_owned(), |s| s.as_str().to_owned()),
