@@ -21,9 +21,10 @@
 //! it is never treated as "no policy, open".
 //!
 //! Refusals, in the order checked: 403 for a `Host` that does not name this
-//! endpoint (`localhost`, `metadata.google.internal`, `metadata` or the
-//! address connected to, with or without its port: a DNS-rebinding web page
-//! sends its own name), for an absolute-form request target (a proxy
+//! endpoint (`localhost`, `metadata.google.internal`, `metadata`,
+//! `169.254.169.254` or the address connected to, with or without its port,
+//! or port 80 for the metadata server's names behind a redirect: a
+//! DNS-rebinding web page sends its own name), for an absolute-form request target (a proxy
 //! request), or with `X-Forwarded-For`, `Forwarded` or `X-Real-IP` (SSRF
 //! through a proxy); 403 for an unresolved peer; 405 for methods other than
 //! GET; 403 without `Metadata-Flavor: Google` (except on `/`, which Go's
@@ -64,6 +65,7 @@ use super::{
     http_listener::{Connection, ConnectionLimits, HttpListener},
     live::Live,
     peer::PeerCredentials,
+    pod_peer::PodAddresses,
 };
 use crate::{
     cache::{CacheError, CacheOutcome, TokenCache},
@@ -109,6 +111,8 @@ pub struct MetadataEndpoint {
     addr: SocketAddr,
     limits: ConnectionLimits,
     state: Arc<EndpointState>,
+    /// Pods on this node, for callers from other network namespaces.
+    pods: Option<Arc<dyn PodAddresses>>,
 }
 
 /// A serving endpoint; [`RunningEndpoint::stop`] begins a graceful stop.
@@ -133,6 +137,7 @@ impl MetadataEndpoint {
         settings: &MetadataEndpointSettings,
         cache: TokenCache,
         live: Arc<Live>,
+        pods: Option<Arc<dyn PodAddresses>>,
     ) -> Result<Self, BindError> {
         let addr = settings.listen;
         let listen_error = |source| BindError::Listen { addr, source };
@@ -159,6 +164,7 @@ impl MetadataEndpoint {
                 audiences: settings.audiences.clone(),
                 email: AccountEmail::new(known),
             }),
+            pods,
         })
     }
 
@@ -177,6 +183,7 @@ impl MetadataEndpoint {
             addr = %self.addr,
             identity = %self.state.identity,
             allow_list = self.state.audiences.len(),
+            pods_by_address = self.pods.is_some(),
             "metadata endpoint listening"
         );
         let listener = HttpListener {
@@ -185,6 +192,7 @@ impl MetadataEndpoint {
             router: app,
             limits: self.limits,
             resolve_owner: true,
+            pods: self.pods,
         };
         let task = tokio::spawn(listener.serve(async move {
             let _ = stop_rx.await;
@@ -492,8 +500,8 @@ fn admit_connection(
                 StatusCode::FORBIDDEN,
                 format!(
                     "Host {} does not name this metadata endpoint and was rejected: use \
-                     localhost, metadata.google.internal, metadata or {} (DNS-rebinding \
-                     protection)",
+                     localhost, metadata.google.internal, metadata, 169.254.169.254 or {} \
+                     (DNS-rebinding protection)",
                     LogText::new(host),
                     connection.local.ip()
                 ),
@@ -534,7 +542,7 @@ fn admit_connection(
             StatusCode::FORBIDDEN,
             format!(
                 "{unresolved}; token-broker serves only local programs whose user it can \
-                 identify, so the request was rejected"
+                 identify, and pods it can tell apart by address, so the request was rejected"
             ),
         )),
         None => Err(Refusal::new(
@@ -552,8 +560,18 @@ fn header_title(name: &str) -> &'static str {
     }
 }
 
-/// `localhost`, `metadata.google.internal`, `metadata`, or the address the
-/// client connected to; with no port or the one it connected to.
+/// The metadata server's well-known address (PROTOCOLS.md §3). Accepted as
+/// a Host even when the endpoint listens elsewhere: pods reach the endpoint
+/// through a node-level redirect of `169.254.169.254:80` (README,
+/// Kubernetes) and name it so. A rebinding web page cannot send it: its
+/// requests carry the page's own name.
+const METADATA_IP: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254));
+
+/// `localhost`, `metadata.google.internal`, `metadata`, `169.254.169.254`,
+/// or the address the client connected to; with no port or the one it
+/// connected to (or 80 for the metadata server's own names, which a
+/// redirected client sends).
 fn host_names_endpoint(host: &str, local: SocketAddr) -> bool {
     let host = host.to_ascii_lowercase();
     let (name, port) = if let Some(bracketed) = host.strip_prefix('[') {
@@ -574,17 +592,20 @@ fn host_names_endpoint(host: &str, local: SocketAddr) -> bool {
             None => (host.as_str(), None),
         }
     };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let literal = name.parse::<std::net::IpAddr>().ok();
+    let metadata_name =
+        matches!(name, "metadata.google.internal" | "metadata") || literal == Some(METADATA_IP);
     if let Some(port) = port {
-        if port.parse::<u16>().ok() != Some(local.port()) {
+        let port = port.parse::<u16>().ok();
+        if port != Some(local.port()) && !(metadata_name && port == Some(80)) {
             return false;
         }
     }
-    let name = name.strip_suffix('.').unwrap_or(name);
     match name {
-        "localhost" | "metadata.google.internal" | "metadata" => true,
-        literal => literal
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip == local.ip() || Some(ip) == mapped(local.ip())),
+        "localhost" => true,
+        _ if metadata_name => true,
+        _ => literal.is_some_and(|ip| ip == local.ip() || Some(ip) == mapped(local.ip())),
     }
 }
 
@@ -938,6 +959,29 @@ mod tests {
             "",
         ] {
             assert!(!host_names_endpoint(host, v4), "{host}");
+        }
+        // On a node address, reached directly or through a redirect of the
+        // metadata server's address.
+        let node: SocketAddr = "10.128.0.4:8181".parse().unwrap();
+        for host in [
+            "10.128.0.4:8181",
+            "10.128.0.4",
+            "169.254.169.254",
+            "169.254.169.254:80",
+            "169.254.169.254:8181",
+            "metadata.google.internal:80",
+        ] {
+            assert!(host_names_endpoint(host, node), "{host}");
+        }
+        for host in [
+            "10.128.0.4:80",
+            "localhost:80",
+            "169.254.169.253",
+            "169.254.169.254:81",
+            "169.254.169.254.attacker.example",
+            "attacker.example:80",
+        ] {
+            assert!(!host_names_endpoint(host, node), "{host}");
         }
         let v6: SocketAddr = "[::1]:8181".parse().unwrap();
         assert!(host_names_endpoint("[::1]:8181", v6));

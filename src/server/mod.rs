@@ -13,6 +13,7 @@ mod live;
 pub mod loopback_peer;
 pub mod metadata_endpoint;
 pub mod peer;
+pub mod pod_peer;
 mod rate_limit;
 mod reload;
 mod share;
@@ -292,7 +293,12 @@ impl Server {
             .metadata_endpoint
             .as_ref()
             .map(|settings| {
-                metadata_endpoint::MetadataEndpoint::bind(settings, cache.clone(), live.clone())
+                metadata_endpoint::MetadataEndpoint::bind(
+                    settings,
+                    cache.clone(),
+                    live.clone(),
+                    None,
+                )
             })
             .transpose()?;
         let telemetry = match &prepared.settings.telemetry {
