@@ -103,6 +103,10 @@ impl Settings {
                 for (field, set) in [
                     ("base", identity.base.is_some()),
                     ("service_account", identity.service_account.is_some()),
+                    (
+                        "service_account_from",
+                        identity.service_account_from.is_some(),
+                    ),
                     ("delegates", !identity.delegates.is_empty()),
                     ("include_email", !identity.include_email),
                 ] {
@@ -152,6 +156,10 @@ impl Settings {
                     for (field, set) in [
                         ("base", identity.base.is_some()),
                         ("service_account", identity.service_account.is_some()),
+                        (
+                            "service_account_from",
+                            identity.service_account_from.is_some(),
+                        ),
                         ("delegates", !identity.delegates.is_empty()),
                     ] {
                         if set {
@@ -174,12 +182,31 @@ impl Settings {
                         )),
                         Some(_) => {}
                     }
-                    match &identity.service_account {
-                        None => problems.push(Problem::new(
+                    match (&identity.service_account, identity.service_account_from) {
+                        (None, None) => problems.push(Problem::new(
                             key("service_account"),
-                            "required when source = \"impersonate\": the account to mint ID tokens for",
+                            "required when source = \"impersonate\": the account to mint ID tokens for \
+                             (or service_account_from = \"k8s_service_account_annotation\" for an \
+                             account per calling pod)",
                         )),
-                        Some(email) => {
+                        (Some(_), Some(_)) => problems.push(Problem::new(
+                            key("service_account_from"),
+                            "not with service_account: an identity mints either as one fixed \
+                             account or as the one each caller's annotation names",
+                        )),
+                        (None, Some(from)) => {
+                            if KUBERNETES_PENDING_MERGE {
+                                problems.push(Problem::new(
+                                    key("service_account_from"),
+                                    format!(
+                                        "reads the calling pod's service-account annotation \
+                                         {}, which needs a [kubernetes] section",
+                                        from.annotation()
+                                    ),
+                                ));
+                            }
+                        }
+                        (Some(email), None) => {
                             if let Err(message) = validate_account_email(email) {
                                 problems.push(Problem::new(key("service_account"), message));
                             }
@@ -530,7 +557,9 @@ impl Settings {
 }
 
 /// A service account's email, as IAM Credentials takes it.
-fn validate_account_email(email: &str) -> Result<(), String> {
+/// A Google service account email, as `service_account` and a pod's
+/// `iam.gke.io/gcp-service-account` annotation must hold.
+pub fn validate_account_email(email: &str) -> Result<(), String> {
     let ok = email.len() <= 254
         && email.split_once('@').is_some_and(|(user, domain)| {
             !user.is_empty()
@@ -596,3 +625,4 @@ fn validate_host(host: &str) -> Result<(), String> {
         ))
     }
 }
+const KUBERNETES_PENDING_MERGE: bool = false;
