@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod pod_network;
+
 use std::{
     io::Read,
     os::unix::fs::PermissionsExt,
