@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod emulator;
+pub mod kubernetes;
 pub mod logging;
 pub mod metadata_protocol;
 pub mod metrics;

@@ -17,9 +17,9 @@ mod validate;
 pub use load::{process_env, Overrides};
 pub use resolve::resolve_socket_path;
 pub use settings::{
-    AccountFrom, IdentitySettings, LimitSettings, LogFormat, LogSettings, MetadataEndpointSettings,
-    PrefetchSettings, RefreshSettings, RuleSettings, ServerSettings, Settings, SinkFormat,
-    SinkSettings, TelemetrySettings,
+    AccountFrom, IdentitySettings, KubernetesSettings, LimitSettings, LogFormat, LogSettings,
+    MetadataEndpointSettings, PrefetchSettings, RefreshSettings, RuleSettings, ServerSettings,
+    Settings, SinkFormat, SinkSettings, TelemetrySettings, SERVICE_ACCOUNT_DIR,
 };
 pub use validate::validate_account_email;
 
@@ -33,6 +33,9 @@ pub const SOCKET_ENV: &str = "TOKEN_BROKER_SOCKET";
 pub const CREDENTIALS_ENV: &str = "GOOGLE_APPLICATION_CREDENTIALS";
 /// Google's env var naming the metadata server's host[:port].
 pub const METADATA_HOST_ENV: &str = "GCE_METADATA_HOST";
+/// The node's name, from the downward API (`spec.nodeName`): the default
+/// kubelet is `https://$NODE_NAME:10250`.
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]

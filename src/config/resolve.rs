@@ -126,3 +126,36 @@ impl SinkSettings {
         parse_mode(&self.mode).unwrap_or(0o600)
     }
 }
+
+impl super::KubernetesSettings {
+    /// The kubelet's pod list URL: `kubelet_url` (else
+    /// `https://$NODE_NAME:10250`) with `/pods` appended, or why there is
+    /// none, naming the key and the variable.
+    pub fn kubelet_pods_url(&self, env: &HashMap<String, String>) -> Result<url::Url, String> {
+        let base = match &self.kubelet_url {
+            Some(url) => url.clone(),
+            None => {
+                let node = env
+                    .get(super::NODE_NAME_ENV)
+                    .map(|n| n.trim())
+                    .filter(|n| !n.is_empty())
+                    .ok_or(
+                        "not set, and NODE_NAME is not in the environment: set kubelet_url, or \
+                         give the DaemonSet `NODE_NAME` from the downward API (fieldPath: spec.nodeName)",
+                    )?;
+                if !node
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+                {
+                    return Err(format!(
+                        "NODE_NAME {node:?} is not a node name (a-z 0-9 - .)"
+                    ));
+                }
+                format!("https://{node}:10250")
+            }
+        };
+        let base = super::validate::base_url(&base)?;
+        base.join(&format!("{}/pods", base.path().trim_end_matches('/')))
+            .map_err(|e| format!("cannot append /pods to {base}: {e}"))
+    }
+}

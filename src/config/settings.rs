@@ -33,6 +33,9 @@ pub struct Settings {
     pub log: LogSettings,
     /// Tokens kept in files for programs that can only read a file.
     pub sinks: Vec<SinkSettings>,
+    /// Optional: look connecting pods up in the kubelet's pod list, for the
+    /// `k8s_*` policy selectors.
+    pub kubernetes: Option<KubernetesSettings>,
 }
 
 /// `[server]`: the Unix socket.
@@ -372,8 +375,9 @@ impl Default for LogSettings {
 }
 
 /// One `[[policy]]` table as written. Every selector given (`uids`,
-/// `gids`, `exe`, `systemd_units`) must match the caller; rules are
-/// alternatives.
+/// `gids`, `exe`, `systemd_units`, `k8s_namespaces`,
+/// `k8s_service_accounts`, `k8s_pod_labels`) must match the caller; rules
+/// are alternatives.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSettings {
@@ -393,6 +397,18 @@ pub struct RuleSettings {
     /// workload whose cgroup lies in one of them matches.
     #[serde(default)]
     pub systemd_units: Vec<String>,
+    /// Kubernetes namespaces (exact names); an attested pod in one of them
+    /// matches. Needs `[kubernetes]`.
+    #[serde(default)]
+    pub k8s_namespaces: Vec<String>,
+    /// Kubernetes service accounts as `namespace/name`; an attested pod
+    /// running as one of them matches. Needs `[kubernetes]`.
+    #[serde(default)]
+    pub k8s_service_accounts: Vec<String>,
+    /// Pod labels as `key=value`; an attested pod carrying EVERY label
+    /// listed matches. Needs `[kubernetes]`.
+    #[serde(default)]
+    pub k8s_pod_labels: Vec<String>,
     /// Identities granted; `"*"` grants all.
     pub identities: Vec<String>,
     /// Audiences granted: exact strings, or patterns where `*` matches
@@ -474,4 +490,64 @@ fn default_sink_mode() -> String {
 
 fn default_hook_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+/// `[kubernetes]`: where the node's pod list and the cluster's service
+/// accounts are read, so a connection from a pod is known by its namespace,
+/// service account and labels.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSettings {
+    /// The kubelet's base URL; `/pods` is appended. Unset:
+    /// `https://$NODE_NAME:10250` (NODE_NAME from the downward API). An
+    /// `http://` URL (the read-only port, loopback only) is read without
+    /// token or CA.
+    pub kubelet_url: Option<String>,
+    /// The bearer token sent to the kubelet and the API server; re-read
+    /// at every fetch, so a rotated projected token is picked up.
+    pub token_file: PathBuf,
+    /// The CA bundle (PEM) the kubelet's and the API server's certificates
+    /// must chain to; nothing else is trusted.
+    pub ca_file: PathBuf,
+    /// The API server's base URL, read only for service-account annotations.
+    pub api_server_url: String,
+    /// Where the host's `/proc` is mounted: `/proc` unless the broker runs
+    /// in a pod without `hostPID` (then mount the host's at e.g. `/host/proc`).
+    pub proc_root: PathBuf,
+    /// A pod list younger than this answers lookups without a new fetch.
+    #[serde(with = "humantime_serde")]
+    pub pod_cache_ttl: Duration,
+    /// Least time between two pod-list fetches, however many lookups miss.
+    #[serde(with = "humantime_serde")]
+    pub min_fetch_interval: Duration,
+    /// How long a lookup keeps refetching for a pod (or container) the
+    /// kubelet does not list yet: the container-start race.
+    #[serde(with = "humantime_serde")]
+    pub start_race_budget: Duration,
+    /// How long a service account's annotations are kept.
+    #[serde(with = "humantime_serde")]
+    pub annotations_ttl: Duration,
+    /// Longest one call to the kubelet or the API server may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// The service-account token and CA every pod gets.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        Self {
+            kubelet_url: None,
+            token_file: PathBuf::from(format!("{SERVICE_ACCOUNT_DIR}/token")),
+            ca_file: PathBuf::from(format!("{SERVICE_ACCOUNT_DIR}/ca.crt")),
+            api_server_url: "https://kubernetes.default.svc".into(),
+            proc_root: PathBuf::from("/proc"),
+            pod_cache_ttl: Duration::from_secs(30),
+            min_fetch_interval: Duration::from_millis(500),
+            start_race_budget: Duration::from_secs(2),
+            annotations_ttl: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
 }

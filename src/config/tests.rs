@@ -218,6 +218,9 @@ fn every_key_present() -> Settings {
         gids: vec![],
         exe: vec![],
         systemd_units: vec![],
+        k8s_namespaces: vec![],
+        k8s_service_accounts: vec![],
+        k8s_pod_labels: vec![],
         identities: vec![],
         audiences: vec![],
         scopes: vec![],
@@ -241,6 +244,10 @@ fn every_key_present() -> Settings {
     });
     s.sinks
         .push(toml::from_str("audience = \"https://a\"\npath = \"/run/t/a.jwt\"\n").unwrap());
+    s.kubernetes = Some(KubernetesSettings {
+        kubelet_url: Some("https://node-1:10250".into()),
+        ..KubernetesSettings::default()
+    });
     s
 }
 
@@ -394,4 +401,80 @@ fn adc_files_are_told_apart_by_their_type() {
         let named = ids[0].key_file.as_ref().or(ids[0].credential_file.as_ref());
         assert_eq!(named, Some(&path));
     }
+}
+
+#[test]
+fn kubernetes_keys_are_checked_with_their_paths() {
+    let text = r#"
+[kubernetes]
+kubelet_url = "http://10.0.0.5:10255"
+api_server_url = "https://kubernetes.default.svc/?x=1"
+token_file = "token"
+min_fetch_interval = "1ms"
+
+[[policy]]
+uids = [0]
+identities = ["*"]
+audiences = ["*"]
+k8s_namespaces = ["payments"]
+"#;
+    let err = load(text, &[]).unwrap().validate().unwrap_err().to_string();
+    for expected in [
+        "kubernetes.kubelet_url: \"http://10.0.0.5:10255\" must be an https URL (plain http only to loopback",
+        "kubernetes.api_server_url: \"https://kubernetes.default.svc/?x=1\" must be a base URL",
+        "kubernetes.token_file: \"token\" must be an absolute path",
+        "kubernetes.min_fetch_interval: must be between 100ms and 1m",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in {err}");
+    }
+    let err = load("[kubernetes]\nkubelet = \"x\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown field `kubelet`"), "{err}");
+    // k8s selectors without the section.
+    let text = "[[policy]]\nuids = [0]\nidentities = [\"*\"]\naudiences = [\"*\"]\nk8s_pod_labels = [\"app=x\"]\n";
+    let err = load(text, &[]).unwrap().validate().unwrap_err().to_string();
+    assert!(
+        err.contains("policy[0].k8s_pod_labels: needs a [kubernetes] section"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_kubelet_url_defaults_to_node_name_and_says_so_when_unset() {
+    let k = KubernetesSettings::default();
+    let err = k.kubelet_pods_url(&HashMap::new()).unwrap_err();
+    assert!(
+        err.contains("NODE_NAME") && err.contains("spec.nodeName"),
+        "{err}"
+    );
+    let env = HashMap::from([(NODE_NAME_ENV.to_owned(), "gke-pool-1-node-7d2f".to_owned())]);
+    assert_eq!(
+        k.kubelet_pods_url(&env).unwrap().as_str(),
+        "https://gke-pool-1-node-7d2f:10250/pods"
+    );
+    let bad = HashMap::from([(NODE_NAME_ENV.to_owned(), "a/b@c".to_owned())]);
+    assert!(k
+        .kubelet_pods_url(&bad)
+        .unwrap_err()
+        .contains("not a node name"));
+    let proxied = KubernetesSettings {
+        kubelet_url: Some("https://kubernetes.default.svc/api/v1/nodes/n1/proxy/".into()),
+        ..KubernetesSettings::default()
+    };
+    assert_eq!(
+        proxied.kubelet_pods_url(&HashMap::new()).unwrap().as_str(),
+        "https://kubernetes.default.svc/api/v1/nodes/n1/proxy/pods"
+    );
+    let read_only = KubernetesSettings {
+        kubelet_url: Some("http://127.0.0.1:10255".into()),
+        ..KubernetesSettings::default()
+    };
+    assert_eq!(
+        read_only
+            .kubelet_pods_url(&HashMap::new())
+            .unwrap()
+            .as_str(),
+        "http://127.0.0.1:10255/pods"
+    );
 }

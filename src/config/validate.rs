@@ -195,7 +195,7 @@ impl Settings {
                              account or as the one each caller's annotation names",
                         )),
                         (None, Some(from)) => {
-                            if KUBERNETES_PENDING_MERGE {
+                            if self.kubernetes.is_none() {
                                 problems.push(Problem::new(
                                     key("service_account_from"),
                                     format!(
@@ -379,7 +379,92 @@ impl Settings {
             problems.push(Problem::new("log.filter", e.to_string()));
         }
         self.sink_problems(&mut problems);
+        self.kubernetes_problems(&mut problems);
         problems
+    }
+
+    /// `[kubernetes]`, and the `k8s_*` selectors that need it. (The kubelet
+    /// URL's default, which needs `NODE_NAME`, is resolved at startup.)
+    fn kubernetes_problems(&self, problems: &mut Vec<Problem>) {
+        let Some(k) = &self.kubernetes else {
+            for (i, rule) in self.policy.iter().enumerate() {
+                for (field, set) in [
+                    ("k8s_namespaces", !rule.k8s_namespaces.is_empty()),
+                    (
+                        "k8s_service_accounts",
+                        !rule.k8s_service_accounts.is_empty(),
+                    ),
+                    ("k8s_pod_labels", !rule.k8s_pod_labels.is_empty()),
+                ] {
+                    if set {
+                        problems.push(Problem::new(
+                            format!("policy[{i}].{field}"),
+                            "needs a [kubernetes] section: pods are looked up in the kubelet's pod list",
+                        ));
+                    }
+                }
+            }
+            return;
+        };
+        if let Some(url) = &k.kubelet_url {
+            if let Err(message) = base_url(url) {
+                problems.push(Problem::new("kubernetes.kubelet_url", message));
+            }
+        }
+        if let Err(message) = base_url(&k.api_server_url) {
+            problems.push(Problem::new("kubernetes.api_server_url", message));
+        }
+        for (key, path) in [
+            ("kubernetes.token_file", &k.token_file),
+            ("kubernetes.ca_file", &k.ca_file),
+            ("kubernetes.proc_root", &k.proc_root),
+        ] {
+            if !path.is_absolute() {
+                problems.push(Problem::new(
+                    key,
+                    format!("{path:?} must be an absolute path"),
+                ));
+            }
+        }
+        for (key, value, least, most) in [
+            (
+                "kubernetes.pod_cache_ttl",
+                k.pod_cache_ttl,
+                1_000,
+                3_600_000,
+            ),
+            (
+                "kubernetes.min_fetch_interval",
+                k.min_fetch_interval,
+                100,
+                60_000,
+            ),
+            (
+                "kubernetes.start_race_budget",
+                k.start_race_budget,
+                0,
+                60_000,
+            ),
+            (
+                "kubernetes.annotations_ttl",
+                k.annotations_ttl,
+                1_000,
+                3_600_000,
+            ),
+            ("kubernetes.request_timeout", k.request_timeout, 100, 60_000),
+        ] {
+            let ms = value.as_millis();
+            if ms < least || ms > most {
+                problems.push(Problem::new(
+                    key,
+                    format!(
+                        "must be between {} and {}",
+                        humantime::format_duration(Duration::from_millis(least as u64)),
+                        humantime::format_duration(Duration::from_millis(most as u64))
+                    ),
+                ));
+            }
+        }
     }
 
     fn sink_problems(&self, problems: &mut Vec<Problem>) {
@@ -578,6 +663,29 @@ pub fn validate_account_email(email: &str) -> Result<(), String> {
     }
 }
 
+/// A Kubernetes base URL (a path is allowed: the kubelet may be reached
+/// through the API server's node proxy): https, or plain http to loopback
+/// only, since what it answers decides who gets which token; no query,
+/// fragment or user info.
+pub(super) fn base_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    if !crate::domain::upstream_url::is_https_or_loopback(&url) {
+        return Err(format!(
+            "{text:?} must be an https URL (plain http only to loopback: what it answers decides who gets which token)"
+        ));
+    }
+    if url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return Err(format!(
+            "{text:?} must be a base URL like \"https://10.0.0.5:10250\", without query, fragment or user info"
+        ));
+    }
+    Ok(url)
+}
+
 /// An http(s) base URL without query or fragment; plain http only to loopback.
 fn validate_base_url(text: &str) -> Result<(), String> {
     let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
@@ -625,4 +733,3 @@ fn validate_host(host: &str) -> Result<(), String> {
         ))
     }
 }
-const KUBERNETES_PENDING_MERGE: bool = false;

@@ -19,6 +19,8 @@ const LAYERS: &[&[&str]] = &[
     ],
     // Settings, and things that stand beside them.
     &["config", "client", "emulator"],
+    // The kubelet's pod list and the API server's service accounts.
+    &["kubernetes"],
     // Workload attestation: reads /proc for the doors, so policy need not.
     &["attest"],
     &["source", "policy", "logging"],
