@@ -6,7 +6,9 @@
 //! unchangeable afterwards), and the workload's attested selectors
 //! ([`crate::attest`]): its supplementary groups, executable and systemd
 //! unit, read from `/proc` once per connection and confirmed to belong to
-//! the connecting process. Within a rule every selector given must match;
+//! the connecting process, and on a Kubernetes node its pod's namespace,
+//! service account and labels, as the kubelet lists the pod its cgroup
+//! names. Within a rule every selector given must match;
 //! rules are alternatives. A caller whose workload could not be attested
 //! matches only on its uid and primary gid. This module decides on the
 //! [`Caller`] value alone and never reads `/proc` itself.
@@ -21,6 +23,7 @@ use crate::{
         principal::{lookup_group, lookup_user},
         Principal, Problem, MAX_AUDIENCE_LEN,
     },
+    kubernetes::{names, Pod},
 };
 
 /// The caller: what the kernel recorded at connect time, and its attested
@@ -81,6 +84,11 @@ struct Rule {
     gids: Vec<u32>,
     exe: Vec<String>,
     systemd_units: Vec<String>,
+    k8s_namespaces: Vec<String>,
+    /// (namespace, name)
+    k8s_service_accounts: Vec<(String, String)>,
+    /// (key, value); all must be on the pod.
+    k8s_pod_labels: Vec<(String, String)>,
     identities: Vec<String>,
     audiences: Vec<AudiencePattern>,
     scopes: Vec<ScopePattern>,
@@ -106,12 +114,18 @@ impl Policy {
                 && rule.gids.is_empty()
                 && rule.exe.is_empty()
                 && rule.systemd_units.is_empty()
+                && rule.k8s_namespaces.is_empty()
+                && rule.k8s_service_accounts.is_empty()
+                && rule.k8s_pod_labels.is_empty()
             {
                 problems.push(Problem::new(
                     key("uids"),
-                    "a rule must name at least one selector: uids, gids, exe or systemd_units",
+                    "a rule must name at least one selector: uids, gids, exe, systemd_units, \
+                     k8s_namespaces, k8s_service_accounts or k8s_pod_labels",
                 ));
             }
+            let (k8s_namespaces, k8s_service_accounts, k8s_pod_labels) =
+                compile_k8s(rule, i, &mut problems);
             for (j, exe) in rule.exe.iter().enumerate() {
                 if !exe.starts_with('/') || exe.contains('\0') || exe.len() > 4096 {
                     problems.push(Problem::new(
@@ -169,6 +183,9 @@ impl Policy {
                 gids,
                 exe: rule.exe.clone(),
                 systemd_units: rule.systemd_units.clone(),
+                k8s_namespaces,
+                k8s_service_accounts,
+                k8s_pod_labels,
                 identities: rule.identities.clone(),
                 audiences,
                 scopes,
@@ -281,7 +298,75 @@ impl Rule {
                 || workload
                     .and_then(|w| w.systemd_unit.as_ref())
                     .is_some_and(|unit| self.systemd_units.contains(unit)))
+            && self.selects_pod(workload.and_then(|w| w.k8s_pod.as_deref()))
     }
+
+    /// The `k8s_*` selectors: none given, or an attested pod matching each.
+    fn selects_pod(&self, pod: Option<&Pod>) -> bool {
+        if self.k8s_namespaces.is_empty()
+            && self.k8s_service_accounts.is_empty()
+            && self.k8s_pod_labels.is_empty()
+        {
+            return true;
+        }
+        let Some(pod) = pod else {
+            return false;
+        };
+        (self.k8s_namespaces.is_empty() || self.k8s_namespaces.contains(&pod.namespace))
+            && (self.k8s_service_accounts.is_empty()
+                || self
+                    .k8s_service_accounts
+                    .iter()
+                    .any(|(ns, sa)| *ns == pod.namespace && *sa == pod.service_account))
+            && self
+                .k8s_pod_labels
+                .iter()
+                .all(|(key, value)| pod.labels.get(key) == Some(value))
+    }
+}
+
+/// A rule's `k8s_*` selectors, checked against Kubernetes' name grammar.
+#[allow(clippy::type_complexity)]
+fn compile_k8s(
+    rule: &RuleSettings,
+    i: usize,
+    problems: &mut Vec<Problem>,
+) -> (Vec<String>, Vec<(String, String)>, Vec<(String, String)>) {
+    let mut namespaces = Vec::new();
+    for (j, namespace) in rule.k8s_namespaces.iter().enumerate() {
+        if names::is_dns_label(namespace) {
+            namespaces.push(namespace.clone());
+        } else {
+            problems.push(Problem::new(
+                format!("policy[{i}].k8s_namespaces[{j}]"),
+                format!(
+                    "{:?} is not a namespace name (DNS-1123 label: a-z 0-9 -, at most 63)",
+                    crate::domain::LogText::new(namespace).as_str()
+                ),
+            ));
+        }
+    }
+    let mut accounts = Vec::new();
+    for (j, text) in rule.k8s_service_accounts.iter().enumerate() {
+        match names::parse_service_account_ref(text) {
+            Ok((ns, name)) => accounts.push((ns.to_owned(), name.to_owned())),
+            Err(message) => problems.push(Problem::new(
+                format!("policy[{i}].k8s_service_accounts[{j}]"),
+                message,
+            )),
+        }
+    }
+    let mut labels = Vec::new();
+    for (j, text) in rule.k8s_pod_labels.iter().enumerate() {
+        match names::parse_label_selector(text) {
+            Ok((key, value)) => labels.push((key.to_owned(), value.to_owned())),
+            Err(message) => problems.push(Problem::new(
+                format!("policy[{i}].k8s_pod_labels[{j}]"),
+                message,
+            )),
+        }
+    }
+    (namespaces, accounts, labels)
 }
 
 fn resolve(
@@ -664,6 +749,8 @@ mod tests {
             exe: Some(exe.into()),
             systemd_unit: unit.map(str::to_owned),
             pod: None,
+            k8s_pod: None,
+            k8s_unattested: None,
         }
     }
 
@@ -777,5 +864,105 @@ mod tests {
         assert!(problems[1].message.contains("\"nginx\" is not a systemd"));
         // A rule may name a unit alone.
         assert!(Policy::compile(&[rule(&[], &[], &[], &["web.service"])]).is_ok());
+    }
+
+    fn k8s_rule(namespaces: &[&str], accounts: &[&str], labels: &[&str]) -> RuleSettings {
+        let list = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
+        RuleSettings {
+            k8s_namespaces: list(namespaces),
+            k8s_service_accounts: list(accounts),
+            k8s_pod_labels: list(labels),
+            ..rule(&[], &[], &[], &[])
+        }
+    }
+
+    fn pod_workload(namespace: &str, account: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            k8s_pod: Some(std::sync::Arc::new(Pod {
+                namespace: namespace.into(),
+                name: "api-7f9c8d6b5-x2x4q".into(),
+                uid: "5f1c2a9e-8b7d-4e3f-a1b2-c3d4e5f60718".into(),
+                service_account: account.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                pod_ips: vec![],
+                host_network: false,
+                containers: vec![],
+                running: true,
+            })),
+            ..workload(&[0], "/app", None)
+        }
+    }
+
+    #[test]
+    fn k8s_selectors_match_the_attested_pod_only() {
+        let policy = Policy::compile(&[
+            k8s_rule(&[], &["payments/api-sa"], &[]),
+            k8s_rule(&["batch"], &[], &["app=report", "tier=jobs"]),
+        ])
+        .unwrap();
+        let decide = |w: Option<&Workload>| {
+            policy.decide(
+                Some(Caller {
+                    uid: 0,
+                    gid: Some(0),
+                    workload: w,
+                }),
+                "default",
+                "a",
+            )
+        };
+        let api = pod_workload("payments", "api-sa", &[]);
+        assert_eq!(decide(Some(&api)), Decision::AllowedBy(0));
+        // Same uid, same namespace, another service account.
+        let other = pod_workload("payments", "worker-sa", &[]);
+        assert_eq!(decide(Some(&other)), Decision::Denied);
+        // A service account of the same name in another namespace.
+        let elsewhere = pod_workload("staging", "api-sa", &[]);
+        assert_eq!(decide(Some(&elsewhere)), Decision::Denied);
+        // Every listed label, and the namespace.
+        let both = pod_workload("batch", "default", &[("app", "report"), ("tier", "jobs")]);
+        assert_eq!(decide(Some(&both)), Decision::AllowedBy(1));
+        let one = pod_workload("batch", "default", &[("app", "report")]);
+        assert_eq!(decide(Some(&one)), Decision::Denied);
+        let wrong_ns = pod_workload(
+            "payments",
+            "default",
+            &[("app", "report"), ("tier", "jobs")],
+        );
+        assert_eq!(decide(Some(&wrong_ns)), Decision::Denied);
+        // No attested pod (kubelet down, not a pod, unattested): no k8s rule.
+        assert_eq!(
+            decide(Some(&workload(&[0], "/app", None))),
+            Decision::Denied
+        );
+        assert_eq!(decide(None), Decision::Denied);
+    }
+
+    #[test]
+    fn k8s_selectors_are_checked_with_their_keys() {
+        let problems = Policy::compile(&[k8s_rule(
+            &["Payments", "ok"],
+            &["payments", "a/b", "x/Bad_Name"],
+            &["app", "app=ok", "-bad=1", "k=v v"],
+        )])
+        .unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "policy[0].k8s_namespaces[0]",
+                "policy[0].k8s_service_accounts[0]",
+                "policy[0].k8s_service_accounts[2]",
+                "policy[0].k8s_pod_labels[0]",
+                "policy[0].k8s_pod_labels[2]",
+                "policy[0].k8s_pod_labels[3]",
+            ]
+        );
+        assert!(problems[0].message.contains("DNS-1123"), "{}", problems[0]);
+        // A rule may name pods alone.
+        assert!(Policy::compile(&[k8s_rule(&["payments"], &[], &[])]).is_ok());
     }
 }

@@ -101,21 +101,57 @@ pub fn is_unit_name(name: &str) -> bool {
 
 /// The pod (and container) a cgroup path names: a component `pod<uid>`
 /// (cgroupfs driver) or `<prefix>-pod<uid_with_underscores>.slice`
-/// (systemd driver) below a `kubepods` component, and the container ID in
-/// the component right after it.
+/// (systemd driver) one or two levels (the QoS class) below the kubelet's
+/// `kubepods` cgroup, and the container ID in the component right after it.
+///
+/// The `kubepods` cgroup must be at the top of the hierarchy (or right
+/// below kind's `kubelet.slice`): only root can create cgroups there, while
+/// a user with a delegated subtree (`user@1000.service/...`) can create any
+/// name below it, so a pod-shaped path lower down is forged and names no
+/// pod. A path that starts with `..` is seen from inside a cgroup namespace
+/// (the daemon in a pod reading the host's `/proc`): what follows the `..`
+/// steps lies above our own cgroup, in directories only the kubelet
+/// creates, so there the QoS or pod component may come first.
 pub fn pod_of_path(path: &str) -> Option<PodRef> {
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-    let kubepods = components.iter().position(|c| {
-        let name = c.strip_suffix(".slice").unwrap_or(c);
-        name == "kubepods" || name.ends_with("-kubepods") || name.starts_with("kubepods-")
-    })?;
-    let (at, uid) = components
-        .iter()
-        .enumerate()
-        .skip(kubepods)
-        .find_map(|(i, c)| pod_uid_of_component(c).map(|uid| (i, uid)))?;
+    let escaped = components.iter().take_while(|c| **c == "..").count();
+    let components = &components[escaped..];
+    let (at, uid) = if escaped == 0 {
+        let kubepods = match components {
+            [first, ..] if is_kubepods(first) => 0,
+            ["kubelet.slice", second, ..] if is_kubepods(second) => 1,
+            _ => return None,
+        };
+        components
+            .iter()
+            .enumerate()
+            .skip(kubepods + 1)
+            .take(2)
+            .find_map(|(i, c)| pod_uid_of_component(c).map(|uid| (i, uid)))?
+    } else {
+        // Above our namespace: kubepods and QoS levels, then the pod.
+        let at = components
+            .iter()
+            .take(3)
+            .position(|c| pod_uid_of_component(c).is_some())?;
+        let above_ok = components[..at]
+            .iter()
+            .all(|c| is_kubepods(c) || matches!(*c, "burstable" | "besteffort"));
+        if !above_ok {
+            return None;
+        }
+        (at, pod_uid_of_component(components[at])?)
+    };
     let container_id = components.get(at + 1).and_then(|c| container_id(c));
     Some(PodRef { uid, container_id })
+}
+
+/// The kubelet's top cgroup or one of its QoS slices: `kubepods`,
+/// `kubepods.slice`, `kubepods-burstable.slice`, kind's `kubelet-kubepods.slice`.
+fn is_kubepods(component: &str) -> bool {
+    let name = component.strip_suffix(".slice").unwrap_or(component);
+    (name == "kubepods" || name.ends_with("-kubepods") || name.starts_with("kubepods-"))
+        && pod_uid_of_component(component).is_none()
 }
 
 /// `pod<uid>` or `...-pod<uid_with_underscores>.slice`.
@@ -237,6 +273,42 @@ mod tests {
             .pod,
             pod(false)
         );
+    }
+
+    #[test]
+    fn pod_paths_below_a_delegated_subtree_are_forged() {
+        // A user may create any cgroup below its own service: kubepods
+        // names there are not the kubelet's.
+        for path in [
+            format!(
+                "/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-burstable.slice/\
+                 kubepods-burstable-pod{UID_}.slice/cri-containerd-{ID}.scope"
+            ),
+            format!("/system.slice/app.service/kubepods/burstable/pod{UID}/{ID}"),
+            format!("/tb-test-1-0.slice/kubepods/pod{UID}/{ID}"),
+            // The pod too far below kubepods.
+            format!("/kubepods/burstable/extra/pod{UID}/{ID}"),
+            // Seen from a cgroup namespace: what lies above must be the
+            // kubelet's levels.
+            format!("/../../user.slice/kubepods/pod{UID}/{ID}"),
+            format!("/../../../x/y/pod{UID}/{ID}"),
+        ] {
+            assert_eq!(v2(&path).pod, None, "{path}");
+        }
+    }
+
+    #[test]
+    fn paths_seen_from_the_daemons_own_cgroup_namespace_name_pods() {
+        // The broker in a pod reads the host's /proc: a peer's cgroup is
+        // shown relative to the broker's own cgroup (its namespace root).
+        for path in [
+            format!("/../../kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/cri-containerd-{ID}.scope"),
+            format!("/../../../kubepods-burstable-pod{UID_}.slice/cri-containerd-{ID}.scope"),
+            format!("/../../pod{UID}/{ID}"),
+            format!("/../../../besteffort/pod{UID}/{ID}"),
+        ] {
+            assert_eq!(v2(&path).pod, pod(true), "{path}");
+        }
     }
 
     #[test]

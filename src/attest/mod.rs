@@ -12,10 +12,12 @@ pub mod cgroup;
 pub mod process;
 pub mod socket_owner;
 
-use std::fmt;
+use std::{fmt, path::Path, sync::Arc, time::Duration};
 
 pub use cgroup::{CgroupInfo, PodRef};
 use process::Pinned;
+
+use crate::kubernetes::{Pod, PodDirectory};
 
 /// A confirmed workload: what `/proc` said about the connecting process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +32,13 @@ pub struct Workload {
     pub systemd_unit: Option<String>,
     /// The Kubernetes pod its cgroup names.
     pub pod: Option<PodRef>,
+    /// That pod as the kubelet lists it (namespace, service account,
+    /// labels), once looked up and its container confirmed; what the
+    /// `k8s_*` rules match.
+    pub k8s_pod: Option<Arc<Pod>>,
+    /// Why the pod the cgroup names could not be looked up (kubelet down,
+    /// unknown pod or container, no `[kubernetes]`); for denials.
+    pub k8s_unattested: Option<String>,
 }
 
 /// The outcome of attesting one connection.
@@ -44,7 +53,13 @@ impl Attestation {
     /// A Unix-socket peer pinned at accept, whose kernel-recorded uid is
     /// `uid`. Blocks on `/proc`.
     pub fn of_pinned(pinned: Result<Pinned, String>, uid: u32) -> Attestation {
-        match pinned.and_then(|p| confirm(&p, uid)) {
+        Self::of_pinned_in(pinned, uid, Path::new("/proc"))
+    }
+
+    /// As [`Attestation::of_pinned`], reading the `/proc` mounted at
+    /// `proc_root` (the host's, in a pod without `hostPID`).
+    pub fn of_pinned_in(pinned: Result<Pinned, String>, uid: u32, proc_root: &Path) -> Attestation {
+        match pinned.and_then(|p| confirm(&p, uid, proc_root)) {
             Ok(workload) => Attestation::Confirmed(workload),
             Err(why) => Attestation::Unconfirmed(why),
         }
@@ -57,6 +72,36 @@ impl Attestation {
         Self::of_pinned(socket_owner::holder(inode, uid, accepted_ticks), uid)
     }
 
+    /// With the pod its cgroup names looked up in `pods` (waiting at most
+    /// `wait`). A lookup that fails leaves the workload without `k8s_pod`,
+    /// noting why: its other selectors and its uid still count. The pod
+    /// is trusted only as the kubelet lists it, and only when the cgroup's
+    /// container is one of the pod's containers.
+    pub async fn with_pod(self, pods: Option<&PodDirectory>, wait: Duration) -> Attestation {
+        let Attestation::Confirmed(mut workload) = self else {
+            return self;
+        };
+        let Some(pod) = &workload.pod else {
+            return Attestation::Confirmed(workload);
+        };
+        let Some(pods) = pods else {
+            workload.k8s_unattested = Some("no [kubernetes] section is configured".into());
+            return Attestation::Confirmed(workload);
+        };
+        let lookup = pods.by_uid(&pod.uid, pod.container_id.as_deref());
+        match tokio::time::timeout(wait, lookup).await {
+            Ok(Ok(found)) => workload.k8s_pod = Some(found),
+            Ok(Err(error)) => workload.k8s_unattested = Some(error.to_string()),
+            Err(_) => {
+                workload.k8s_unattested = Some(format!(
+                    "the pod lookup took longer than {}ms",
+                    wait.as_millis()
+                ))
+            }
+        }
+        Attestation::Confirmed(workload)
+    }
+
     pub fn workload(&self) -> Option<&Workload> {
         match self {
             Attestation::Confirmed(w) => Some(w),
@@ -65,8 +110,8 @@ impl Attestation {
     }
 }
 
-fn confirm(pinned: &Pinned, uid: u32) -> Result<Workload, String> {
-    let facts = pinned.read()?;
+fn confirm(pinned: &Pinned, uid: u32, proc_root: &Path) -> Result<Workload, String> {
+    let facts = pinned.read_in(proc_root)?;
     // A process that changed its user since it connected is not described
     // by what the kernel recorded at connect.
     if facts.effective_uid != uid {
@@ -81,12 +126,16 @@ fn confirm(pinned: &Pinned, uid: u32) -> Result<Workload, String> {
         exe: facts.exe,
         systemd_unit: facts.cgroup.systemd_unit,
         pod: facts.cgroup.pod,
+        k8s_pod: None,
+        k8s_unattested: None,
     })
 }
 
-/// `gids=1000,27 exe=/usr/bin/x unit=nginx.service pod=<uid>`: the
-/// attested selectors, for logs and denials (each value is quoted by the
-/// caller's log formatter where it is foreign text).
+/// `gids=1000,27 unit=nginx.service`, or for a pod
+/// `gids=0 unit=cri-containerd-<id>.scope k8s=payments/api-sa pod=payments/api-7f9c`
+/// (or `pod=<uid> k8s=unattested (why)`): the attested selectors, for logs
+/// and denials (each value is quoted by the caller's log formatter where it
+/// is foreign text).
 impl fmt::Display for Attestation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -97,8 +146,15 @@ impl fmt::Display for Attestation {
                 if let Some(unit) = &w.systemd_unit {
                     write!(f, " unit={unit}")?;
                 }
-                if let Some(pod) = &w.pod {
-                    write!(f, " pod={}", pod.uid)?;
+                match (&w.k8s_pod, &w.pod) {
+                    (Some(found), _) => write!(f, " {found}")?,
+                    (None, Some(pod)) => {
+                        write!(f, " pod={}", pod.uid)?;
+                        if let Some(why) = &w.k8s_unattested {
+                            write!(f, " k8s=unattested ({why})")?;
+                        }
+                    }
+                    (None, None) => {}
                 }
                 Ok(())
             }

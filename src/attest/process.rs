@@ -16,6 +16,7 @@
 use std::{
     fs,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
 };
 
 use super::cgroup::CgroupInfo;
@@ -84,7 +85,7 @@ impl Pinned {
 
     /// The pinned process's pid in our pid namespace.
     pub fn pid(&self) -> Result<i32, String> {
-        pidfd_pid(&self.pidfd)
+        pidfd_pid(&self.pidfd, Path::new("/proc"))
     }
 
     /// Whether the pinned process has not exited.
@@ -103,8 +104,17 @@ impl Pinned {
     /// was alive and unchanged from before the first read to after the
     /// last, and it started before the connection was accepted.
     pub fn read(&self) -> Result<ProcessFacts, String> {
-        let pid = self.pid()?;
-        let dir = format!("/proc/{pid}");
+        self.read_in(Path::new("/proc"))
+    }
+
+    /// As [`Pinned::read`], through the `/proc` mounted at `proc_root`. A
+    /// daemon in a pod without `hostPID` reads the host's `/proc` (mounted
+    /// e.g. at `/host/proc`): the pidfd's `Pid:` read through that mount is
+    /// the client's pid in the host's namespace, and its entries are the
+    /// client's, though our own `/proc` cannot see it.
+    pub fn read_in(&self, proc_root: &Path) -> Result<ProcessFacts, String> {
+        let pid = pidfd_pid(&self.pidfd, proc_root)?;
+        let dir = format!("{}/{pid}", proc_root.display());
         if !self.alive() {
             return Err("the client exited before it could be attested".into());
         }
@@ -167,8 +177,10 @@ fn peer_pidfd(socket: &impl AsFd) -> Result<Option<OwnedFd>, String> {
 
 /// The pid a pidfd names in our pid namespace (`Pid:` of its fdinfo):
 /// `-1` once the process has exited, `0` outside our namespace.
-fn pidfd_pid(pidfd: &OwnedFd) -> Result<i32, String> {
-    let path = format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd());
+fn pidfd_pid(pidfd: &OwnedFd, proc_root: &Path) -> Result<i32, String> {
+    // `self` in a /proc is this process as that /proc's pid namespace
+    // sees it, and the kernel writes `Pid:` in that namespace too.
+    let path = format!("{}/self/fdinfo/{}", proc_root.display(), pidfd.as_raw_fd());
     let info = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     let pid = info
         .lines()

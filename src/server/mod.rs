@@ -36,6 +36,7 @@ use crate::{
     clock::Clock,
     config::{ConfigError, IdentitySettings, LimitSettings, Settings},
     domain::Problem,
+    kubernetes::PodDirectory,
     policy::Policy,
     proto::token_broker_server::TokenBrokerServer,
     source::{build_sources, IdTokenSource},
@@ -58,6 +59,8 @@ pub struct Prepared {
     pub socket_path: PathBuf,
     pub socket_mode: u32,
     pub clock: Clock,
+    /// The node's pods (`[kubernetes]`), for attesting connections from pods.
+    pub pods: Option<Arc<PodDirectory>>,
 }
 
 impl Prepared {
@@ -105,10 +108,21 @@ impl Prepared {
         for (i, sink) in settings.sinks.iter().enumerate() {
             require(format!("sinks[{i}].identity"), &sink.identity);
         }
+        let pods = match &settings.kubernetes {
+            Some(k) => match PodDirectory::new(k, env) {
+                Ok(pods) => Some(Arc::new(pods)),
+                Err(problem) => {
+                    problems.push(problem);
+                    None
+                }
+            },
+            None => None,
+        };
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
         Ok(Self {
+            pods,
             policy,
             socket_group,
             socket_path: settings.socket_path(env),
@@ -188,6 +202,13 @@ impl Prepared {
                 telemetry.listen
             ));
         }
+        if let Some(pods) = &self.pods {
+            out.push_str(&format!(
+                "kubernetes: pods from {}, /proc at {}\n",
+                pods.origin(),
+                pods.proc_root().display()
+            ));
+        }
         out
     }
 
@@ -261,6 +282,8 @@ pub struct Server {
     hangup: Option<tokio::signal::unix::Signal>,
     /// The clock token files are timed by.
     clock: crate::clock::Clock,
+    /// The node's pods, for attesting connections from pods.
+    pods: Option<Arc<PodDirectory>>,
 }
 
 pub use accept::raise_descriptor_limit;
@@ -349,6 +372,7 @@ impl Server {
             reload: None,
             hangup,
             clock: prepared.clock,
+            pods: prepared.pods,
         })
     }
 
@@ -400,6 +424,7 @@ impl Server {
             reload,
             hangup,
             clock,
+            pods,
         } = self;
         // Token files, kept from the same cache; a reload applies `[[sinks]]`.
         let mut sinks = Some(crate::sink::SinkSet::start(
@@ -495,7 +520,7 @@ impl Server {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(broker)
-                .serve_with_incoming_shutdown(peer::incoming(listener, &limits), async {
+                .serve_with_incoming_shutdown(peer::incoming(listener, &limits, pods), async {
                     let _ = stop_rx.await;
                 }),
         );

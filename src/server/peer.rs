@@ -4,8 +4,9 @@
 //! The kernel records the client's uid, gid and pid when it connects
 //! (SO_PEERCRED). At accept the process is also pinned by a pidfd, and its
 //! workload (supplementary groups, executable, systemd unit) is read from
-//! `/proc` on a blocking thread, off the accept loop ([`crate::attest`]);
-//! requests wait for that one reading. Only a reading confirmed to describe
+//! `/proc` on a blocking thread, off the accept loop ([`crate::attest`]),
+//! and a pod its cgroup names is looked up in the kubelet's pod list
+//! ([`crate::kubernetes`]); requests wait for that one reading. Only a reading confirmed to describe
 //! the connecting process is used by the policy.
 
 use std::{
@@ -32,12 +33,18 @@ use crate::{
     attest::{process::Pinned, Attestation},
     config::LimitSettings,
     domain::LogText,
+    kubernetes::PodDirectory,
     policy::Caller,
 };
 
 /// Longest a request waits for its connection's attestation; past it the
 /// connection is unattested (its uid and primary gid still count).
 const ATTEST_WAIT: Duration = Duration::from_secs(5);
+
+/// Longest the kubelet lookup of a connection's pod may take (inside
+/// `ATTEST_WAIT`, so a slow kubelet costs the connection its `k8s_*`
+/// selectors, not its other attested selectors).
+const POD_WAIT: Duration = Duration::from_secs(4);
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Default)]
@@ -267,6 +274,7 @@ impl AsyncWrite for PeerStream {
 pub fn incoming(
     listener: tokio::net::UnixListener,
     limits: &LimitSettings,
+    pods: Option<Arc<PodDirectory>>,
 ) -> impl Stream<Item = io::Result<PeerStream>> {
     let shares = Shares::new(limits.max_connections, limits.max_connections_per_uid);
     let idle_timeout = limits.idle_timeout;
@@ -310,13 +318,22 @@ pub fn incoming(
                 // The pidfd now (system calls only); /proc off this loop.
                 let pinned = Pinned::unix_peer(&stream, credentials.pid);
                 let (done, pending) = watch::channel(None);
+                let pods = pods.clone();
                 tokio::spawn(async move {
-                    let attestation =
-                        tokio::task::spawn_blocking(move || Attestation::of_pinned(pinned, uid))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Attestation::Unconfirmed("the attestation task failed".into())
-                            });
+                    let proc_root = pods.as_ref().map_or_else(
+                        || std::path::PathBuf::from("/proc"),
+                        |p| p.proc_root().to_owned(),
+                    );
+                    let attestation = tokio::task::spawn_blocking(move || {
+                        Attestation::of_pinned_in(pinned, uid, &proc_root)
+                    })
+                    .await
+                    .unwrap_or_else(|_| {
+                        Attestation::Unconfirmed("the attestation task failed".into())
+                    });
+                    // The pod its cgroup names, from the kubelet: async,
+                    // bounded, and off the accept loop like the /proc read.
+                    let attestation = attestation.with_pod(pods.as_deref(), POD_WAIT).await;
                     let _ = done.send(Some(Arc::new(attestation)));
                 });
                 pending

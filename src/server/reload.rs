@@ -67,6 +67,7 @@ fn apply(running: &mut Running, new: Prepared, cache: &TokenCache, live: &live::
             old.metadata_endpoint != new.settings.metadata_endpoint,
         ),
         ("telemetry", old.telemetry != new.settings.telemetry),
+        ("kubernetes", old.kubernetes != new.settings.kubernetes),
         ("log.format", old.log.format != new.settings.log.format),
         (
             "limits.max_connections/max_streams/max_request_bytes/*_per_uid/idle_timeout",
