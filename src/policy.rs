@@ -906,7 +906,7 @@ mod tests {
         let decide = |w: Option<&Workload>| {
             policy.decide(
                 Some(Caller {
-                    uid: 0,
+                    uid: Some(0),
                     gid: Some(0),
                     workload: w,
                 }),
@@ -939,6 +939,50 @@ mod tests {
             Decision::Denied
         );
         assert_eq!(decide(None), Decision::Denied);
+    }
+
+    /// A pod known only by its source address (the metadata endpoint on a
+    /// node address) has no uid, group, executable or unit here: only
+    /// `k8s_*` rules can match it, whatever else the rules name.
+    #[test]
+    fn a_caller_known_by_its_pod_address_matches_k8s_rules_only() {
+        fn by_address(w: &Workload) -> Caller<'_> {
+            Caller {
+                uid: None,
+                gid: None,
+                workload: Some(w),
+            }
+        }
+        let mut pod = pod_workload("payments", "api-sa", &[]);
+        pod.gids.clear();
+        pod.exe = None;
+        let by_uid = Policy::compile(&[rule(&[0], &[0], &[], &[])]).unwrap();
+        assert_eq!(
+            by_uid.decide(Some(by_address(&pod)), "default", "a"),
+            Decision::Denied
+        );
+        let by_exe = Policy::compile(&[rule(&[], &[], &["/app"], &[])]).unwrap();
+        assert_eq!(
+            by_exe.decide(Some(by_address(&pod)), "default", "a"),
+            Decision::Denied
+        );
+        let by_pod =
+            Policy::compile(&[rule(&[0], &[], &[], &[]), k8s_rule(&["payments"], &[], &[])])
+                .unwrap();
+        assert_eq!(
+            by_pod.decide(Some(by_address(&pod)), "default", "a"),
+            Decision::AllowedBy(1)
+        );
+        // A k8s rule that also names a uid needs both: never for this caller.
+        let both = Policy::compile(&[RuleSettings {
+            k8s_namespaces: vec!["payments".into()],
+            ..rule(&[0], &[], &[], &[])
+        }])
+        .unwrap();
+        assert_eq!(
+            both.decide(Some(by_address(&pod)), "default", "a"),
+            Decision::Denied
+        );
     }
 
     #[test]

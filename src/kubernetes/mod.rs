@@ -18,7 +18,7 @@ mod pod_list;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 
-pub use directory::PodDirectory;
+pub use directory::{PodDirectory, POD_IP_MAX_AGE};
 pub use pod_list::{parse_pod_list, ParsedPods};
 
 /// One pod of the node, as the kubelet listed it.

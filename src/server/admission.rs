@@ -74,22 +74,31 @@ pub enum Refused {
         burst: u32,
         retry_in: Duration,
     },
+    /// A per-workload identity cannot name the caller's account: the caller
+    /// is no attested pod, or its service account has no (valid)
+    /// annotation. Fixed by the operator, not by retrying.
+    #[error("{message}")]
+    NoWorkloadAccount { message: String },
+    /// The caller's service account could not be read (API server down).
+    #[error("{message}")]
+    WorkloadAccountUnavailable { message: String },
 }
 
-/// Admits `peer`'s request for (`identity`, `audience`) with `min_valid`
-/// (`Duration::ZERO` when none was asked), or says why not. `decision` is
-/// set as soon as the policy has decided, for the audit line.
-pub fn admit(
+/// Admits `peer`'s request for an ID-token `key` with `min_valid`
+/// (`Duration::ZERO` when none was asked), or says why not: the policy
+/// grants the key's identity and audience, and a key new to the cache (for
+/// a per-workload identity, one minted as the caller's account,
+/// [`super::workload_account::key_for`]) is within the caller's budget.
+/// `decision` is set as soon as the policy has decided, for the audit line.
+pub fn admit_key(
     cache: &TokenCache,
     live: &Live,
     peer: &PeerCredentials,
-    identity: &str,
-    audience: &str,
+    key: CacheKey,
     min_valid: Duration,
     decision: &mut Option<Decision>,
 ) -> Result<CacheKey, Refused> {
-    let key = CacheKey::new(identity, audience).map_err(CacheError::from)?;
-    grant(cache, live, peer, identity, audience, decision)?;
+    grant(cache, live, peer, key.identity(), key.audience(), decision)?;
     spend_for_new_key(cache, live, peer, key, min_valid)
 }
 

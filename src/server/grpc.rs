@@ -18,11 +18,13 @@ use super::{
     peer::PeerCredentials,
     share::{Full, Place, Shares},
     watch_stream::{self, WatchFeed},
+    workload_account,
 };
 use crate::{
     cache::{CacheError, CacheKey, EntryState, TokenCache},
     config::LimitSettings,
     domain::{validate_requested_identity, LogText},
+    kubernetes::PodDirectory,
     proto::{self, token_broker_server::TokenBroker},
     source::{access::CLOUD_PLATFORM_SCOPE, SourceError},
     token::{AccessToken, IdToken},
@@ -39,6 +41,8 @@ pub struct BrokerService {
     /// Becomes true when the daemon begins to stop: open watch streams end
     /// with UNAVAILABLE so clients reconnect to the next instance.
     stopping: watch::Receiver<bool>,
+    /// The node's pods, for per-workload identities' accounts.
+    pods: Option<Arc<PodDirectory>>,
 }
 
 impl BrokerService {
@@ -53,7 +57,15 @@ impl BrokerService {
             live,
             streams: Shares::new(limits.max_streams, limits.max_streams_per_uid),
             stopping,
+            pods: None,
         }
+    }
+
+    /// With the node's pods (`[kubernetes]`), which per-workload
+    /// identities read their callers' accounts from.
+    pub fn with_pods(mut self, pods: Option<Arc<PodDirectory>>) -> Self {
+        self.pods = pods;
+        self
     }
 }
 
@@ -210,16 +222,27 @@ impl BrokerService {
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
     }
 
-    /// Validates, checks the policy and the rate limit: the key to look up.
-    fn admit(&self, audit: &mut Audit, min_valid: Duration) -> Result<CacheKey, Status> {
+    /// Validates, checks the policy and the rate limit: the key to look up
+    /// (for a per-workload identity, minted as the caller's account).
+    async fn admit(&self, audit: &mut Audit, min_valid: Duration) -> Result<CacheKey, Status> {
         validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
         audit.known = self.cache.knows(&audit.identity);
-        admission::admit(
+        let key = workload_account::key_for(
             &self.cache,
             &self.live,
+            self.pods.as_deref(),
             &audit.peer,
             &audit.identity,
             &audit.audience,
+            &mut audit.decision,
+        )
+        .await
+        .map_err(|refused| refused_status(&refused))?;
+        admission::admit_key(
+            &self.cache,
+            &self.live,
+            &audit.peer,
+            key,
             min_valid,
             &mut audit.decision,
         )
@@ -233,7 +256,7 @@ impl BrokerService {
         wait: Duration,
     ) -> Result<proto::IdToken, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
-        let key = self.admit(audit, min_valid)?;
+        let key = self.admit(audit, min_valid).await?;
         let lookup = tokio::time::timeout(wait, self.cache.get(&key, min_valid))
             .await
             .map_err(|_| deadline_exceeded(key.identity(), wait))?
@@ -326,7 +349,7 @@ impl BrokerService {
         wait: Duration,
     ) -> Result<OpenWatch<watch_stream::IdTokens>, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
-        let key = self.admit(audit, min_valid)?;
+        let key = self.admit(audit, min_valid).await?;
         let slot = self
             .streams
             .take(audit.peer.uid)
@@ -472,6 +495,8 @@ fn refused_status(refused: &Refused) -> Status {
         Refused::TooManyNewAudiences { .. } | Refused::TooManyForcedMints { .. } => {
             Status::resource_exhausted(refused.to_string())
         }
+        Refused::NoWorkloadAccount { .. } => Status::failed_precondition(refused.to_string()),
+        Refused::WorkloadAccountUnavailable { .. } => Status::unavailable(refused.to_string()),
     }
 }
 

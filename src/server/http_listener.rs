@@ -22,9 +22,10 @@ use super::{
     idle::{Activity, IdleTimeout, Tracked},
     loopback_peer::{self, SocketOwner, Unresolved},
     peer::PeerCredentials,
-    pod_peer::{self, PodAddresses},
+    pod_peer,
     share::{Sharer, Shares},
 };
+use crate::kubernetes::PodDirectory;
 
 /// Largest request head (request line and headers) read, in bytes.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
@@ -61,7 +62,7 @@ pub struct HttpListener {
     pub resolve_owner: bool,
     /// With `resolve_owner`: a peer with no socket on this host (another
     /// network namespace) is attested by its source address as a pod.
-    pub pods: Option<Arc<dyn PodAddresses>>,
+    pub pods: Option<Arc<PodDirectory>>,
 }
 
 impl HttpListener {
@@ -99,14 +100,20 @@ impl HttpListener {
                     let owner = (resolve_owner && !shares.full())
                         .then(|| loopback_peer::owner(peer, local));
                     let uid = owner.as_ref().and_then(|o| o.as_ref().ok().map(|o| o.uid));
-                    // No socket here: a pod, counted by its address.
-                    let pod = match (&owner, &pods) {
-                        (Some(Err(_)), Some(pods)) => Some(Arc::clone(pods)),
-                        _ => None,
+                    let accepted = match (owner, &pods) {
+                        (None, _) => AcceptedPeer::Unasked,
+                        (Some(Ok(owner)), _) => AcceptedPeer::Owned(owner),
+                        (Some(Err(unresolved)), Some(pods)) => {
+                            AcceptedPeer::MaybePod(unresolved, Arc::clone(pods))
+                        }
+                        (Some(Err(unresolved)), None) => AcceptedPeer::Unresolved(unresolved),
                     };
-                    let sharer = match pod {
-                        Some(_) => Sharer::Address(pod_peer::canonical(peer.ip())),
-                        None => Sharer::Uid(uid),
+                    // No socket here: a pod, counted by its address.
+                    let sharer = match accepted {
+                        AcceptedPeer::MaybePod(..) => {
+                            Sharer::Address(pod_peer::canonical(peer.ip()))
+                        }
+                        _ => Sharer::Uid(uid),
                     };
                     // Processes started after this cannot be the client.
                     let accepted_ticks = boottime_ticks().unwrap_or(0);
@@ -127,7 +134,7 @@ impl HttpListener {
                     };
                     connections.spawn(serve_connection(
                         stream,
-                        (peer, local, owner.map(|o| (o, pod)), accepted_ticks),
+                        (peer, local, accepted, accepted_ticks),
                         router.clone(),
                         limits.clone(),
                         closing.clone(),
@@ -142,17 +149,22 @@ impl HttpListener {
     }
 }
 
+/// What accept learned of a connection's peer; resolved further off the
+/// accept loop.
+enum AcceptedPeer {
+    /// Not asked (telemetry, or every place taken).
+    Unasked,
+    /// Its socket is on this host, created by a uid.
+    Owned(SocketOwner),
+    /// No socket here, and no pods to look it up in.
+    Unresolved(Unresolved),
+    /// No socket here: perhaps a pod, looked up by its source address.
+    MaybePod(Unresolved, Arc<PodDirectory>),
+}
+
 async fn serve_connection(
     stream: tokio::net::TcpStream,
-    (peer, local, owner, accepted_ticks): (
-        SocketAddr,
-        SocketAddr,
-        Option<(
-            Result<SocketOwner, Unresolved>,
-            Option<Arc<dyn PodAddresses>>,
-        )>,
-        u64,
-    ),
+    (peer, local, accepted, accepted_ticks): (SocketAddr, SocketAddr, AcceptedPeer, u64),
     router: Router,
     limits: ConnectionLimits,
     mut closing: tokio::sync::watch::Receiver<bool>,
@@ -160,8 +172,8 @@ async fn serve_connection(
 ) {
     // The user database may be remote (LDAP, sssd) and /proc is searched
     // for the socket's process: once per connection, off the async workers.
-    let owner = match owner {
-        Some((Ok(SocketOwner { uid, inode }), _)) => {
+    let owner = match accepted {
+        AcceptedPeer::Owned(SocketOwner { uid, inode }) => {
             Some(Ok(tokio::task::spawn_blocking(move || {
                 PeerCredentials::of_uid(uid).with_attestation(Attestation::of_tcp_socket(
                     inode,
@@ -174,9 +186,9 @@ async fn serve_connection(
         }
         // Not this host's: the pod holding the source address, looked up
         // here, off the accept loop, once per connection.
-        Some((Err(unresolved), Some(pods))) => {
+        AcceptedPeer::MaybePod(unresolved, pods) => {
             let address = pod_peer::canonical(peer.ip());
-            Some(match pod_peer::attest(pods.as_ref(), address).await {
+            Some(match pod_peer::attest(&*pods, address).await {
                 Ok(attestation) => Ok(PeerCredentials::of_source_address(address, attestation)),
                 Err(why) => Err(Unresolved {
                     peer: unresolved.peer,
@@ -184,8 +196,8 @@ async fn serve_connection(
                 }),
             })
         }
-        Some((Err(unresolved), None)) => Some(Err(unresolved)),
-        None => None,
+        AcceptedPeer::Unresolved(unresolved) => Some(Err(unresolved)),
+        AcceptedPeer::Unasked => None,
     };
     let connection = Connection { peer, local, owner };
     let activity = Activity::new();

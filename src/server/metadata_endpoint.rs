@@ -65,12 +65,13 @@ use super::{
     http_listener::{Connection, ConnectionLimits, HttpListener},
     live::Live,
     peer::PeerCredentials,
-    pod_peer::PodAddresses,
+    workload_account,
 };
 use crate::{
     cache::{CacheError, CacheOutcome, TokenCache},
     config::MetadataEndpointSettings,
     domain::LogText,
+    kubernetes::PodDirectory,
     metadata_protocol::{account_and_leaf, Leaf, Query},
     policy::Decision,
     source::SourceError,
@@ -112,7 +113,7 @@ pub struct MetadataEndpoint {
     limits: ConnectionLimits,
     state: Arc<EndpointState>,
     /// Pods on this node, for callers from other network namespaces.
-    pods: Option<Arc<dyn PodAddresses>>,
+    pods: Option<Arc<PodDirectory>>,
 }
 
 /// A serving endpoint; [`RunningEndpoint::stop`] begins a graceful stop.
@@ -128,6 +129,8 @@ struct EndpointState {
     identity: String,
     audiences: Vec<String>,
     email: AccountEmail,
+    /// The node's pods, for a per-workload identity's callers' accounts.
+    pods: Option<Arc<PodDirectory>>,
 }
 
 impl MetadataEndpoint {
@@ -137,7 +140,7 @@ impl MetadataEndpoint {
         settings: &MetadataEndpointSettings,
         cache: TokenCache,
         live: Arc<Live>,
-        pods: Option<Arc<dyn PodAddresses>>,
+        pods: Option<Arc<PodDirectory>>,
     ) -> Result<Self, BindError> {
         let addr = settings.listen;
         let listen_error = |source| BindError::Listen { addr, source };
@@ -163,6 +166,7 @@ impl MetadataEndpoint {
                 identity: settings.identity.clone(),
                 audiences: settings.audiences.clone(),
                 email: AccountEmail::new(known),
+                pods: pods.clone(),
             }),
             pods,
         })
@@ -648,7 +652,7 @@ async fn answer(
         Route::Root => unreachable!("answered above"),
         Route::Listing(body) => Ok(respond(StatusCode::OK, TEXT, body.into())),
         Route::ServiceAccounts => {
-            let email = state.email.get(&state.cache, &state.identity).await?;
+            let email = state.account_email(peer).await?;
             Ok(respond(
                 StatusCode::OK,
                 TEXT,
@@ -666,15 +670,15 @@ async fn answer(
             if leaf == Leaf::Unknown {
                 return Err(not_served(uri.path()));
             }
-            state.check_account(&account).await?;
+            state.check_account(peer, &account).await?;
             match leaf {
                 Leaf::Identity => state.identity_token(peer, &query, outcome).await,
                 Leaf::Email => {
-                    let email = state.email.get(&state.cache, &state.identity).await?;
+                    let email = state.account_email(peer).await?;
                     Ok(respond(StatusCode::OK, TEXT, email))
                 }
                 Leaf::Directory if query.recursive() => {
-                    let email = state.email.get(&state.cache, &state.identity).await?;
+                    let email = state.account_email(peer).await?;
                     // No scopes: the broker grants no access tokens.
                     let body = serde_json::json!({
                         "aliases": ["default"],
@@ -698,8 +702,20 @@ async fn answer(
 }
 
 impl EndpointState {
-    /// `default`, or the identity's own email, names the served account.
-    async fn check_account(&self, account: &str) -> Result<(), Refusal> {
+    /// The served account's email for `peer`: a per-workload identity's is
+    /// the caller's own (its pod's annotation), any other the identity's.
+    async fn account_email(&self, peer: &PeerCredentials) -> Result<String, Refusal> {
+        match workload_account::resolve(&self.cache, self.pods.as_deref(), peer, &self.identity)
+            .await
+        {
+            Ok(Some(account)) => Ok(account),
+            Ok(None) => self.email.get(&self.cache, &self.identity).await,
+            Err(refused) => Err(self.refused(refused)),
+        }
+    }
+
+    /// `default`, or the served account's email, names the served account.
+    async fn check_account(&self, peer: &PeerCredentials, account: &str) -> Result<(), Refusal> {
         // Checked as gRPC checks a requested identity, before it is echoed.
         crate::domain::validate_requested_identity(account).map_err(|e| {
             Refusal::new(
@@ -711,7 +727,7 @@ impl EndpointState {
             return Ok(());
         }
         // Only an email can match; do not mint a probe token for junk.
-        if account.contains('@') && self.email.get(&self.cache, &self.identity).await? == account {
+        if account.contains('@') && self.account_email(peer).await? == account {
             return Ok(());
         }
         Err(Refusal::new(
@@ -765,22 +781,35 @@ impl EndpointState {
                 ),
             ));
         }
-        let key = admission::admit(
+        let key = workload_account::key_for(
             &self.cache,
             &self.live,
+            self.pods.as_deref(),
             peer,
             &self.identity,
             audience,
-            Duration::ZERO,
             &mut outcome.decision,
         )
+        .await
+        .and_then(|key| {
+            admission::admit_key(
+                &self.cache,
+                &self.live,
+                peer,
+                key,
+                Duration::ZERO,
+                &mut outcome.decision,
+            )
+        })
         .map_err(|refused| self.refused(refused))?;
         let lookup = tokio::time::timeout(MAX_WAIT, self.cache.get(&key, Duration::ZERO))
             .await
             .map_err(|_| timed_out(&self.identity))?
             .map_err(|e| self.cache_failure(e))?;
         outcome.cache = Some(lookup.outcome);
-        self.email.learn(lookup.token.email());
+        if key.account().is_none() {
+            self.email.learn(lookup.token.email());
+        }
         Ok(respond(
             StatusCode::OK,
             TEXT,
@@ -800,6 +829,14 @@ impl EndpointState {
                 let mut refusal = Refusal::new(StatusCode::TOO_MANY_REQUESTS, refused.to_string());
                 refusal.retry_after = Some(retry_in.as_secs().max(1));
                 refusal
+            }
+            // 403, which google-auth does not retry: the operator must
+            // annotate the service account.
+            Refused::NoWorkloadAccount { .. } => {
+                Refusal::new(StatusCode::FORBIDDEN, refused.to_string())
+            }
+            Refused::WorkloadAccountUnavailable { .. } => {
+                Refusal::new(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
             }
         }
     }

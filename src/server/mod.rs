@@ -21,6 +21,7 @@ pub mod socket;
 pub mod systemd;
 pub mod telemetry;
 mod watch_stream;
+mod workload_account;
 
 use std::{
     collections::HashMap,
@@ -320,7 +321,7 @@ impl Server {
                     settings,
                     cache.clone(),
                     live.clone(),
-                    None,
+                    prepared.pods.clone(),
                 )
             })
             .transpose()?;
@@ -505,9 +506,10 @@ impl Server {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let broker =
-            TokenBrokerServer::new(grpc::BrokerService::new(cache, live, &limits, stopping))
-                .max_decoding_message_size(limits.max_request_bytes);
+        let broker = TokenBrokerServer::new(
+            grpc::BrokerService::new(cache, live, &limits, stopping).with_pods(pods.clone()),
+        )
+        .max_decoding_message_size(limits.max_request_bytes);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(

@@ -22,7 +22,10 @@
 
 use std::{future::Future, net::IpAddr, pin::Pin};
 
-use crate::attest::Attestation;
+use crate::{
+    attest::{Attestation, PodRef, Workload},
+    kubernetes::PodDirectory,
+};
 
 /// What the pod lookup answers: the caller's attestation, or why none.
 pub type PodAttestFuture<'a> =
@@ -33,6 +36,37 @@ pub trait PodAddresses: Send + Sync + 'static {
     /// The attested workload of the pod whose `podIP` is `address`, or why
     /// the caller cannot be told apart (unknown, shared, hostNetwork).
     fn attest(&self, address: IpAddr) -> PodAttestFuture<'_>;
+}
+
+/// The kubelet's pod list: the one running pod with that `podIP` (from a
+/// list at most [`crate::kubernetes::POD_IP_MAX_AGE`] old,
+/// since addresses are reused), never a hostNetwork one.
+impl PodAddresses for PodDirectory {
+    fn attest(&self, address: IpAddr) -> PodAttestFuture<'_> {
+        Box::pin(async move {
+            let pod = self.by_ip(address).await.map_err(|e| e.to_string())?;
+            if pod.host_network {
+                return Err(format!(
+                    "{address} is hostNetwork pod {}/{}'s, which shares the node's address",
+                    pod.namespace, pod.name
+                ));
+            }
+            // Known by its address only: no process, so no uid, groups,
+            // executable or unit; the pod is all the policy can match.
+            Ok(Attestation::Confirmed(Workload {
+                pid: 0,
+                gids: Vec::new(),
+                exe: None,
+                systemd_unit: None,
+                pod: Some(PodRef {
+                    uid: pod.uid.clone(),
+                    container_id: None,
+                }),
+                k8s_pod: Some(pod),
+                k8s_unattested: None,
+            }))
+        })
+    }
 }
 
 /// Attests the caller at `address`: refuses this host's own addresses, then

@@ -20,6 +20,7 @@ mod memory_bounds;
 mod metadata_endpoint;
 mod metadata_source;
 mod operations;
+mod pod_identity;
 mod properties;
 mod server;
 mod service_account;

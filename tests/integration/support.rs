@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod kube;
 pub mod pod_network;
 
 use std::{
