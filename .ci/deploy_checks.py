@@ -82,14 +82,20 @@ check("fsGroup" not in psc, "daemonset: fsGroup would make the key file group-re
 check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
       "daemonset: seccompProfile must be RuntimeDefault")
 
+check(pod.get("hostPID") is False, "daemonset: hostPID must be false (the host's /proc is mounted instead)")
+kube = config.get("kubernetes")
 volumes = {v["name"]: v for v in pod["volumes"]}
 host_dirs = {n: v["hostPath"]["path"] for n, v in volumes.items() if "hostPath" in v}
-check(list(host_dirs.values()) == [socket_dir],
-      f"daemonset: the only hostPath must be the socket directory {socket_dir}, got {host_dirs}")
+allowed_host_dirs = [socket_dir] + (["/proc"] if kube is not None else [])
+check(sorted(host_dirs.values()) == sorted(allowed_host_dirs),
+      f"daemonset: the hostPaths must be exactly {allowed_host_dirs}, got {host_dirs}")
 for n, v in volumes.items():
-    if "hostPath" in v:
+    if "hostPath" in v and v["hostPath"]["path"] == socket_dir:
         check(v["hostPath"].get("type") == "DirectoryOrCreate",
               "daemonset: the socket hostPath must be type DirectoryOrCreate")
+    if "hostPath" in v and v["hostPath"]["path"] == "/proc":
+        check(v["hostPath"].get("type") == "Directory",
+              "daemonset: the host /proc hostPath must be type Directory")
     if "secret" in v:
         check(v["secret"].get("optional") is True, f"daemonset: secret volume {n} must be optional")
         check(v["secret"].get("defaultMode") == 0o400, f"daemonset: secret volume {n} must be 0400")
@@ -117,6 +123,40 @@ if check(main is not None, "daemonset: no container named token-broker"):
           "daemonset: the ConfigMap must be mounted at /etc/token-broker")
     check(main.get("args", [])[:3] == ["serve", "--config", "/etc/token-broker/config.toml"],
           "daemonset: args must be serve --config /etc/token-broker/config.toml")
+    mounts_full = {m["name"]: m for m in main.get("volumeMounts", [])}
+    if kube is not None:
+        # [kubernetes]: the kubelet by NODE_NAME, the host's /proc where
+        # proc_root says, read-only, and the projected token and CA where
+        # token_file and ca_file say.
+        env = {e["name"]: e for e in main.get("env", [])}
+        if "kubelet_url" not in kube:
+            node = env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {})
+            check(node.get("fieldPath") == "spec.nodeName",
+                  "daemonset: NODE_NAME must come from the downward API (fieldPath: spec.nodeName)")
+        proc_root = kube.get("proc_root", "/proc")
+        proc_mounts = [m for n, m in mounts_full.items() if host_dirs.get(n) == "/proc"]
+        check(len(proc_mounts) == 1 and proc_mounts[0]["mountPath"] == proc_root
+              and proc_mounts[0].get("readOnly") is True,
+              f"daemonset: the host's /proc must be mounted read-only at proc_root {proc_root}")
+        sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+        token_file = kube.get("token_file", f"{sa_dir}/token")
+        ca_file = kube.get("ca_file", f"{sa_dir}/ca.crt")
+        projected = {n: v["projected"] for n, v in volumes.items() if "projected" in v}
+        found = False
+        for n, proj in projected.items():
+            paths = []
+            for source in proj.get("sources", []):
+                if "serviceAccountToken" in source:
+                    paths.append(("token", source["serviceAccountToken"]["path"]))
+                for item in source.get("configMap", {}).get("items", []):
+                    paths.append(("ca", item["path"]))
+            m = mounts_full.get(n)
+            if m and m.get("readOnly") is True:
+                files = {kind: f'{m["mountPath"]}/{path}' for kind, path in paths}
+                found = found or (files.get("token") == token_file and files.get("ca") == ca_file)
+        check(found, f"daemonset: a projected volume must put the token at {token_file} and the CA at {ca_file}")
+        check(pod.get("serviceAccountName") == "token-broker",
+              "daemonset: serviceAccountName must be token-broker (the RBAC subject)")
     image = main["image"].rsplit(":", 1)[0]
     check(any(i.get("name") == image for i in kust.get("images", [])),
           f"kustomization.yaml: images must rewrite the DaemonSet's image {image}")
@@ -133,6 +173,21 @@ for c in init:
           f"daemonset: init container {c['name']} must chown {socket_dir} to {uid}:{gid}")
     check(c["securityContext"].get("capabilities", {}).get("add") == ["CHOWN"],
           f"daemonset: init container {c['name']} may add CHOWN only")
+
+# RBAC: exactly what the pod lookup needs, bound to the DaemonSet's account.
+if kube is not None:
+    role = load("clusterrole.yaml")
+    rules = sorted((tuple(r.get("apiGroups", [])), tuple(r.get("resources", [])), tuple(r.get("verbs", [])))
+                   for r in role.get("rules", []))
+    check(rules == [(("",), ("nodes/proxy",), ("get",)), (("",), ("serviceaccounts",), ("get",))],
+          f"clusterrole.yaml: rules must be exactly nodes/proxy get and serviceaccounts get, got {rules}")
+    binding = load("clusterrolebinding.yaml")
+    check(binding.get("roleRef", {}).get("name") == role["metadata"]["name"]
+          and binding["roleRef"].get("kind") == "ClusterRole",
+          "clusterrolebinding.yaml: roleRef must be the ClusterRole token-broker")
+    subjects = [(s.get("kind"), s.get("name"), s.get("namespace")) for s in binding.get("subjects", [])]
+    check(subjects == [("ServiceAccount", pod.get("serviceAccountName"), ds["metadata"]["namespace"])],
+          f"clusterrolebinding.yaml: the one subject must be the DaemonSet's service account, got {subjects}")
 
 # The client example.
 client = load("client-example.yaml")

@@ -143,7 +143,9 @@ impl fmt::Display for Attestation {
             Attestation::Confirmed(w) => {
                 let gids: Vec<String> = w.gids.iter().map(u32::to_string).collect();
                 write!(f, "gids={}", gids.join(","))?;
-                if let Some(unit) = &w.systemd_unit {
+                // A container's scope (`cri-containerd-<id>.scope`) says
+                // less than its pod, and would crowd it out of a log field.
+                if let (Some(unit), None) = (&w.systemd_unit, &w.pod) {
                     write!(f, " unit={unit}")?;
                 }
                 match (&w.k8s_pod, &w.pod) {

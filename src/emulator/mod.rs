@@ -15,6 +15,7 @@
 mod aws;
 mod iam;
 mod keys;
+pub mod kubelet;
 mod metadata;
 mod sts;
 mod token_endpoint;

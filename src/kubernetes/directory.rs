@@ -85,6 +85,16 @@ impl PodDirectory {
         env: &HashMap<String, String>,
     ) -> Result<PodDirectory, Problem> {
         let source = HttpSource::new(settings, env)?;
+        let own = settings.proc_root.join("self");
+        if !own.exists() {
+            return Err(Problem::new(
+                "kubernetes.proc_root",
+                format!(
+                    "{} does not exist: mount the host's /proc there (hostPath /proc, read-only), or use /proc with hostPID",
+                    own.display()
+                ),
+            ));
+        }
         let origin = source.pods_url().to_string();
         Ok(Self::with_source(Box::new(source), origin, settings))
     }

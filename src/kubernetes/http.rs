@@ -72,6 +72,12 @@ impl HttpSource {
             .map_err(|e| Problem::new("kubernetes.api_server_url", e.to_string()))?;
         let kubelet = client(&pods_url, &settings.ca_file, settings.request_timeout)
             .map_err(|m| Problem::new("kubernetes.ca_file", m))?;
+        if pods_url.scheme() == "https" {
+            // Re-read at every call; here only so a missing file is a
+            // startup error rather than every pod's denial.
+            read_token(&settings.token_file)
+                .map_err(|e| Problem::new("kubernetes.token_file", e.to_string()))?;
+        }
         let api = client(&api_server, &settings.ca_file, settings.request_timeout);
         if let Err(message) = &api {
             tracing::warn!(

@@ -14,6 +14,7 @@ mod faults;
 mod hostile_client;
 mod impersonation;
 mod key_files;
+mod kubernetes;
 mod layering;
 mod log_output;
 mod memory_bounds;

@@ -23,13 +23,13 @@ use tonic::Code;
 use crate::support::{self, Broker};
 
 /// The service's user: every client below runs as it.
-const WEB: u32 = 4201;
+pub(crate) const WEB: u32 = 4201;
 /// A group some of its processes hold as a supplementary group.
 const DEPLOYERS: u32 = 5201;
 
 /// The cgroup2 mount (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
 /// hybrid host), from `/proc/self/mountinfo`.
-fn cgroup2_mount() -> Option<PathBuf> {
+pub(crate) fn cgroup2_mount() -> Option<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     mountinfo.lines().find_map(|line| {
         let (mount, fs) = line.split_once(" - ")?;
@@ -106,7 +106,7 @@ impl Drop for TestCgroups {
 /// the cgroup whose `cgroup.procs` is `procs` (if any), take `groups` as
 /// its supplementary groups, then `gid` and `uid`; then call `before_exec`.
 /// Only system calls run in the child: everything is prepared here.
-fn place(
+pub(crate) fn place(
     command: &mut Command,
     procs: Option<&Path>,
     uid: u32,
@@ -143,7 +143,10 @@ fn place(
 }
 
 /// A broker whose socket every uid may open, with `rules` as its policy.
-async fn broker_with(emulator: &token_broker::emulator::Emulator, rules: String) -> Broker {
+pub(crate) async fn broker_with(
+    emulator: &token_broker::emulator::Emulator,
+    rules: String,
+) -> Broker {
     let identity = support::metadata_identity("default", emulator);
     Broker::start(
         move |socket| {
@@ -185,7 +188,7 @@ fn token_from(
     )
 }
 
-fn audit_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+pub(crate) fn audit_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
     log.lines()
         .filter(|l| l.contains("GetIdToken") && l.contains(needle))
         .collect()
@@ -293,7 +296,7 @@ async fn supplementary_groups_match_gids_rules() {
 }
 
 /// A socket for the test's end of a connection another process makes.
-fn unix_socket() -> OwnedFd {
+pub(crate) fn unix_socket() -> OwnedFd {
     // SAFETY: a plain syscall; on success we own the descriptor.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
@@ -301,7 +304,7 @@ fn unix_socket() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-fn sockaddr_un(path: &Path) -> (libc::sockaddr_un, libc::socklen_t) {
+pub(crate) fn sockaddr_un(path: &Path) -> (libc::sockaddr_un, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_un.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -317,7 +320,7 @@ fn sockaddr_un(path: &Path) -> (libc::sockaddr_un, libc::socklen_t) {
 }
 
 /// A gRPC client on an already connected socket.
-async fn client_on(fd: OwnedFd) -> TokenBrokerClient<tonic::transport::Channel> {
+pub(crate) async fn client_on(fd: OwnedFd) -> TokenBrokerClient<tonic::transport::Channel> {
     let stream = std::os::unix::net::UnixStream::from(fd);
     stream.set_nonblocking(true).unwrap();
     let stream = std::sync::Mutex::new(Some(tokio::net::UnixStream::from_std(stream).unwrap()));

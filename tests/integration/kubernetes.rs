@@ -1,0 +1,797 @@
+//! Issue 14 (Kubernetes part): pods attested for real. Each client process
+//! is placed, before it runs, into a real cgroup v2 directory named exactly
+//! as the kubelet names a container's (systemd driver:
+//! `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/cri-containerd-<id>.scope`;
+//! cgroupfs driver: `kubepods/burstable/pod<uid>/<id>`), made at the top
+//! of the machine's cgroup2 mount (where the kubelet makes them, and only
+//! root can), and runs under another uid. The kubelet is the emulator's
+//! stand-in serving a recorded-shape pod list. The cgroups are removed
+//! afterwards; where cgroup2 is not mounted or not writable the tests say
+//! so and skip.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use token_broker::{
+    config::KubernetesSettings,
+    emulator::kubelet::{Kubelet, KubeletOptions, StandInPod, RECORDED_POD_LIST},
+    kubernetes::{parse_pod_list, PodDirectory, PodLookupError},
+    proto::GetIdTokenRequest,
+};
+use tonic::Code;
+
+use crate::{
+    support::{self, Broker},
+    workloads::{self, WEB},
+};
+
+/// Serializes making and removing the shared `kubepods` parents, so one
+/// test's cleanup never removes a parent another is about to fill.
+static CGROUP_TREE: Mutex<()> = Mutex::new(());
+
+/// How the kubelet's cgroup driver names a container's cgroup.
+#[derive(Clone, Copy, Debug)]
+enum Driver {
+    Systemd,
+    Cgroupfs,
+}
+
+/// One container's cgroup, made for a test, removed (with any parents
+/// left empty) on drop.
+struct PodCgroup {
+    mount: PathBuf,
+    /// From the container's cgroup up to the top `kubepods` one.
+    dirs: Vec<PathBuf>,
+}
+
+impl PodCgroup {
+    /// `relative` under the cgroup2 mount; `None`, saying why, where the
+    /// kernel will not have it.
+    fn at(relative: &str) -> Option<PodCgroup> {
+        let Some(mount) = workloads::cgroup2_mount() else {
+            eprintln!("SKIPPED: no cgroup2 mount on this machine");
+            return None;
+        };
+        let leaf = mount.join(relative);
+        let _tree = CGROUP_TREE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(error) = std::fs::create_dir_all(&leaf) {
+            eprintln!("SKIPPED: cannot create {} ({error})", leaf.display());
+            return None;
+        }
+        let dirs = leaf
+            .ancestors()
+            .take_while(|d| *d != mount)
+            .map(Path::to_path_buf)
+            .collect();
+        Some(PodCgroup { mount, dirs })
+    }
+
+    /// The container `container_id` of pod `uid`, named as `driver` names it.
+    fn container(driver: Driver, uid: &str, container_id: &str) -> Option<PodCgroup> {
+        Self::at(&match driver {
+            Driver::Systemd => format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope",
+                uid.replace('-', "_")
+            ),
+            Driver::Cgroupfs => format!("kubepods/burstable/pod{uid}/{container_id}"),
+        })
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dirs[0].join("cgroup.procs")
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        let _tree = CGROUP_TREE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(procs) = std::fs::read_to_string(self.procs()) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(self.mount.join("cgroup.procs"), pid);
+            }
+        }
+        // Parents another test still uses are not empty and stay.
+        for dir in &self.dirs {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// A pod UID and a container ID of its own for each test.
+fn ids(seed: u32) -> (String, String) {
+    let pid = std::process::id();
+    (
+        format!("{seed:08x}-{:04x}-4000-8000-{pid:012x}", pid & 0xffff),
+        format!("{seed:08x}{pid:08x}").repeat(4),
+    )
+}
+
+fn stand_in_pod(namespace: &str, name: &str, uid: &str, account: &str, cid: &str) -> StandInPod {
+    StandInPod {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.into(),
+        service_account: account.into(),
+        labels: BTreeMap::from([("app".into(), name.split('-').next().unwrap().into())]),
+        pod_ip: Some("10.244.1.50".parse().unwrap()),
+        host_network: false,
+        container_ids: vec![cid.into()],
+        phase: "Running".into(),
+    }
+}
+
+/// A broker with `[kubernetes]` pointed at `kubelet` (plus `extra` keys)
+/// and `rules`.
+async fn broker_with(
+    emulator: &token_broker::emulator::Emulator,
+    kubelet: &Kubelet,
+    extra: &str,
+    rules: &str,
+) -> Broker {
+    workloads::broker_with(
+        emulator,
+        format!(
+            "[kubernetes]\nkubelet_url = \"{url}\"\napi_server_url = \"{url}\"\n{extra}\n{rules}",
+            url = kubelet.url()
+        ),
+    )
+    .await
+}
+
+/// `token-broker token` for `audience`, run as WEB in `cgroup`: (exit
+/// code, stdout, stderr).
+fn token_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> (i32, String, String) {
+    let mut command = support::base_command(&[
+        "token",
+        "--socket",
+        broker.socket.to_str().unwrap(),
+        "--audience",
+        audience,
+    ]);
+    workloads::place(
+        &mut command,
+        Some(&cgroup.procs()),
+        WEB,
+        WEB,
+        &[WEB],
+        || Ok(()),
+    );
+    let out = command.output().expect("client runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const AUDIENCE: &str = "https://payments.example.com";
+
+fn payments_rule() -> String {
+    format!(
+        "[[policy]]\nk8s_namespaces = [\"payments\"]\nk8s_service_accounts = [\"payments/api-sa\"]\n\
+         k8s_pod_labels = [\"app=api\"]\nidentities = [\"default\"]\naudiences = [\"{AUDIENCE}\"]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_not() {
+    let ((api_uid, api_cid), (worker_uid, worker_cid)) = (ids(1), ids(2));
+    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+        return;
+    };
+    let Some(worker) = PodCgroup::container(Driver::Cgroupfs, &worker_uid, &worker_cid) else {
+        return;
+    };
+    // The api pod's container ID, in a pod-shaped tree below an ordinary
+    // cgroup, as a user with a delegated subtree could make it.
+    let forged_path = format!(
+        "tb-test-{}-forged.slice/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{api_cid}.scope",
+        std::process::id(),
+        api_uid.replace('-', "_")
+    );
+    let Some(forged) = PodCgroup::at(&forged_path) else {
+        return;
+    };
+    // A container the api pod does not have.
+    let (_, stranger_cid) = ids(3);
+    let Some(stranger) = PodCgroup::container(Driver::Systemd, &api_uid, &stranger_cid) else {
+        return;
+    };
+    let emulator = support::emulator().await;
+    let kubelet = Kubelet::start(KubeletOptions {
+        recorded_pods: true,
+        ..KubeletOptions::default()
+    })
+    .await
+    .unwrap();
+    kubelet.add_pod(&stand_in_pod(
+        "payments",
+        "api-7f9c8d6b5-k2m4x",
+        &api_uid,
+        "api-sa",
+        &api_cid,
+    ));
+    kubelet.add_pod(&stand_in_pod(
+        "payments",
+        "worker-5d8c7b9f4-q8z2n",
+        &worker_uid,
+        "worker-sa",
+        &worker_cid,
+    ));
+    let broker = broker_with(
+        &emulator,
+        &kubelet,
+        "start_race_budget = \"1s\"",
+        &payments_rule(),
+    )
+    .await;
+
+    let started = Instant::now();
+    let (code, token, stderr) = token_in(&broker, &api, AUDIENCE);
+    let first = started.elapsed();
+    assert_eq!(code, 0, "the api pod: {stderr}");
+    support::verify(&emulator, token.trim(), AUDIENCE).await;
+    let started = Instant::now();
+    let (code, _, stderr) = token_in(&broker, &api, AUDIENCE);
+    let warm = started.elapsed();
+    assert_eq!(code, 0, "the api pod again: {stderr}");
+    eprintln!(
+        "pod client, first (kubelet fetch): {first:?}; next (pod list cached): {warm:?} \
+         (each includes starting the client process)"
+    );
+
+    // The worker pod runs as the same uid, in the same namespace.
+    let (code, _, stderr) = token_in(&broker, &worker, AUDIENCE);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
+    assert!(
+        stderr.contains("k8s=payments/worker-sa pod=payments/worker-5d8c7b9f4-q8z2n"),
+        "the denial names the attested pod: {stderr}"
+    );
+    // A pod-shaped path below an ordinary cgroup names no pod at all.
+    let (code, _, stderr) = token_in(&broker, &forged, AUDIENCE);
+    assert_eq!(
+        code, 1,
+        "the forged cgroup was taken for the api pod: {stderr}"
+    );
+    assert!(
+        !stderr.contains("k8s=") && !stderr.contains("pod="),
+        "{stderr}"
+    );
+    // The api pod's UID with a container it does not have.
+    let (code, _, stderr) = token_in(&broker, &stranger, AUDIENCE);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "pod={api_uid} k8s=unattested (pod payments/api-7f9c8d6b5-k2m4x has no container"
+        )),
+        "{stderr}"
+    );
+
+    let log = broker.log();
+    let allowed = workloads::audit_lines(&log, "decision=\"allowed\"");
+    assert_eq!(allowed.len(), 2, "{log}");
+    assert!(
+        allowed[0].contains("k8s=payments/api-sa pod=payments/api-7f9c8d6b5-k2m4x"),
+        "{}",
+        allowed[0]
+    );
+    assert_eq!(
+        workloads::audit_lines(&log, "decision=\"denied\"").len(),
+        3,
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_that_connects_before_the_kubelet_lists_it_is_admitted() {
+    let (uid, cid) = ids(4);
+    let Some(cgroup) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+        return;
+    };
+    let emulator = support::emulator().await;
+    let kubelet = Kubelet::start(KubeletOptions {
+        recorded_pods: true,
+        ..KubeletOptions::default()
+    })
+    .await
+    .unwrap();
+    let broker = broker_with(
+        &emulator,
+        &kubelet,
+        "start_race_budget = \"3s\"",
+        &payments_rule(),
+    )
+    .await;
+
+    let mut command = support::base_command(&[
+        "token",
+        "--socket",
+        broker.socket.to_str().unwrap(),
+        "--audience",
+        AUDIENCE,
+    ]);
+    workloads::place(
+        &mut command,
+        Some(&cgroup.procs()),
+        WEB,
+        WEB,
+        &[WEB],
+        || Ok(()),
+    );
+    let client = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client runs");
+    // The pod shows up in the list after the client connected, first
+    // without its container's status (ContainerCreating), then with it.
+    let mut pod = stand_in_pod("payments", "api-7f9c8d6b5-r4t6y", &uid, "api-sa", &cid);
+    pod.container_ids.clear();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    kubelet.add_pod(&pod);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    pod.container_ids.push(cid.clone());
+    kubelet.add_pod(&pod);
+    let out = tokio::task::spawn_blocking(move || client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the starting pod was refused: {stderr}"
+    );
+    support::verify(
+        &emulator,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        AUDIENCE,
+    )
+    .await;
+    // Its first lookups missed and were retried.
+    assert!(
+        kubelet.pod_list_calls() >= 2,
+        "{} fetches",
+        kubelet.pod_list_calls()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_unknown_pod_uids_costs_a_bounded_number_of_kubelet_fetches() {
+    const CLIENTS: u32 = 40;
+    let mut cgroups = Vec::new();
+    for i in 0..CLIENTS {
+        let (uid, cid) = ids(100 + i);
+        let Some(cgroup) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+            return;
+        };
+        cgroups.push(cgroup);
+    }
+    let emulator = support::emulator().await;
+    let kubelet = Kubelet::start(KubeletOptions {
+        recorded_pods: true,
+        ..KubeletOptions::default()
+    })
+    .await
+    .unwrap();
+    let broker = broker_with(&emulator, &kubelet, "", &payments_rule()).await;
+    let started = Instant::now();
+    let clients: Vec<_> = cgroups
+        .iter()
+        .map(|cgroup| {
+            let mut command = support::base_command(&[
+                "token",
+                "--socket",
+                broker.socket.to_str().unwrap(),
+                "--audience",
+                AUDIENCE,
+            ]);
+            workloads::place(
+                &mut command,
+                Some(&cgroup.procs()),
+                WEB,
+                WEB,
+                &[WEB],
+                || Ok(()),
+            );
+            command
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("client runs")
+        })
+        .collect();
+    for client in clients {
+        let out = tokio::task::spawn_blocking(move || client.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("k8s=unattested (the kubelet lists no pod with UID"),
+            "{stderr}"
+        );
+    }
+    let elapsed = started.elapsed();
+    let fetches = kubelet.pod_list_calls();
+    eprintln!("{CLIENTS} connections from unknown pods in {elapsed:?}: {fetches} kubelet fetches");
+    // One fetch per min_fetch_interval (500ms) at most, whatever the
+    // number of lookups waiting.
+    let bound = elapsed.as_millis() as u64 / 500 + 2;
+    assert!(
+        fetches <= bound,
+        "{fetches} fetches in {elapsed:?} (bound {bound})"
+    );
+    assert!(
+        fetches < u64::from(CLIENTS) / 2,
+        "{fetches} fetches for {CLIENTS} clients"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kubelet_that_is_down_leaves_uid_rules_working_and_k8s_rules_refusing() {
+    let (uid, cid) = ids(5);
+    let Some(cgroup) = PodCgroup::container(Driver::Cgroupfs, &uid, &cid) else {
+        return;
+    };
+    let emulator = support::emulator().await;
+    let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
+    kubelet.add_pod(&stand_in_pod(
+        "payments",
+        "api-7f9c8d6b5-d0wn1",
+        &uid,
+        "api-sa",
+        &cid,
+    ));
+    kubelet.set_down(true);
+    let by_uid = "https://by-uid.example.com";
+    let broker = broker_with(
+        &emulator,
+        &kubelet,
+        "",
+        &format!(
+            "{}\n[[policy]]\nuids = [{WEB}]\nidentities = [\"default\"]\naudiences = [\"{by_uid}\"]\n",
+            payments_rule()
+        ),
+    )
+    .await;
+    let (code, token, stderr) = token_in(&broker, &cgroup, by_uid);
+    assert_eq!(code, 0, "the uid rule: {stderr}");
+    support::verify(&emulator, token.trim(), by_uid).await;
+    let (code, _, stderr) = token_in(&broker, &cgroup, AUDIENCE);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "pod={uid} k8s=unattested ({}/pods answered HTTP 503",
+            kubelet.url()
+        )),
+        "the denial says why the pod is unknown: {stderr}"
+    );
+    // Back up: the same pod is recognised.
+    kubelet.set_down(false);
+    let (code, _, stderr) = token_in(&broker, &cgroup, AUDIENCE);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pods_recycled_pid_is_not_attributed_to_the_process_that_connected() {
+    let ((allowed_uid, allowed_cid), (other_uid, other_cid)) = (ids(6), ids(7));
+    let Some(allowed) = PodCgroup::container(Driver::Systemd, &allowed_uid, &allowed_cid) else {
+        return;
+    };
+    let Some(other) = PodCgroup::container(Driver::Systemd, &other_uid, &other_cid) else {
+        return;
+    };
+    let emulator = support::emulator().await;
+    let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
+    kubelet.add_pod(&stand_in_pod(
+        "payments",
+        "api-7f9c8d6b5-p1d00",
+        &allowed_uid,
+        "api-sa",
+        &allowed_cid,
+    ));
+    kubelet.add_pod(&stand_in_pod(
+        "payments",
+        "worker-5d8c7b9f4-p1d01",
+        &other_uid,
+        "worker-sa",
+        &other_cid,
+    ));
+    let broker = broker_with(&emulator, &kubelet, "", &payments_rule()).await;
+
+    // Stopped, the broker accepts and attests nothing until told.
+    support::signal(&broker.child, Signal::SIGSTOP);
+    let ours = workloads::unix_socket();
+    let raw = ours.as_raw_fd();
+    let (addr, len) = workloads::sockaddr_un(&broker.socket);
+    // The client, in the worker pod, connects and exits at once.
+    let mut client = Command::new("true");
+    workloads::place(
+        &mut client,
+        Some(&other.procs()),
+        WEB,
+        WEB,
+        &[WEB],
+        move || {
+            // SAFETY: addr outlives the call; raw is open in the child.
+            let result =
+                unsafe { libc::connect(raw, (&addr as *const libc::sockaddr_un).cast(), len) };
+            if result < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        },
+    );
+    let mut client = client.spawn().expect("client runs");
+    let gone = client.id() as i32;
+    assert!(client.wait().unwrap().success(), "the client connected");
+    // Its pid goes to a process in the api pod, where possible.
+    let mut sleeper = None;
+    for _ in 0..50 {
+        if std::fs::write("/proc/sys/kernel/ns_last_pid", (gone - 1).to_string()).is_err() {
+            break;
+        }
+        let mut command = Command::new("sleep");
+        command.arg("60").stdin(Stdio::null());
+        workloads::place(
+            &mut command,
+            Some(&allowed.procs()),
+            WEB,
+            WEB,
+            &[WEB],
+            || Ok(()),
+        );
+        let Ok(mut child) = command.spawn() else {
+            break;
+        };
+        if child.id() as i32 == gone {
+            sleeper = Some(child);
+            break;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    match &sleeper {
+        Some(_) => eprintln!("pid {gone} was given to a process in the api pod"),
+        None => eprintln!(
+            "the kernel did not let this test reuse pid {gone}; checking only that the \
+             exited client gets no pod"
+        ),
+    }
+    support::signal(&broker.child, Signal::SIGCONT);
+    let mut client = workloads::client_on(ours).await;
+    let status = match client
+        .get_id_token(GetIdTokenRequest {
+            identity: String::new(),
+            audience: AUDIENCE.into(),
+            min_valid_for: None,
+        })
+        .await
+    {
+        Ok(_) => panic!("the exited client's connection was admitted as the api pod"),
+        Err(status) => status,
+    };
+    if let Some(mut child) = sleeper {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("caller: unattested (the client exited"),
+        "{status:?}"
+    );
+    assert!(!status.message().contains("api-sa"), "{status:?}");
+}
+
+/// `[kubernetes]` for `kubelet`, with the token and CA files in `dir`.
+fn settings_for(kubelet: &Kubelet, dir: &Path, ca_pem: &str) -> KubernetesSettings {
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    KubernetesSettings {
+        kubelet_url: Some(kubelet.url()),
+        api_server_url: kubelet.url(),
+        token_file: dir.join("token"),
+        ca_file,
+        start_race_budget: Duration::ZERO,
+        ..KubernetesSettings::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_only_the_cluster_ca_and_the_current_token_are_accepted() {
+    let token = "eyJhbGciOiJSUzI1NiJ9.k8s-sa-token.first";
+    let kubelet = Kubelet::start(KubeletOptions {
+        tls: true,
+        require_token: Some(token.into()),
+        recorded_pods: true,
+    })
+    .await
+    .unwrap();
+    kubelet.set_service_account(
+        "payments",
+        "api-sa",
+        BTreeMap::from([(
+            "iam.gke.io/gcp-service-account".into(),
+            "api@p.iam.gserviceaccount.com".into(),
+        )]),
+    );
+    let dir = support::workdir();
+    let settings = settings_for(&kubelet, dir.path(), kubelet.ca_pem().unwrap());
+    std::fs::write(&settings.token_file, format!("{token}\n")).unwrap();
+    let env = Default::default();
+    let pods = PodDirectory::new(&settings, &env).unwrap();
+    let recorded = "5f1c2a9e-8b7d-4e3f-a1b2-c3d4e5f60718";
+    let started = Instant::now();
+    let pod = pods.by_uid(recorded, None).await.unwrap();
+    let cold = started.elapsed();
+    assert_eq!(pod.service_account_ref(), "payments/api-sa");
+    let started = Instant::now();
+    pods.by_uid(recorded, None).await.unwrap();
+    eprintln!(
+        "lookup over TLS: {cold:?} with the fetch, {:?} from the held list",
+        started.elapsed()
+    );
+    let annotations = pods
+        .service_account_annotations("payments", "api-sa")
+        .await
+        .unwrap();
+    assert_eq!(
+        annotations["iam.gke.io/gcp-service-account"],
+        "api@p.iam.gserviceaccount.com"
+    );
+    let missing = pods
+        .service_account_annotations("payments", "nobody")
+        .await
+        .unwrap_err();
+    assert!(missing.to_string().contains("HTTP 404"), "{missing}");
+
+    // A kubelet whose certificate another CA signed (a MITM, or the wrong
+    // ca_file) is refused before anything is sent.
+    let impostor = Kubelet::start(KubeletOptions {
+        tls: true,
+        require_token: None,
+        recorded_pods: true,
+    })
+    .await
+    .unwrap();
+    let mut wrong = settings_for(&impostor, dir.path(), kubelet.ca_pem().unwrap());
+    wrong.token_file = settings.token_file.clone();
+    let err = PodDirectory::new(&wrong, &env)
+        .unwrap()
+        .by_uid(recorded, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PodLookupError::Unavailable { .. }), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    assert_eq!(
+        impostor.pod_list_calls(),
+        0,
+        "a request reached the impostor"
+    );
+
+    // The token rotates: the old one is refused, the file's new one used.
+    let rotated = PodDirectory::new(&settings, &env).unwrap();
+    std::fs::write(&settings.token_file, "stale-token").unwrap();
+    let err = rotated.by_uid(recorded, None).await.unwrap_err();
+    assert!(err.to_string().contains("HTTP 401"), "{err}");
+    assert!(!err.to_string().contains("stale-token"), "{err}");
+    let unauthorized = kubelet.unauthorized_calls();
+    assert_eq!(unauthorized, 1);
+    std::fs::write(&settings.token_file, token).unwrap();
+    tokio::time::sleep(settings.min_fetch_interval).await;
+    rotated.by_uid(recorded, None).await.unwrap();
+    assert_eq!(kubelet.unauthorized_calls(), unauthorized);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_or_slow_kubelet_answers_are_refused_with_a_clear_error() {
+    let kubelet = Kubelet::start(KubeletOptions {
+        recorded_pods: true,
+        ..KubeletOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = support::workdir();
+    let settings = settings_for(&kubelet, dir.path(), "");
+    let env = Default::default();
+    let recorded = "5f1c2a9e-8b7d-4e3f-a1b2-c3d4e5f60718";
+    kubelet.set_padding(65 * 1024 * 1024);
+    let err = PodDirectory::new(&settings, &env)
+        .unwrap()
+        .by_uid(recorded, None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("more than the 64 MiB cap; refused"),
+        "{err}"
+    );
+    kubelet.set_padding(0);
+    kubelet.set_delay(Duration::from_secs(3));
+    let started = Instant::now();
+    let slow = KubernetesSettings {
+        request_timeout: Duration::from_millis(500),
+        ..settings.clone()
+    };
+    let err = PodDirectory::new(&slow, &env)
+        .unwrap()
+        .by_uid(recorded, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PodLookupError::Unavailable { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // By IP: the recorded hostNetwork pods share the node's IP.
+    kubelet.set_delay(Duration::ZERO);
+    let pods = PodDirectory::new(&settings, &env).unwrap();
+    let node: IpAddr = "10.128.0.5".parse().unwrap();
+    let err = pods.by_ip(node).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PodLookupError::SharedIp {
+                pods: 2,
+                host_network: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        pods.by_ip("10.244.1.17".parse().unwrap())
+            .await
+            .unwrap()
+            .name,
+        "api-7f9c8d6b5-x2x4q"
+    );
+}
+
+/// The kubelet's default `maxPods` is 110: a full node's list parsed.
+#[test]
+fn a_full_nodes_pod_list_parses_quickly() {
+    let recorded: serde_json::Value = serde_json::from_str(RECORDED_POD_LIST).unwrap();
+    let template = recorded["items"][0].clone();
+    let items: Vec<_> = (0..110u32)
+        .map(|i| {
+            let mut pod = template.clone();
+            pod["metadata"]["uid"] = format!("{i:08x}-0000-4000-8000-000000000000").into();
+            pod["metadata"]["name"] = format!("api-{i}").into();
+            pod
+        })
+        .collect();
+    let body =
+        serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+            .to_string();
+    let started = Instant::now();
+    let rounds = 20;
+    for _ in 0..rounds {
+        assert_eq!(parse_pod_list(body.as_bytes()).unwrap().pods.len(), 110);
+    }
+    let each = started.elapsed() / rounds;
+    eprintln!(
+        "110-pod list ({} KiB): parsed in {each:?}",
+        body.len() / 1024
+    );
+    // Generous: a debug build on a busy machine.
+    assert!(each < Duration::from_millis(500), "{each:?}");
+}
