@@ -152,13 +152,26 @@ fn config(
     served: &str,
     extra: &str,
 ) -> String {
+    config_with(socket, emulator, cluster, listen, served, extra, "")
+}
+
+/// [`config`] with `endpoint` added to `[metadata_endpoint]`.
+fn config_with(
+    socket: &Path,
+    emulator: &Emulator,
+    cluster: &Cluster,
+    listen: &str,
+    served: &str,
+    extra: &str,
+    endpoint: &str,
+) -> String {
     let node = support::metadata_identity("node", emulator);
     support::config_text(
         socket,
         &format!(
             "{node}\n{extra}\n{}\n\
              [metadata_endpoint]\nlisten = \"{listen}\"\nidentity = \"{served}\"\n\
-             allow_non_loopback = true\n\
+             allow_non_loopback = true\n{endpoint}\n\
              [limits]\nnew_audiences_per_minute = 100000\nnew_audience_burst = 100000\n",
             cluster.config()
         ),
@@ -380,4 +393,90 @@ async fn each_pod_gets_the_account_its_service_account_annotation_names() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(email, WEB_ACCOUNT, "{}", broker.log());
+}
+
+/// A pod floods the endpoint with connections: it keeps its share
+/// (`max_connections_per_uid`, counted per source address for pods), its
+/// next connection is closed at accept, and another pod is still served.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_pod_cannot_take_every_endpoint_connection() {
+    let Some(pods) = pod_networks(2) else { return };
+    let [flood, other] = &pods[..] else {
+        unreachable!()
+    };
+    let emulator = support::emulator().await;
+    let cluster = Cluster::start().await;
+    cluster.set_pods(vec![
+        PodSpec::new("noisy", "flood-1", "flood-sa").ip(flood.pod_ip),
+        PodSpec::new("payments", "api-1", "api-sa").ip(other.pod_ip),
+    ]);
+    let port = free_port_on(flood.host_ip);
+    let endpoint = format!("{}:{port}", flood.host_ip);
+    let policy = format!(
+        "[[policy]]\nk8s_namespaces = [\"payments\", \"noisy\"]\nidentities = [\"node\"]\n\
+         audiences = [\"{AUDIENCE}\"]\n"
+    );
+    let listen = endpoint.clone();
+    let broker = Broker::start(
+        |socket| {
+            config_with(
+                socket,
+                &emulator,
+                &cluster,
+                &listen,
+                "node",
+                &policy,
+                "max_connections = 8\nmax_connections_per_uid = 3\nheader_read_timeout = \"60s\"\n",
+            )
+        },
+        "info",
+    )
+    .await;
+    // The flooding pod opens 3 connections and holds them.
+    let hold = format!(
+        "import socket, sys, time\n\
+         held = [socket.create_connection(('{}', {port}), timeout=5) for _ in range(3)]\n\
+         print('ready', flush=True)\n\
+         time.sleep(60)\n",
+        flood.host_ip
+    );
+    let mut holder = flood.command(Path::new("python3"));
+    holder
+        .arg("-c")
+        .arg(hold)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut holder = holder.spawn().unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(holder.stdout.take().unwrap()));
+    let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("the holder connects")
+        .unwrap();
+    assert_eq!(ready.as_deref(), Some("ready"));
+    // Its 4th is closed at accept; the other pod is served.
+    let (status, body) = curl_in(flood, &identity_url(&endpoint, AUDIENCE), None).await;
+    assert_eq!(status, 0, "a connection past the pod's share was served: {body}");
+    let (status, body) = curl_in(other, &identity_url(&endpoint, AUDIENCE), None).await;
+    assert_eq!(status, 200, "{body}");
+    broker.served.lock().unwrap().push(body);
+    let log = broker.log();
+    assert!(
+        log.contains("connections refused: metadata_endpoint.max_connections_per_uid reached")
+            && log.contains(&format!("pod address {}", flood.pod_ip)),
+        "the refusal names the pod's address:\n{log}"
+    );
+    // Its connections closed, the pod is served again.
+    holder.kill().await.unwrap();
+    let mut served = 0;
+    for _ in 0..50 {
+        let (status, body) = curl_in(flood, &identity_url(&endpoint, AUDIENCE), None).await;
+        if status == 200 {
+            broker.served.lock().unwrap().push(body);
+            served = status;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served, 200, "{}", broker.log());
 }

@@ -1,22 +1,15 @@
-//! A kubelet and API-server stand-in for the pod tests: `/pods` answers a
-//! PodList in the kubelet's shape from the pods a test sets, and
-//! `/api/v1/namespaces/NS/serviceaccounts/NAME` a ServiceAccount with the
-//! annotations a test sets (404 for one it did not). Both may change while
-//! the broker runs.
+//! The pod tests' view of the emulator's kubelet and API-server stand-in
+//! (`token_broker::emulator::kubelet`, recorded-shape pod list): pods by
+//! namespace, name, service account and IP, and service-account
+//! annotations, both changeable while the broker runs.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
-    sync::{Arc, Mutex},
+    sync::Mutex,
 };
 
-use axum::{
-    extract::{Path, State},
-    http::StatusCode,
-    response::{IntoResponse, Response},
-    routing::get,
-    Json, Router,
-};
+use token_broker::emulator::kubelet::{Kubelet, KubeletOptions, StandInPod};
 
 /// One pod as the kubelet lists it.
 #[derive(Clone, Debug)]
@@ -24,9 +17,8 @@ pub struct PodSpec {
     pub namespace: String,
     pub name: String,
     pub service_account: String,
-    pub ips: Vec<IpAddr>,
+    pub ip: Option<IpAddr>,
     pub host_network: bool,
-    pub labels: BTreeMap<String, String>,
 }
 
 impl PodSpec {
@@ -35,14 +27,13 @@ impl PodSpec {
             namespace: namespace.into(),
             name: name.into(),
             service_account: service_account.into(),
-            ips: Vec::new(),
+            ip: None,
             host_network: false,
-            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
         }
     }
 
     pub fn ip(mut self, ip: Ipv4Addr) -> Self {
-        self.ips.push(IpAddr::V4(ip));
+        self.ip = Some(IpAddr::V4(ip));
         self
     }
 
@@ -51,113 +42,82 @@ impl PodSpec {
         self
     }
 
-    /// A stable UID from the pod's name, in the API's format.
+    /// A UID of the API's format, stable for the pod's name.
     fn uid(&self) -> String {
-        let mut hash: u128 = 0xcbf2_9ce4_8422_2325;
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for byte in format!("{}/{}", self.namespace, self.name).bytes() {
-            hash = (hash ^ u128::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
-        let hex = format!("{hash:032x}");
+        let hex = format!("{hash:016x}{:016x}", hash.rotate_left(17));
         format!(
-            "{}-{}-{}-{}-{}",
+            "{}-{}-4{}-8{}-{}",
             &hex[0..8],
             &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
+            &hex[13..16],
+            &hex[17..20],
             &hex[20..32]
         )
     }
 
-    /// The item of a kubelet `/pods` answer (the fields a real one has
-    /// that the broker reads, in their places).
-    fn to_json(&self) -> serde_json::Value {
-        let ips: Vec<_> = self
-            .ips
-            .iter()
-            .map(|ip| serde_json::json!({ "ip": ip.to_string() }))
-            .collect();
+    fn stand_in(&self) -> StandInPod {
         let uid = self.uid();
-        serde_json::json!({
-            "metadata": {
-                "name": self.name,
-                "namespace": self.namespace,
-                "uid": uid,
-                "labels": self.labels,
-                "annotations": { "kubernetes.io/config.source": "api" },
-            },
-            "spec": {
-                "serviceAccountName": self.service_account,
-                "hostNetwork": self.host_network,
-                "containers": [{ "name": "app", "image": "registry.example.com/app:1" }],
-            },
-            "status": {
-                "phase": "Running",
-                "podIP": self.ips.first().map(|ip| ip.to_string()),
-                "podIPs": ips,
-                "hostIP": "10.128.0.4",
-                "containerStatuses": [{
-                    "name": "app",
-                    "ready": true,
-                    "containerID": format!("containerd://{}", uid.replace('-', "").repeat(2)),
-                }],
-            },
-        })
+        StandInPod {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: uid.clone(),
+            service_account: self.service_account.clone(),
+            labels: BTreeMap::from([("app".to_owned(), self.name.clone())]),
+            pod_ip: self.ip,
+            host_network: self.host_network,
+            container_ids: vec![uid.replace('-', "").repeat(2)],
+            phase: "Running".into(),
+        }
     }
 }
 
-#[derive(Default)]
-struct Objects {
-    pods: Vec<PodSpec>,
-    annotations: BTreeMap<(String, String), BTreeMap<String, String>>,
-}
-
-/// The running stand-in.
+/// The running stand-in, plain http (the read-only port's way: no token).
 pub struct Cluster {
-    base: String,
-    objects: Arc<Mutex<Objects>>,
-    dir: tempfile::TempDir,
-    _server: tokio::task::JoinHandle<()>,
+    kubelet: Kubelet,
+    listed: Mutex<Vec<String>>,
+    annotations: Mutex<BTreeMap<(String, String), BTreeMap<String, String>>>,
 }
 
 impl Cluster {
     pub async fn start() -> Cluster {
-        let objects = Arc::new(Mutex::new(Objects::default()));
-        let app = Router::new()
-            .route("/pods", get(pods))
-            .route(
-                "/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
-                get(service_account),
-            )
-            .with_state(objects.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        let dir = super::workdir();
-        std::fs::write(dir.path().join("token"), "stand-in-token").unwrap();
-        std::fs::write(dir.path().join("ca.crt"), "").unwrap();
+        let kubelet = Kubelet::start(KubeletOptions::default())
+            .await
+            .expect("the kubelet stand-in starts");
         Cluster {
-            base,
-            objects,
-            dir,
-            _server: server,
+            kubelet,
+            listed: Mutex::default(),
+            annotations: Mutex::default(),
         }
     }
 
+    /// Lists exactly `pods`; each one's service account exists (with no
+    /// annotation until [`Cluster::annotate`]).
     pub fn set_pods(&self, pods: Vec<PodSpec>) {
-        self.objects.lock().unwrap().pods = pods;
+        let mut listed = self.listed.lock().unwrap();
+        for uid in listed.drain(..) {
+            self.kubelet.remove_pod(&uid);
+        }
+        for pod in pods {
+            let stand_in = pod.stand_in();
+            self.kubelet.add_pod(&stand_in);
+            listed.push(stand_in.uid);
+            let key = (pod.namespace.clone(), pod.service_account.clone());
+            let mut annotations = self.annotations.lock().unwrap();
+            let current = annotations.entry(key).or_default().clone();
+            self.kubelet
+                .set_service_account(&pod.namespace, &pod.service_account, current);
+        }
     }
 
     /// Sets (or, with `None`, removes) service account `namespace/name`'s
-    /// `iam.gke.io/gcp-service-account` annotation; the account exists
-    /// either way.
+    /// `iam.gke.io/gcp-service-account` annotation.
     pub fn annotate(&self, namespace: &str, name: &str, account: Option<&str>) {
-        let mut objects = self.objects.lock().unwrap();
-        let annotations = objects
-            .annotations
-            .entry((namespace.into(), name.into()))
-            .or_default();
+        let mut all = self.annotations.lock().unwrap();
+        let annotations = all.entry((namespace.into(), name.into())).or_default();
         match account {
             Some(account) => {
                 annotations.insert("iam.gke.io/gcp-service-account".into(), account.into());
@@ -166,73 +126,27 @@ impl Cluster {
                 annotations.remove("iam.gke.io/gcp-service-account");
             }
         }
+        self.kubelet
+            .set_service_account(namespace, name, annotations.clone());
     }
 
-    /// The broker's `[kubernetes]` table for this stand-in.
+    /// The broker's `[kubernetes]` table for this stand-in; annotations
+    /// are kept 1 s, so a test sees a change take effect.
     pub fn config(&self) -> String {
         format!(
-            "[kubernetes]\nkubelet_url = \"{base}\"\napi_server_url = \"{base}\"\n\
-             token_file = \"{dir}/token\"\nca_file = \"{dir}/ca.crt\"\n\
+            "[kubernetes]\nkubelet_url = \"{url}\"\napi_server_url = \"{url}\"\n\
              annotations_ttl = \"1s\"\n",
-            base = self.base,
-            dir = self.dir.path().display()
+            url = self.kubelet.url()
         )
     }
-}
 
-async fn pods(State(objects): State<Arc<Mutex<Objects>>>) -> Json<serde_json::Value> {
-    let items: Vec<_> = objects
-        .lock()
-        .unwrap()
-        .pods
-        .iter()
-        .map(PodSpec::to_json)
-        .collect();
-    Json(serde_json::json!({
-        "kind": "PodList",
-        "apiVersion": "v1",
-        "metadata": {},
-        "items": items,
-    }))
-}
-
-async fn service_account(
-    State(objects): State<Arc<Mutex<Objects>>>,
-    Path((namespace, name)): Path<(String, String)>,
-) -> Response {
-    let objects = objects.lock().unwrap();
-    let known = objects
-        .pods
-        .iter()
-        .any(|p| p.namespace == namespace && p.service_account == name)
-        || objects
-            .annotations
-            .contains_key(&(namespace.clone(), name.clone()));
-    if !known {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({
-                "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": format!("serviceaccounts \"{name}\" not found"),
-                "reason": "NotFound", "code": 404,
-            })),
-        )
-            .into_response();
+    /// `GET /pods` calls the broker made.
+    pub fn pod_list_calls(&self) -> u64 {
+        self.kubelet.pod_list_calls()
     }
-    let annotations = objects
-        .annotations
-        .get(&(namespace.clone(), name.clone()))
-        .cloned()
-        .unwrap_or_default();
-    Json(serde_json::json!({
-        "kind": "ServiceAccount",
-        "apiVersion": "v1",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": "7d1e0f4a-3b2c-4d5e-8f90-a1b2c3d4e5f6",
-            "annotations": annotations,
-        },
-    }))
-    .into_response()
+
+    /// Service-account reads the broker made.
+    pub fn service_account_calls(&self) -> u64 {
+        self.kubelet.service_account_calls()
+    }
 }
