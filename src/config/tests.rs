@@ -528,7 +528,10 @@ service_account_from = "k8s_service_account_annotation"
     )
     .unwrap_err()
     .to_string();
-    assert!(bad.contains("service_account_from") || bad.contains("pod_label"), "{bad}");
+    assert!(
+        bad.contains("service_account_from") || bad.contains("pod_label"),
+        "{bad}"
+    );
     // With [kubernetes] and a base, the combination is valid.
     let good = "[kubernetes]\nkubelet_url = \"http://127.0.0.1:10255\"\n\
                 [[identities]]\nname = \"node\"\nsource = \"metadata\"\n\

@@ -363,7 +363,11 @@ async fn each_pod_gets_the_account_its_service_account_annotation_names() {
         "{body}"
     );
     assert!(body.contains("getOpenIdToken"), "{body}");
-    assert_eq!(emulator.stats().iam.failed, 1, "the grant was checked upstream");
+    assert_eq!(
+        emulator.stats().iam.failed,
+        1,
+        "the grant was checked upstream"
+    );
 
     // No annotation at all: refused before anything is minted, naming the
     // annotation and the service account.
@@ -456,7 +460,10 @@ async fn one_pod_cannot_take_every_endpoint_connection() {
     assert_eq!(ready.as_deref(), Some("ready"));
     // Its 4th is closed at accept; the other pod is served.
     let (status, body) = curl_in(flood, &identity_url(&endpoint, AUDIENCE), None).await;
-    assert_eq!(status, 0, "a connection past the pod's share was served: {body}");
+    assert_eq!(
+        status, 0,
+        "a connection past the pod's share was served: {body}"
+    );
     let (status, body) = curl_in(other, &identity_url(&endpoint, AUDIENCE), None).await;
     assert_eq!(status, 200, "{body}");
     broker.served.lock().unwrap().push(body);
