@@ -229,6 +229,7 @@ impl Settings {
             }
         }
         problems.extend(self.chain_problems());
+        problems.extend(self.per_workload_problems());
         for (i, prefetch) in self.prefetch.iter().enumerate() {
             if prefetch.audiences.is_empty() {
                 problems.push(Problem::new(
@@ -465,6 +466,37 @@ impl Settings {
                 ));
             }
         }
+    }
+
+    /// A per-workload identity mints only for a calling pod: prefetching
+    /// it or keeping its token in a file has no caller to mint for.
+    fn per_workload_problems(&self) -> Vec<Problem> {
+        let per_workload = |name: &str| {
+            self.identities
+                .iter()
+                .any(|i| i.name == name && i.service_account_from.is_some())
+        };
+        let refusal = |key: String, name: &str| {
+            Problem::new(
+                key,
+                format!(
+                    "identity {name:?} mints as each calling pod's annotated account \
+                     (service_account_from), so it has no token of its own to keep"
+                ),
+            )
+        };
+        let mut problems = Vec::new();
+        for (i, prefetch) in self.prefetch.iter().enumerate() {
+            if per_workload(&prefetch.identity) {
+                problems.push(refusal(format!("prefetch[{i}].identity"), &prefetch.identity));
+            }
+        }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            if per_workload(&sink.identity) {
+                problems.push(refusal(format!("sinks[{i}].identity"), &sink.identity));
+            }
+        }
+        problems
     }
 
     fn sink_problems(&self, problems: &mut Vec<Problem>) {
