@@ -190,6 +190,13 @@ impl MetadataEndpoint {
             pods_by_address = self.pods.is_some(),
             "metadata endpoint listening"
         );
+        if self.pods.is_some() && self.state.live.policy().is_open() {
+            tracing::warn!(
+                addr = %self.addr,
+                "no [[policy]] configured: every pod the kubelet lists on this node may get any \
+                 token through the metadata endpoint; write rules with k8s_* selectors"
+            );
+        }
         let listener = HttpListener {
             name: "metadata_endpoint",
             listener: self.listener,

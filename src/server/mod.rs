@@ -185,6 +185,18 @@ impl Prepared {
             out.push_str(
                 "policy: none, so any process that can open the socket may get any token\n",
             );
+            let pods_reach_endpoint = self.pods.is_some()
+                && self
+                    .settings
+                    .metadata_endpoint
+                    .as_ref()
+                    .is_some_and(|e| !e.listen.ip().is_loopback());
+            if pods_reach_endpoint {
+                out.push_str(
+                    "policy: none, so every pod the kubelet lists on this node may get any token \
+                     through the metadata endpoint\n",
+                );
+            }
         } else {
             out.push_str(&format!(
                 "policy: {} rule(s); requests no rule allows are denied\n",
