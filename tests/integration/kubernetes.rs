@@ -904,6 +904,17 @@ async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
     assert_eq!(again, tokens[1]);
     assert_eq!(emulator.stats().iam.total, 2);
 
+    // The API server is down when its service account is first read (the
+    // pod list is still held): UNAVAILABLE, naming the service account.
+    kubelet.set_down(true);
+    let (code, _, stderr) = token_as(&broker, &bare, "pods", AUDIENCE);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("UNAVAILABLE")
+            && stderr.contains("cannot read the annotations of service account batch/default"),
+        "{stderr}"
+    );
+    kubelet.set_down(false);
     let (code, _, stderr) = token_as(&broker, &bare, "pods", AUDIENCE);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("FAILED_PRECONDITION"), "{stderr}");
