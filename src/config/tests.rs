@@ -544,10 +544,16 @@ service_account_from = "k8s_service_account_annotation"
         "{good}[[prefetch]]\nidentity = \"pods\"\naudiences = [\"https://a\"]\n\
          [[sinks]]\nidentity = \"pods\"\naudience = \"https://a\"\npath = \"/run/t/a.jwt\"\n"
     );
-    let err = load(&kept, &[]).unwrap().validate().unwrap_err().to_string();
+    let err = load(&kept, &[])
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
     for key in ["prefetch[0].identity", "sinks[0].identity"] {
         assert!(
-            err.contains(&format!("{key}: identity \"pods\" mints as each calling pod")),
+            err.contains(&format!(
+                "{key}: identity \"pods\" mints as each calling pod"
+            )),
             "{key} missing from:\n{err}"
         );
     }

@@ -488,7 +488,10 @@ impl Settings {
         let mut problems = Vec::new();
         for (i, prefetch) in self.prefetch.iter().enumerate() {
             if per_workload(&prefetch.identity) {
-                problems.push(refusal(format!("prefetch[{i}].identity"), &prefetch.identity));
+                problems.push(refusal(
+                    format!("prefetch[{i}].identity"),
+                    &prefetch.identity,
+                ));
             }
         }
         for (i, sink) in self.sinks.iter().enumerate() {

@@ -269,6 +269,33 @@ async fn pods_are_told_apart_by_their_address_on_the_node() {
         "{body}"
     );
 
+    // Refusals by address are audited like any other request.
+    let log = broker.log();
+    assert!(
+        log.lines().any(|l| l.contains("status=403")
+            && l.contains(&shared.pod_ip.to_string())
+            && l.contains("shared by 2 pods")),
+        "no audit line for the shared address:\n{log}"
+    );
+    // The api pod's own request, relayed as a proxy would (SSRF): refused
+    // before its pod is even looked at.
+    let mut relayed = api.command(Path::new("curl"));
+    relayed.args([
+        "-sS",
+        "--max-time",
+        "4",
+        "-H",
+        "Metadata-Flavor: Google",
+        "-H",
+        "X-Forwarded-For: 203.0.113.9",
+        "-w",
+        "\n%{http_code}",
+        &identity_url(&endpoint, AUDIENCE),
+    ]);
+    let (_, out, _) = run(relayed).await;
+    assert!(out.trim_end().ends_with("403"), "{out}");
+    assert!(out.contains("X-Forwarded-For"), "{out}");
+
     // A pod spoofing the api pod's address: it may put the address on its
     // own interface, but the host drops what it sends from it (rp_filter),
     // and no answer would reach it anyway. No connection, no token.
