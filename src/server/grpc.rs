@@ -238,6 +238,7 @@ impl BrokerService {
         )
         .await
         .map_err(|refused| refused_status(&refused))?;
+        audit.minted_as = key.account().map(str::to_owned);
         admission::admit_key(
             &self.cache,
             &self.live,

@@ -362,6 +362,8 @@ fn route(path: &str) -> Route {
 #[derive(Default)]
 struct Outcome {
     audience: Option<String>,
+    /// The account a per-workload identity minted as for this caller.
+    minted_as: Option<String>,
     cache: Option<CacheOutcome>,
     decision: Option<Decision>,
 }
@@ -420,6 +422,7 @@ impl RequestLine {
             path = self.path.as_str(),
             identity = self.identity.as_str(),
             audience = audience.as_ref().map(LogText::as_str),
+            minted_as = self.outcome.minted_as.as_deref(),
             decision,
             rule,
             cache = self.outcome.cache.map(CacheOutcome::as_str),
@@ -799,6 +802,7 @@ impl EndpointState {
         )
         .await
         .and_then(|key| {
+            outcome.minted_as = key.account().map(str::to_owned);
             admission::admit_key(
                 &self.cache,
                 &self.live,

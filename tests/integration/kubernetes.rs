@@ -895,6 +895,14 @@ async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
         tokens.push(token);
     }
     assert_ne!(tokens[0], tokens[1], "two accounts, two tokens");
+    let log = broker.log();
+    for account in [API, BATCH] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("minted_as") && l.contains(account)),
+            "the audit line names the account minted as:\n{log}"
+        );
+    }
     let stats = emulator.stats();
     assert_eq!(stats.iam.succeeded, 2);
     assert_eq!(stats.metadata_token, 1, "one base access token for both");

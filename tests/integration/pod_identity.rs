@@ -374,6 +374,12 @@ async fn each_pod_gets_the_account_its_service_account_annotation_names() {
         // .../default/email answers the caller's own account.
         assert_eq!(got.answer["email"], account);
     }
+    let log = broker.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("minted_as") && l.contains(WEB_ACCOUNT)),
+        "the request line names the account minted as:\n{log}"
+    );
     // The base's access token is one, whatever the accounts; two IAM
     // calls, one per account, each granted.
     let stats = emulator.stats();
