@@ -51,6 +51,12 @@ pub struct IdentityLabels {
     pub identity: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// ok, or error.
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -64,6 +70,8 @@ pub struct Metrics {
     pub min_time_to_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub connected_clients: Gauge,
     pub log_lines_dropped: Counter,
+    /// Pod-list fetches from the kubelet (`[kubernetes]`).
+    pub kubelet_fetches: Family<OutcomeLabels, Counter>,
 }
 
 fn upstream_histogram() -> Histogram {
@@ -104,6 +112,7 @@ pub fn get() -> &'static Metrics {
             min_time_to_expiry: Gauge::default(),
             connected_clients: Gauge::default(),
             log_lines_dropped: Counter::default(),
+            kubelet_fetches: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -130,6 +139,11 @@ pub fn get() -> &'static Metrics {
             "refresh_failures",
             "Failed refreshes of a key that held a token",
             m.refresh_failures.clone(),
+        );
+        registry.register(
+            "kubelet_fetches",
+            "Pod-list fetches from the kubelet, by outcome (ok, error)",
+            m.kubelet_fetches.clone(),
         );
         registry.register(
             "policy_denials",

@@ -39,8 +39,9 @@ pub struct Caller<'a> {
     /// `None` when no group is known (a TCP peer whose uid has no entry in
     /// the user database): only `uids` rules can match it.
     pub gid: Option<u32>,
-    /// `None` when the workload was not attested: rules with `exe` or
-    /// `systemd_units` do not match, and `gids` sees the primary gid only.
+    /// `None` when the workload was not attested: rules with `exe`,
+    /// `systemd_units` or `k8s_*` selectors do not match, and `gids` sees
+    /// the primary gid only. (`k8s_*` also need the workload's `k8s_pod`.)
     pub workload: Option<&'a Workload>,
 }
 

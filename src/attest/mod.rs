@@ -132,10 +132,10 @@ fn confirm(pinned: &Pinned, uid: u32, proc_root: &Path) -> Result<Workload, Stri
 }
 
 /// `gids=1000,27 unit=nginx.service`, or for a pod
-/// `gids=0 unit=cri-containerd-<id>.scope k8s=payments/api-sa pod=payments/api-7f9c`
-/// (or `pod=<uid> k8s=unattested (why)`): the attested selectors, for logs
-/// and denials (each value is quoted by the caller's log formatter where it
-/// is foreign text).
+/// `gids=0 k8s=payments/api-sa pod=payments/api-7f9c` (or
+/// `gids=0 pod=<uid> k8s=unattested (why)`): the attested selectors, for
+/// logs and denials (each value is quoted by the caller's log formatter
+/// where it is foreign text).
 impl fmt::Display for Attestation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -342,6 +342,12 @@ impl PodDirectory {
                 Err(error)
             }
         };
+        crate::metrics::get()
+            .kubelet_fetches
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: if outcome.is_ok() { "ok" } else { "error" },
+            })
+            .inc();
         state.last = Some(outcome.clone());
         let attempt = self.attempts.fetch_add(1, Ordering::AcqRel) + 1;
         (outcome, attempt)

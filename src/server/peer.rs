@@ -6,8 +6,9 @@
 //! workload (supplementary groups, executable, systemd unit) is read from
 //! `/proc` on a blocking thread, off the accept loop ([`crate::attest`]),
 //! and a pod its cgroup names is looked up in the kubelet's pod list
-//! ([`crate::kubernetes`]); requests wait for that one reading. Only a reading confirmed to describe
-//! the connecting process is used by the policy.
+//! ([`crate::kubernetes`]); requests wait for that one reading. Only a
+//! reading confirmed to describe the connecting process is used by the
+//! policy.
 
 use std::{
     io,
