@@ -4,7 +4,7 @@
 //! one audit line per request ([`super::audit`]). Open watch streams run as
 //! tasks of their own ([`super::watch_stream`]).
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
 use prost_types::Timestamp;
 use tokio::sync::watch;
@@ -133,11 +133,31 @@ impl TokenBroker for BrokerService {
         let policy = self.live.policy();
         let size = super::listing::page_size(request.get_ref().page_size)?;
         let after = super::listing::decode_token(&request.get_ref().page_token)?;
+        let entries = self.cache.list();
+        // A per-workload identity's entries are the caller's only when
+        // minted as its own account: other pods' audiences are theirs.
+        let mut own_accounts: HashMap<String, Option<String>> = HashMap::new();
+        for info in &entries {
+            let identity = info.key.identity();
+            if info.key.account().is_some() && !own_accounts.contains_key(identity) {
+                let own =
+                    workload_account::resolve(&self.cache, self.pods.as_deref(), &peer, identity)
+                        .await
+                        .ok()
+                        .flatten();
+                own_accounts.insert(identity.to_owned(), own);
+            }
+        }
+        let minted_for_caller = |key: &CacheKey| match key.account() {
+            None => true,
+            Some(account) => {
+                own_accounts.get(key.identity()).and_then(Option::as_deref) == Some(account)
+            }
+        };
         // A caller sees only the entries it may read, and pages through those.
-        let readable: Vec<_> = self
-            .cache
-            .list()
+        let readable: Vec<_> = entries
             .into_iter()
+            .filter(|info| minted_for_caller(&info.key))
             .filter(|info| match info.key.scopes() {
                 Some(scopes) => policy
                     .decide_access(caller, info.key.identity(), scopes.split(' '))

@@ -860,15 +860,23 @@ fn token_as(
     identity: &str,
     audience: &str,
 ) -> (i32, String, String) {
-    let mut command = support::base_command(&[
-        "token",
-        "--socket",
-        broker.socket.to_str().unwrap(),
-        "--identity",
-        identity,
-        "--audience",
-        audience,
-    ]);
+    cli_in(
+        cgroup,
+        &[
+            "token",
+            "--socket",
+            broker.socket.to_str().unwrap(),
+            "--identity",
+            identity,
+            "--audience",
+            audience,
+        ],
+    )
+}
+
+/// The CLI with `args`, run as WEB in `cgroup`: (exit code, stdout, stderr).
+fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
+    let mut command = support::base_command(args);
     workloads::place(
         &mut command,
         Some(&cgroup.procs()),
@@ -962,6 +970,19 @@ async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
     let stats = emulator.stats();
     assert_eq!(stats.iam.succeeded, 2);
     assert_eq!(stats.metadata_token, 1, "one base access token for both");
+    // `status` shows a pod its own entry of the per-workload identity, not
+    // the other pod's (whose audience it names).
+    let (code, listed, stderr) = cli_in(
+        &api,
+        &[
+            "status",
+            "--socket",
+            broker.socket.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(listed.matches("\"pods\"").count(), 1, "{listed}");
     // Asked again, each pod gets its own token back from the cache.
     let (code, again, _) = token_as(&broker, &batch, "pods", AUDIENCE);
     assert_eq!(code, 0);
