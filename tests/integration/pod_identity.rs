@@ -185,8 +185,8 @@ fn config_with(
 /// nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_are_told_apart_by_their_address_on_the_node() {
-    let Some(pods) = pod_networks(4) else { return };
-    let [api, web, shared, unknown] = &pods[..] else {
+    let Some(pods) = pod_networks(5) else { return };
+    let [api, web, shared, unknown, lone_host] = &pods[..] else {
         unreachable!()
     };
     let python = tokio::task::spawn_blocking(google_auth).await.unwrap();
@@ -201,6 +201,10 @@ async fn pods_are_told_apart_by_their_address_on_the_node() {
             .host_network(),
         PodSpec::new("kube-system", "fluentbit-b2", "fluentbit")
             .ip(shared.pod_ip)
+            .host_network(),
+        // One hostNetwork pod alone on an address.
+        PodSpec::new("kube-system", "kube-proxy-c3", "kube-proxy")
+            .ip(lone_host.pod_ip)
             .host_network(),
     ]);
     let port = free_port_on(api.host_ip);
@@ -262,6 +266,9 @@ async fn pods_are_told_apart_by_their_address_on_the_node() {
     let (status, body) = curl_in(shared, &identity_url(&endpoint, AUDIENCE), None).await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("shared by 2 pods (hostNetwork)"), "{body}");
+    let (status, body) = curl_in(lone_host, &identity_url(&endpoint, AUDIENCE), None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("is a hostNetwork pod's"), "{body}");
     let (status, body) = curl_in(unknown, &identity_url(&endpoint, AUDIENCE), None).await;
     assert_eq!(status, 403, "{body}");
     assert!(
