@@ -17,15 +17,19 @@
 //! owning its socket ([`super::loopback_peer`]); tokens are then admitted
 //! exactly as over the socket ([`super::admission`]: `[[policy]]`, the
 //! per-uid new-audience limit), and every request's log line carries
-//! `peer_uid`. A peer whose uid cannot be resolved gets 403 on every path:
-//! it is never treated as "no policy, open".
+//! `peer_uid`. A peer with no socket on this host (a pod in its own network
+//! namespace, on a node address) is attested by its source address instead
+//! ([`super::pod_peer`]) and has no uid; for a per-workload identity the
+//! token is minted as the caller's account ([`super::workload_account`]),
+//! which `.../email` then answers. A peer resolved neither way gets 403 on
+//! every path: it is never treated as "no policy, open".
 //!
 //! Refusals, in the order checked: 403 for a `Host` that does not name this
 //! endpoint (`localhost`, `metadata.google.internal`, `metadata`,
 //! `169.254.169.254` or the address connected to, with or without its port,
 //! or port 80 for the metadata server's names behind a redirect: a
-//! DNS-rebinding web page sends its own name), for an absolute-form request target (a proxy
-//! request), or with `X-Forwarded-For`, `Forwarded` or `X-Real-IP` (SSRF
+//! DNS-rebinding web page sends its own name), for an absolute-form request
+//! target (a proxy request), or with `X-Forwarded-For`, `Forwarded` or `X-Real-IP` (SSRF
 //! through a proxy); 403 for an unresolved peer; 405 for methods other than
 //! GET; 403 without `Metadata-Flavor: Google` (except on `/`, which Go's
 //! detection probes without it); 403 for an audience off the optional
