@@ -10,8 +10,11 @@
 //! service account and labels, as the kubelet lists the pod its cgroup
 //! names. Within a rule every selector given must match;
 //! rules are alternatives. A caller whose workload could not be attested
-//! matches only on its uid and primary gid. This module decides on the
-//! [`Caller`] value alone and never reads `/proc` itself.
+//! matches only on its uid and primary gid. A pod that reaches the
+//! metadata endpoint from its own network namespace is known by its source
+//! address alone: it has no uid, and only `k8s_*` selectors can match it.
+//! This module decides on the [`Caller`] value alone and never reads
+//! `/proc` itself.
 //!
 //! With no rule configured, every peer that can open the socket is allowed
 //! (startup warns). With rules, a request is denied unless one allows it.
