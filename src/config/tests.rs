@@ -544,12 +544,20 @@ service_account_from = "k8s_service_account_annotation"
         "{good}[[prefetch]]\nidentity = \"pods\"\naudiences = [\"https://a\"]\n\
          [[sinks]]\nidentity = \"pods\"\naudience = \"https://a\"\npath = \"/run/t/a.jwt\"\n"
     );
+    let kept = format!(
+        "{kept}[[identities]]\nname = \"chained\"\nsource = \"impersonate\"\nbase = \"pods\"\n\
+         service_account = \"c@p.iam.gserviceaccount.com\"\n"
+    );
     let err = load(&kept, &[])
         .unwrap()
         .validate()
         .unwrap_err()
         .to_string();
-    for key in ["prefetch[0].identity", "sinks[0].identity"] {
+    for key in [
+        "prefetch[0].identity",
+        "sinks[0].identity",
+        "identities[2].base",
+    ] {
         assert!(
             err.contains(&format!(
                 "{key}: identity \"pods\" mints as each calling pod"

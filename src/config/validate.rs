@@ -486,6 +486,11 @@ impl Settings {
             )
         };
         let mut problems = Vec::new();
+        for (i, identity) in self.identities.iter().enumerate() {
+            if let Some(base) = identity.base.as_deref().filter(|b| per_workload(b)) {
+                problems.push(refusal(format!("identities[{i}].base"), base));
+            }
+        }
         for (i, prefetch) in self.prefetch.iter().enumerate() {
             if per_workload(&prefetch.identity) {
                 problems.push(refusal(

@@ -118,6 +118,19 @@ pub fn admit_access(
     let key = CacheKey::access(identity, AccessOf::Identity, scopes)
         .map_err(CacheError::InvalidScopes)?;
     grant_access(cache, live, peer, &key, decision)?;
+    if cache
+        .source(identity)
+        .and_then(|s| s.account_from())
+        .is_some()
+    {
+        return Err(Refused::NoWorkloadAccount {
+            message: format!(
+                "identity {} mints ID tokens as each calling pod's annotated account \
+                 (service_account_from); access tokens of such an identity are not served",
+                LogText::new(identity)
+            ),
+        });
+    }
     spend_for_new_key(cache, live, peer, key, min_valid)
 }
 

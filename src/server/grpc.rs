@@ -87,7 +87,7 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetAccessTokenRequest>,
     ) -> Result<Response<proto::AccessToken>, Status> {
-        let (mut audit, wait, req) = access_parts("GetAccessToken", request);
+        let (mut audit, wait, req) = access_parts("GetAccessToken", request).await;
         let result = self
             .get_access(&mut audit, &req.scopes, req.min_valid_for, wait)
             .await;
@@ -102,7 +102,7 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetAccessTokenRequest>,
     ) -> Result<Response<Self::WatchAccessTokenStream>, Status> {
-        let (mut audit, wait, req) = access_parts("WatchAccessToken", request);
+        let (mut audit, wait, req) = access_parts("WatchAccessToken", request).await;
         let result = self
             .watch_access(&mut audit, &req.scopes, req.min_valid_for, wait)
             .await;
@@ -411,11 +411,13 @@ pub(super) fn check_grant(
 
 /// An access-token request's audit (its scopes as sent, cloud-platform
 /// when none), deadline and message.
-fn access_parts(
+async fn access_parts(
     method: &'static str,
     request: Request<proto::GetAccessTokenRequest>,
 ) -> (Audit, Duration, proto::GetAccessTokenRequest) {
-    let peer = PeerCredentials::of_request(&request);
+    // The workload selectors (units, exe, groups, pods) apply to access
+    // tokens too: wait for the connection's attestation as ID tokens do.
+    let peer = PeerCredentials::of_request(&request).attested().await;
     let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
     let req = request.into_inner();
     let scopes = if req.scopes.is_empty() {

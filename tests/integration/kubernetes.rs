@@ -945,7 +945,9 @@ async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
         "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"default\"\n\
          service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
          [[policy]]\nk8s_namespaces = [\"payments\", \"batch\"]\nidentities = [\"pods\"]\n\
-         audiences = [\"{AUDIENCE}\"]\n",
+         audiences = [\"{AUDIENCE}\"]\nscopes = [\"*\"]\n\
+         [[policy]]\nk8s_service_accounts = [\"payments/api-sa\"]\nidentities = [\"default\"]\n\
+         scopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n",
         emulator.base_url()
     );
     let broker = broker_with(&emulator, &kubelet, "", &rules).await;
@@ -989,6 +991,44 @@ async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
     assert_eq!(again, tokens[1]);
     assert_eq!(emulator.stats().iam.total, 2);
 
+    // Access tokens of a per-workload identity are not served (yet): said
+    // before anything is fetched.
+    let (code, _, stderr) = cli_in(
+        &api,
+        &[
+            "token",
+            "--socket",
+            broker.socket.to_str().unwrap(),
+            "--identity",
+            "pods",
+            "--access",
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("FAILED_PRECONDITION")
+            && stderr.contains("access tokens of such an identity"),
+        "{stderr}"
+    );
+    assert_eq!(emulator.stats().iam_access, 0);
+    // Access tokens are decided on the attested pod too: the api pod's
+    // service account is granted the node's, the batch pod's is not.
+    let access = |cgroup| {
+        cli_in(
+            cgroup,
+            &[
+                "token",
+                "--socket",
+                broker.socket.to_str().unwrap(),
+                "--access",
+            ],
+        )
+    };
+    let (code, _, stderr) = access(&api);
+    assert_eq!(code, 0, "the api pod's access token: {stderr}");
+    let (code, _, stderr) = access(&batch);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
     // The API server is down when its service account is first read (the
     // pod list is still held): UNAVAILABLE, naming the service account.
     kubelet.set_down(true);
