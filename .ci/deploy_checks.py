@@ -36,7 +36,12 @@ def load(name):
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
 
 # kustomization: every manifest is either applied or a documented template.
-TEMPLATES = {"secret-example.yaml", "client-example.yaml", "token-file-client-example.yaml"}
+TEMPLATES = {
+    "secret-example.yaml",
+    "client-example.yaml",
+    "token-file-client-example.yaml",
+    "metadata-client-example.yaml",
+}
 kust = load("kustomization.yaml")
 resources = kust.get("resources", [])
 for r in resources:
@@ -238,6 +243,35 @@ check(re.search(r'(?m)^ENTRYPOINT \["/usr/bin/token-broker"\]', last_stage),
       "Dockerfile: ENTRYPOINT must be the binary")
 check((root / "deploy/docker/Dockerfile.dockerignore").is_file(),
       "Dockerfile: deploy/docker/Dockerfile.dockerignore keeps target/ out of the context")
+
+# The metadata-endpoint component: its patch applied to the DaemonSet as
+# kustomize's strategic merge would (pod-spec fields, container env by
+# name), written out for schema validation. The endpoint must listen on the
+# node's IP from the downward API, never on every address.
+component = k8s / "metadata-endpoint"
+patch = yaml.safe_load((component / "daemonset-patch.yaml").read_text())
+merged = yaml.safe_load((k8s / "daemonset.yaml").read_text())
+patch_spec = patch["spec"]["template"]["spec"]
+merged_spec = merged["spec"]["template"]["spec"]
+for field, value in patch_spec.items():
+    if field != "containers":
+        merged_spec[field] = value
+by_name = {c["name"]: c for c in merged_spec["containers"]}
+for container in patch_spec.get("containers", []):
+    if check(container["name"] in by_name,
+             f"metadata-endpoint patch: no container {container['name']} in daemonset.yaml"):
+        env = by_name[container["name"]].setdefault("env", [])
+        env.extend(container.get("env", []))
+check(merged_spec.get("hostNetwork") is True, "metadata-endpoint patch: hostNetwork must be true")
+patched_env = {e["name"]: e for c in merged_spec["containers"] for e in c.get("env", [])}
+host_ip = patched_env.get("HOST_IP", {}).get("valueFrom", {}).get("fieldRef", {})
+check(host_ip.get("fieldPath") == "status.hostIP",
+      "metadata-endpoint patch: HOST_IP must come from status.hostIP")
+listen = patched_env.get("TOKEN_BROKER__METADATA_ENDPOINT__LISTEN", {}).get("value", "")
+check(listen.startswith("$(HOST_IP):"),
+      "metadata-endpoint patch: the endpoint must listen on $(HOST_IP), not on every address")
+(out / "daemonset-metadata-endpoint.yaml").write_text(yaml.safe_dump(merged))
+(out / "metadata-endpoint-port").write_text(listen.rsplit(":", 1)[-1])
 
 for p in problems:
     print(f"FAIL {p}")

@@ -10,8 +10,11 @@
 //! service account and labels, as the kubelet lists the pod its cgroup
 //! names. Within a rule every selector given must match;
 //! rules are alternatives. A caller whose workload could not be attested
-//! matches only on its uid and primary gid. This module decides on the
-//! [`Caller`] value alone and never reads `/proc` itself.
+//! matches only on its uid and primary gid. A pod that reaches the
+//! metadata endpoint from its own network namespace is known by its source
+//! address alone: it has no uid, and only `k8s_*` selectors can match it.
+//! This module decides on the [`Caller`] value alone and never reads
+//! `/proc` itself.
 //!
 //! With no rule configured, every peer that can open the socket is allowed
 //! (startup warns). With rules, a request is denied unless one allows it.
@@ -30,7 +33,12 @@ use crate::{
 /// workload when that was confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller<'a> {
-    pub uid: u32,
+    /// `None` for a caller in another network namespace, known only by its
+    /// source IP (a pod reaching the metadata endpoint on a node address):
+    /// it has no uid on this host, so rules with `uids`, `gids`, `exe` or
+    /// `systemd_units` never match it, and only the workload's Kubernetes
+    /// selectors can.
+    pub uid: Option<u32>,
     /// `None` when no group is known (a TCP peer whose uid has no entry in
     /// the user database): only `uids` rules can match it.
     pub gid: Option<u32>,
@@ -284,7 +292,7 @@ impl Rule {
 
     fn selects(&self, caller: &Caller<'_>) -> bool {
         let workload = caller.workload;
-        (self.uids.is_empty() || self.uids.contains(&caller.uid))
+        (self.uids.is_empty() || caller.uid.is_some_and(|uid| self.uids.contains(&uid)))
             && (self.gids.is_empty() || caller.holds_gid(&self.gids))
             && (self.exe.is_empty()
                 || workload
@@ -474,7 +482,7 @@ mod tests {
     #[test]
     fn access_tokens_need_a_rule_granting_every_scope() {
         let caller = Some(Caller {
-            uid: 1000,
+            uid: Some(1000),
             gid: None,
             workload: None,
         });
@@ -537,7 +545,7 @@ mod tests {
         assert_eq!(
             policy.decide_access(
                 Some(Caller {
-                    uid: 1001,
+                    uid: Some(1001),
                     gid: None,
                     workload: None,
                 }),
@@ -650,12 +658,12 @@ mod tests {
     fn decisions() {
         let policy = Policy::compile(&rules()).unwrap();
         let alice = Some(Caller {
-            uid: 1000,
+            uid: Some(1000),
             gid: Some(1000),
             workload: None,
         });
         let team = Some(Caller {
-            uid: 1500,
+            uid: Some(1500),
             gid: Some(2000),
             workload: None,
         });
@@ -702,7 +710,7 @@ mod tests {
         assert!(policy
             .decide(
                 Some(Caller {
-                    uid: 0,
+                    uid: Some(0),
                     gid: Some(5),
                     workload: None,
                 }),
@@ -777,7 +785,7 @@ mod tests {
         let deploy = workload(&[1000, 27], "/usr/bin/deploy", None);
         let caller = |uid, w| {
             Some(Caller {
-                uid,
+                uid: Some(uid),
                 gid: Some(1000),
                 workload: w,
             })
@@ -809,7 +817,7 @@ mod tests {
         let shell = workload(&[1000], "/usr/bin/python3", Some("session-3.scope"));
         let caller = |w| {
             Some(Caller {
-                uid: 1000,
+                uid: Some(1000),
                 gid: Some(1000),
                 workload: w,
             })
@@ -826,7 +834,7 @@ mod tests {
         let with = |gid| {
             policy.decide(
                 Some(Caller {
-                    uid: 1000,
+                    uid: Some(1000),
                     gid: Some(gid),
                     workload: None,
                 }),
@@ -902,7 +910,7 @@ mod tests {
         let decide = |w: Option<&Workload>| {
             policy.decide(
                 Some(Caller {
-                    uid: 0,
+                    uid: Some(0),
                     gid: Some(0),
                     workload: w,
                 }),
@@ -935,6 +943,50 @@ mod tests {
             Decision::Denied
         );
         assert_eq!(decide(None), Decision::Denied);
+    }
+
+    /// A pod known only by its source address (the metadata endpoint on a
+    /// node address) has no uid, group, executable or unit here: only
+    /// `k8s_*` rules can match it, whatever else the rules name.
+    #[test]
+    fn a_caller_known_by_its_pod_address_matches_k8s_rules_only() {
+        fn by_address(w: &Workload) -> Caller<'_> {
+            Caller {
+                uid: None,
+                gid: None,
+                workload: Some(w),
+            }
+        }
+        let mut pod = pod_workload("payments", "api-sa", &[]);
+        pod.gids.clear();
+        pod.exe = None;
+        let by_uid = Policy::compile(&[rule(&[0], &[0], &[], &[])]).unwrap();
+        assert_eq!(
+            by_uid.decide(Some(by_address(&pod)), "default", "a"),
+            Decision::Denied
+        );
+        let by_exe = Policy::compile(&[rule(&[], &[], &["/app"], &[])]).unwrap();
+        assert_eq!(
+            by_exe.decide(Some(by_address(&pod)), "default", "a"),
+            Decision::Denied
+        );
+        let by_pod =
+            Policy::compile(&[rule(&[0], &[], &[], &[]), k8s_rule(&["payments"], &[], &[])])
+                .unwrap();
+        assert_eq!(
+            by_pod.decide(Some(by_address(&pod)), "default", "a"),
+            Decision::AllowedBy(1)
+        );
+        // A k8s rule that also names a uid needs both: never for this caller.
+        let both = Policy::compile(&[RuleSettings {
+            k8s_namespaces: vec!["payments".into()],
+            ..rule(&[0], &[], &[], &[])
+        }])
+        .unwrap();
+        assert_eq!(
+            both.decide(Some(by_address(&pod)), "default", "a"),
+            Decision::Denied
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The cache key: a struct of (identity, kind, audience or scope set), never
+//! The cache key: a struct of (identity, kind, audience or scope set, and
+//! for a per-workload identity the account resolved for the caller), never
 //! a concatenated string, so no audience can collide with another
-//! identity's key or with a scope set. A key can only be built from an
+//! identity's key or with a scope set, and two pods whose annotations name
+//! different accounts never share a token. A key can only be built from an
 //! audience that passed validation, or from a checked scope set.
 
 use std::{fmt, sync::Arc};
@@ -31,6 +33,9 @@ pub struct CacheKey {
     /// The audience, or the scope set sorted, without duplicates, joined by
     /// single spaces (a scope holds no whitespace).
     target: Arc<str>,
+    /// The account a per-workload identity mints this token as (the
+    /// caller's annotation); `None` for an identity with its own account.
+    account: Option<Arc<str>>,
 }
 
 impl CacheKey {
@@ -41,7 +46,20 @@ impl CacheKey {
             identity: identity.into(),
             kind: TokenKind::IdToken,
             target: audience.into(),
+            account: None,
         })
+    }
+
+    /// This key, minted as `account` (a per-workload identity's account
+    /// resolved for the caller).
+    pub fn minted_as(mut self, account: &str) -> Self {
+        self.account = Some(account.into());
+        self
+    }
+
+    /// The account of a per-workload identity's key.
+    pub fn account(&self) -> Option<&str> {
+        self.account.as_deref()
     }
 
     /// An access-token key for `scopes` (whitespace-separated, any order,
@@ -72,6 +90,7 @@ impl CacheKey {
             identity: identity.into(),
             kind: TokenKind::AccessToken(of),
             target: set.join(" ").into(),
+            account: None,
         })
     }
 
@@ -100,9 +119,14 @@ impl CacheKey {
 
 impl fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            TokenKind::IdToken => write!(f, "({:?}, {:?})", self.identity, self.target),
-            TokenKind::AccessToken(of) => {
+        match (self.kind, &self.account) {
+            (TokenKind::IdToken, Some(account)) => write!(
+                f,
+                "({:?} as {:?}, {:?})",
+                self.identity, account, self.target
+            ),
+            (TokenKind::IdToken, None) => write!(f, "({:?}, {:?})", self.identity, self.target),
+            (TokenKind::AccessToken(of), _) => {
                 write!(f, "({:?}, {of:?} access, {:?})", self.identity, self.target)
             }
         }
@@ -118,6 +142,17 @@ mod tests {
         let a = CacheKey::new("a:b", "c").unwrap();
         let b = CacheKey::new("a", "b:c").unwrap();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn per_workload_accounts_never_share_a_key() {
+        let plain = CacheKey::new("wi", "https://a").unwrap();
+        let a = plain.clone().minted_as("a@p.iam.gserviceaccount.com");
+        let b = plain.clone().minted_as("b@p.iam.gserviceaccount.com");
+        assert_ne!(a, b);
+        assert_ne!(a, plain);
+        assert_eq!(a, plain.minted_as("a@p.iam.gserviceaccount.com"));
+        assert_eq!(a.account(), Some("a@p.iam.gserviceaccount.com"));
     }
 
     #[test]

@@ -962,7 +962,11 @@ impl TokenCache {
         let source = &upstream.source;
         let call = async {
             match key.kind() {
-                TokenKind::IdToken => source.fetch(key.audience()).await.map(Held::Id),
+                TokenKind::IdToken => match key.account() {
+                    Some(account) => source.fetch_as(account, key.audience()).await,
+                    None => source.fetch(key.audience()).await,
+                }
+                .map(Held::Id),
                 TokenKind::AccessToken(of) => {
                     let fetcher = match of {
                         AccessOf::Identity => source.access(),

@@ -17,10 +17,11 @@ mod validate;
 pub use load::{process_env, Overrides};
 pub use resolve::resolve_socket_path;
 pub use settings::{
-    IdentitySettings, KubernetesSettings, LimitSettings, LogFormat, LogSettings,
+    AccountFrom, IdentitySettings, KubernetesSettings, LimitSettings, LogFormat, LogSettings,
     MetadataEndpointSettings, PrefetchSettings, RefreshSettings, RuleSettings, ServerSettings,
     Settings, SinkFormat, SinkSettings, TelemetrySettings, SERVICE_ACCOUNT_DIR,
 };
+pub use validate::validate_account_email;
 
 use crate::domain::Problem;
 

@@ -294,6 +294,12 @@ pub struct IdentitySettings {
     /// The account to mint ID tokens for (`impersonate` only).
     #[serde(default)]
     pub service_account: Option<String>,
+    /// Instead of `service_account`: mint as an account each caller names
+    /// (`impersonate` only). `"k8s_service_account_annotation"`: the
+    /// calling pod's Kubernetes service account's
+    /// `iam.gke.io/gcp-service-account` annotation (needs `[kubernetes]`).
+    #[serde(default)]
+    pub service_account_from: Option<AccountFrom>,
     /// Accounts between the base and `service_account`, in order from the
     /// base's side; each needs the token-creator grant on the next
     /// (`impersonate` only).
@@ -321,6 +327,24 @@ fn default_true() -> bool {
     true
 }
 
+/// Where a per-workload identity learns the account it mints as.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountFrom {
+    /// The `iam.gke.io/gcp-service-account` annotation of the calling pod's
+    /// Kubernetes service account, as GKE Workload Identity reads it.
+    K8sServiceAccountAnnotation,
+}
+
+impl AccountFrom {
+    /// The annotation (or other place) named, for messages.
+    pub fn annotation(self) -> &'static str {
+        match self {
+            AccountFrom::K8sServiceAccountAnnotation => "iam.gke.io/gcp-service-account",
+        }
+    }
+}
+
 impl IdentitySettings {
     /// An identity with every optional key at its default.
     pub fn new(name: &str, source: SourceKind) -> Self {
@@ -332,6 +356,7 @@ impl IdentitySettings {
             allow_insecure_key_permissions: false,
             base: None,
             service_account: None,
+            service_account_from: None,
             delegates: Vec::new(),
             include_email: true,
             iam_endpoint: None,

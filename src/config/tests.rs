@@ -483,3 +483,91 @@ fn the_kubelet_url_defaults_to_node_name_and_says_so_when_unset() {
         "http://127.0.0.1:10255/pods"
     );
 }
+
+#[test]
+fn per_workload_accounts_are_checked_with_their_paths() {
+    let text = r#"
+[[identities]]
+name = "node"
+source = "metadata"
+
+[[identities]]
+name = "both"
+source = "impersonate"
+base = "node"
+service_account = "x@p.iam.gserviceaccount.com"
+service_account_from = "k8s_service_account_annotation"
+
+[[identities]]
+name = "no-cluster"
+source = "impersonate"
+base = "node"
+service_account_from = "k8s_service_account_annotation"
+
+[[identities]]
+name = "not-impersonate"
+source = "metadata"
+service_account_from = "k8s_service_account_annotation"
+
+[[identities]]
+name = "no-base"
+source = "impersonate"
+service_account_from = "k8s_service_account_annotation"
+"#;
+    let err = load(text, &[]).unwrap().validate().unwrap_err().to_string();
+    for expected in [
+        "identities[1].service_account_from: not with service_account",
+        "identities[2].service_account_from: reads the calling pod's service-account annotation \
+         iam.gke.io/gcp-service-account, which needs a [kubernetes] section",
+        "identities[3].service_account_from: only for source = \"impersonate\"",
+        "identities[4].base: required when source = \"impersonate\"",
+    ] {
+        assert!(err.contains(expected), "{expected:?} missing from:\n{err}");
+    }
+    assert!(!err.contains("identities[2].service_account:"), "{err}");
+    // An unknown place to read the account from names the key.
+    let bad = load(
+        "[[identities]]\nname = \"x\"\nsource = \"impersonate\"\nbase = \"y\"\n\
+         service_account_from = \"pod_label\"\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("service_account_from") || bad.contains("pod_label"),
+        "{bad}"
+    );
+    // With [kubernetes] and a base, the combination is valid.
+    let good = "[kubernetes]\nkubelet_url = \"http://127.0.0.1:10255\"\n\
+                [[identities]]\nname = \"node\"\nsource = \"metadata\"\n\
+                [[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"node\"\n\
+                service_account_from = \"k8s_service_account_annotation\"\n";
+    let settings = load(good, &[]).unwrap();
+    settings.validate().unwrap();
+    // ... but it has no token of its own to prefetch or keep in a file.
+    let kept = format!(
+        "{good}[[prefetch]]\nidentity = \"pods\"\naudiences = [\"https://a\"]\n\
+         [[sinks]]\nidentity = \"pods\"\naudience = \"https://a\"\npath = \"/run/t/a.jwt\"\n"
+    );
+    let kept = format!(
+        "{kept}[[identities]]\nname = \"chained\"\nsource = \"impersonate\"\nbase = \"pods\"\n\
+         service_account = \"c@p.iam.gserviceaccount.com\"\n"
+    );
+    let err = load(&kept, &[])
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+    for key in [
+        "prefetch[0].identity",
+        "sinks[0].identity",
+        "identities[2].base",
+    ] {
+        assert!(
+            err.contains(&format!(
+                "{key}: identity \"pods\" mints as each calling pod"
+            )),
+            "{key} missing from:\n{err}"
+        );
+    }
+}

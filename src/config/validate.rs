@@ -105,6 +105,10 @@ impl Settings {
                 for (field, set) in [
                     ("base", identity.base.is_some()),
                     ("service_account", identity.service_account.is_some()),
+                    (
+                        "service_account_from",
+                        identity.service_account_from.is_some(),
+                    ),
                     ("delegates", !identity.delegates.is_empty()),
                     ("include_email", !identity.include_email),
                 ] {
@@ -154,6 +158,10 @@ impl Settings {
                     for (field, set) in [
                         ("base", identity.base.is_some()),
                         ("service_account", identity.service_account.is_some()),
+                        (
+                            "service_account_from",
+                            identity.service_account_from.is_some(),
+                        ),
                         ("delegates", !identity.delegates.is_empty()),
                     ] {
                         if set {
@@ -176,12 +184,31 @@ impl Settings {
                         )),
                         Some(_) => {}
                     }
-                    match &identity.service_account {
-                        None => problems.push(Problem::new(
+                    match (&identity.service_account, identity.service_account_from) {
+                        (None, None) => problems.push(Problem::new(
                             key("service_account"),
-                            "required when source = \"impersonate\": the account to mint ID tokens for",
+                            "required when source = \"impersonate\": the account to mint ID tokens for \
+                             (or service_account_from = \"k8s_service_account_annotation\" for an \
+                             account per calling pod)",
                         )),
-                        Some(email) => {
+                        (Some(_), Some(_)) => problems.push(Problem::new(
+                            key("service_account_from"),
+                            "not with service_account: an identity mints either as one fixed \
+                             account or as the one each caller's annotation names",
+                        )),
+                        (None, Some(from)) => {
+                            if self.kubernetes.is_none() {
+                                problems.push(Problem::new(
+                                    key("service_account_from"),
+                                    format!(
+                                        "reads the calling pod's service-account annotation \
+                                         {}, which needs a [kubernetes] section",
+                                        from.annotation()
+                                    ),
+                                ));
+                            }
+                        }
+                        (Some(email), None) => {
                             if let Err(message) = validate_account_email(email) {
                                 problems.push(Problem::new(key("service_account"), message));
                             }
@@ -204,6 +231,7 @@ impl Settings {
             }
         }
         problems.extend(self.chain_problems());
+        problems.extend(self.per_workload_problems());
         for (i, prefetch) in self.prefetch.iter().enumerate() {
             if prefetch.audiences.is_empty() {
                 problems.push(Problem::new(
@@ -443,6 +471,45 @@ impl Settings {
         }
     }
 
+    /// A per-workload identity mints only for a calling pod: prefetching
+    /// it or keeping its token in a file has no caller to mint for.
+    fn per_workload_problems(&self) -> Vec<Problem> {
+        let per_workload = |name: &str| {
+            self.identities
+                .iter()
+                .any(|i| i.name == name && i.service_account_from.is_some())
+        };
+        let refusal = |key: String, name: &str| {
+            Problem::new(
+                key,
+                format!(
+                    "identity {name:?} mints as each calling pod's annotated account \
+                     (service_account_from), so it has no token of its own to keep"
+                ),
+            )
+        };
+        let mut problems = Vec::new();
+        for (i, identity) in self.identities.iter().enumerate() {
+            if let Some(base) = identity.base.as_deref().filter(|b| per_workload(b)) {
+                problems.push(refusal(format!("identities[{i}].base"), base));
+            }
+        }
+        for (i, prefetch) in self.prefetch.iter().enumerate() {
+            if per_workload(&prefetch.identity) {
+                problems.push(refusal(
+                    format!("prefetch[{i}].identity"),
+                    &prefetch.identity,
+                ));
+            }
+        }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            if per_workload(&sink.identity) {
+                problems.push(refusal(format!("sinks[{i}].identity"), &sink.identity));
+            }
+        }
+        problems
+    }
+
     fn sink_problems(&self, problems: &mut Vec<Problem>) {
         let mut paths = HashSet::new();
         for (i, sink) in self.sinks.iter().enumerate() {
@@ -648,7 +715,9 @@ impl Settings {
 }
 
 /// A service account's email, as IAM Credentials takes it.
-fn validate_account_email(email: &str) -> Result<(), String> {
+/// A Google service account email, as `service_account` and a pod's
+/// `iam.gke.io/gcp-service-account` annotation must hold.
+pub fn validate_account_email(email: &str) -> Result<(), String> {
     let ok = email.len() <= 254
         && email.split_once('@').is_some_and(|(user, domain)| {
             !user.is_empty()

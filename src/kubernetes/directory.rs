@@ -25,6 +25,12 @@ use crate::{config::KubernetesSettings, domain::Problem};
 
 /// Most service accounts whose annotations are kept at once.
 const MAX_CACHED_ACCOUNTS: usize = 4096;
+/// Oldest pod list a match by IP is answered from. A pod UID is never
+/// reused, but an IP is: a pod that died frees its address, and the next
+/// pod may get it while an older list still names the dead one. A short
+/// age keeps that window to seconds (the pod's successor is then listed
+/// too, and the address, held by two pods, names none).
+pub const POD_IP_MAX_AGE: Duration = Duration::from_secs(2);
 
 /// The node's pods, kept and looked up. Cheap to share (`Arc`).
 pub struct PodDirectory {
@@ -176,7 +182,7 @@ impl PodDirectory {
     /// waited for like a starting pod; an IP several pods share (the node's
     /// own, which every hostNetwork pod reports) names none of them.
     pub async fn by_ip(&self, ip: IpAddr) -> Result<Arc<Pod>, PodLookupError> {
-        self.lookup(|listing, _| {
+        self.lookup_within(self.ttl.min(POD_IP_MAX_AGE), |listing, _| {
             let pods = listing.by_ip.get(&ip).map(Vec::as_slice).unwrap_or(&[]);
             match pods {
                 [] => Err(Miss {
@@ -258,6 +264,16 @@ impl PodDirectory {
         &self,
         find: impl Fn(&Listing, Duration) -> Result<T, Miss>,
     ) -> Result<T, PodLookupError> {
+        self.lookup_within(self.ttl, find).await
+    }
+
+    /// [`Self::lookup`], answering from a held list only when it is
+    /// younger than `max_age`.
+    async fn lookup_within<T>(
+        &self,
+        max_age: Duration,
+        find: impl Fn(&Listing, Duration) -> Result<T, Miss>,
+    ) -> Result<T, PodLookupError> {
         let started = Instant::now();
         let deadline = started + self.start_race_budget;
         let mut seen = self.attempts.load(Ordering::Acquire);
@@ -266,7 +282,7 @@ impl PodDirectory {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let mut listing = held.filter(|l| l.fetched_at.elapsed() < self.ttl);
+        let mut listing = held.filter(|l| l.fetched_at.elapsed() < max_age);
         loop {
             if let Some(listing) = &listing {
                 match find(listing, started.elapsed()) {
@@ -450,17 +466,43 @@ mod tests {
             assert_eq!(lookup.await.unwrap().unwrap().name, "api-1");
         }
         assert_eq!(kubelet.calls.load(Ordering::SeqCst), 1);
-        // Within the TTL, hits cost nothing.
+        // Within the TTL, hits by UID cost nothing; a match by IP wants a
+        // list younger than POD_IP_MAX_AGE (an IP is reused, a UID never).
         tokio::time::advance(Duration::from_secs(10)).await;
         pods.by_uid(UID, None).await.unwrap();
+        assert_eq!(kubelet.calls.load(Ordering::SeqCst), 1);
         assert_eq!(
             pods.by_ip("10.0.0.7".parse().unwrap()).await.unwrap().uid,
             UID
         );
-        assert_eq!(kubelet.calls.load(Ordering::SeqCst), 1);
-        // Past it, one refetch.
-        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(kubelet.calls.load(Ordering::SeqCst), 2);
+        // Past the TTL, one refetch.
+        tokio::time::advance(Duration::from_secs(35)).await;
         pods.by_uid(UID, None).await.unwrap();
+        assert_eq!(kubelet.calls.load(Ordering::SeqCst), 3);
+    }
+
+    /// A pod dies and another gets its IP while the held list (well inside
+    /// `pod_cache_ttl`) still names the dead one: a match by IP is never
+    /// answered from a list older than POD_IP_MAX_AGE, so the new pod is
+    /// not taken for the old.
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_ip_is_not_answered_from_an_old_list() {
+        let kubelet = Arc::new(FakeKubelet::default());
+        kubelet
+            .pods
+            .lock()
+            .unwrap()
+            .push(pod(UID, "api-1", "10.0.0.7", false));
+        let pods = directory(&kubelet);
+        let ip = "10.0.0.7".parse().unwrap();
+        assert_eq!(pods.by_ip(ip).await.unwrap().name, "api-1");
+        let successor = "99999999-8888-4777-8666-555555555555";
+        *kubelet.pods.lock().unwrap() = vec![pod(successor, "batch-1", "10.0.0.7", false)];
+        tokio::time::advance(POD_IP_MAX_AGE).await;
+        assert_eq!(pods.by_ip(ip).await.unwrap().name, "batch-1");
+        // By UID, the held list still answers (UIDs are not reused).
+        assert_eq!(pods.by_uid(successor, None).await.unwrap().name, "batch-1");
         assert_eq!(kubelet.calls.load(Ordering::SeqCst), 2);
     }
 

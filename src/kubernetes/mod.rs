@@ -18,7 +18,7 @@ mod pod_list;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 
-pub use directory::PodDirectory;
+pub use directory::{PodDirectory, POD_IP_MAX_AGE};
 pub use pod_list::{parse_pod_list, ParsedPods};
 
 /// One pod of the node, as the kubelet listed it.
@@ -100,7 +100,7 @@ pub enum PodLookupError {
     UnknownIp { ip: IpAddr },
     /// Several pods have this IP (hostNetwork pods share the node's): it
     /// names none of them.
-    #[error("IP {ip} is shared by {pods} pods{}; it names no single pod", if *.host_network { " (hostNetwork)" } else { "" })]
+    #[error("{}", shared_ip_text(*.ip, *.pods, *.host_network))]
     SharedIp {
         ip: IpAddr,
         pods: usize,
@@ -109,4 +109,18 @@ pub enum PodLookupError {
     /// A namespace or service-account name that is not a Kubernetes name.
     #[error("{0:?} is not a valid Kubernetes name")]
     InvalidName(String),
+}
+
+/// [`PodLookupError::SharedIp`]'s message; one hostNetwork pod alone on an
+/// address is not "shared by 1 pods".
+fn shared_ip_text(ip: IpAddr, pods: usize, host_network: bool) -> String {
+    match (pods, host_network) {
+        (1, true) => format!(
+            "IP {ip} is a hostNetwork pod's, that is the node's address; it names no single pod"
+        ),
+        (_, true) => {
+            format!("IP {ip} is shared by {pods} pods (hostNetwork); it names no single pod")
+        }
+        _ => format!("IP {ip} is shared by {pods} pods; it names no single pod"),
+    }
 }

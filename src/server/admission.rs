@@ -3,11 +3,11 @@
 //! policy allows this caller (as the kernel named it) this identity and
 //! audience, the identity exists, and a request that brings a new audience
 //! into the cache, or forces a new token with `min_valid_for`, is within its
-//! uid's rate.
+//! uid's rate (a pod known by its source address: that address's rate).
 
 use std::time::Duration;
 
-use super::{live::Live, peer::PeerCredentials};
+use super::{live::Live, peer::PeerCredentials, share::Sharer};
 use crate::{
     cache::{AdmitError, CacheError, CacheKey, TokenCache},
     domain::LogText,
@@ -26,14 +26,14 @@ pub enum Refused {
     /// Names the caller and the request (quoted, escaped and capped), and
     /// nothing about the rules.
     #[error(
-        "uid {} may not use identity {} for audience {} (caller: {})",
-        uid_text(*.uid),
+        "{} may not use identity {} for audience {} (caller: {})",
+        .uid,
         LogText::new(.identity),
         LogText::new(.audience),
         .selectors
     )]
     Denied {
-        uid: Option<u32>,
+        uid: Sharer,
         /// The caller's attested selectors (`gids=... unit=...`), or why
         /// it has none: what the rules were matched against.
         selectors: String,
@@ -42,22 +42,22 @@ pub enum Refused {
     },
     /// An access token whose scopes no rule grants this caller all of.
     #[error(
-        "uid {} may not have access tokens of identity {} for scopes {} (no [[policy]] rule grants them all; access tokens are off until a rule's `scopes` grant them)",
-        uid_text(*.uid),
+        "{} may not have access tokens of identity {} for scopes {} (no [[policy]] rule grants them all; access tokens are off until a rule's `scopes` grant them)",
+        .uid,
         LogText::new(.identity),
         LogText::new(.scopes)
     )]
     DeniedScopes {
-        uid: Option<u32>,
+        uid: Sharer,
         identity: String,
         scopes: String,
     },
     #[error(
-        "uid {uid} asked for too many new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
+        "{uid} asked for too many new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
         .retry_in.as_secs().max(1)
     )]
     TooManyNewAudiences {
-        uid: u32,
+        uid: Sharer,
         per_minute: u32,
         burst: u32,
         retry_in: Duration,
@@ -65,35 +65,40 @@ pub enum Refused {
     /// `min_valid_for` forced a new token while the held one serves
     /// everybody else, once too often: these spend the same budget.
     #[error(
-        "uid {uid} forced too many new tokens with min_valid_for, which count as new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
+        "{uid} forced too many new tokens with min_valid_for, which count as new audiences (limit {per_minute} per minute, burst {burst}); retry in {}s",
         .retry_in.as_secs().max(1)
     )]
     TooManyForcedMints {
-        uid: u32,
+        uid: Sharer,
         per_minute: u32,
         burst: u32,
         retry_in: Duration,
     },
+    /// A per-workload identity cannot name the caller's account: the caller
+    /// is no attested pod, or its service account has no (valid)
+    /// annotation. Fixed by the operator, not by retrying.
+    #[error("{message}")]
+    NoWorkloadAccount { message: String },
+    /// The caller's service account could not be read (API server down).
+    #[error("{message}")]
+    WorkloadAccountUnavailable { message: String },
 }
 
-fn uid_text(uid: Option<u32>) -> String {
-    uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
-}
-
-/// Admits `peer`'s request for (`identity`, `audience`) with `min_valid`
-/// (`Duration::ZERO` when none was asked), or says why not. `decision` is
-/// set as soon as the policy has decided, for the audit line.
-pub fn admit(
+/// Admits `peer`'s request for an ID-token `key` with `min_valid`
+/// (`Duration::ZERO` when none was asked), or says why not: the policy
+/// grants the key's identity and audience, and a key new to the cache (for
+/// a per-workload identity, one minted as the caller's account,
+/// [`super::workload_account::key_for`]) is within the caller's budget.
+/// `decision` is set as soon as the policy has decided, for the audit line.
+pub fn admit_key(
     cache: &TokenCache,
     live: &Live,
     peer: &PeerCredentials,
-    identity: &str,
-    audience: &str,
+    key: CacheKey,
     min_valid: Duration,
     decision: &mut Option<Decision>,
 ) -> Result<CacheKey, Refused> {
-    let key = CacheKey::new(identity, audience).map_err(CacheError::from)?;
-    grant(cache, live, peer, identity, audience, decision)?;
+    grant(cache, live, peer, key.identity(), key.audience(), decision)?;
     spend_for_new_key(cache, live, peer, key, min_valid)
 }
 
@@ -113,6 +118,19 @@ pub fn admit_access(
     let key = CacheKey::access(identity, AccessOf::Identity, scopes)
         .map_err(CacheError::InvalidScopes)?;
     grant_access(cache, live, peer, &key, decision)?;
+    if cache
+        .source(identity)
+        .and_then(|s| s.account_from())
+        .is_some()
+    {
+        return Err(Refused::NoWorkloadAccount {
+            message: format!(
+                "identity {} mints ID tokens as each calling pod's annotated account \
+                 (service_account_from); access tokens of such an identity are not served",
+                LogText::new(identity)
+            ),
+        });
+    }
     spend_for_new_key(cache, live, peer, key, min_valid)
 }
 
@@ -134,7 +152,7 @@ pub fn grant_access(
     *decision = Some(decided);
     if !decided.allowed() {
         return Err(Refused::DeniedScopes {
-            uid: peer.uid,
+            uid: peer.sharer(),
             identity: identity.to_owned(),
             scopes: set.to_owned(),
         });
@@ -157,13 +175,13 @@ fn spend_for_new_key(
     // from its uid's bucket: the cache asks the bucket as it admits the key,
     // so concurrent askers of that key spend once, and a refused request
     // leaves nothing behind.
-    let spend = |uid: u32| {
+    let spend = |uid: Sharer| {
         let (limits, limiter) = live.limits();
         limiter
             .check(uid)
             .map_err(|retry_in| (limits.clone(), retry_in))
     };
-    let new = match peer.uid {
+    let new = match peer.budget() {
         Some(uid) => cache.admit(&key, || spend(uid)).map_err(|err| match err {
             AdmitError::Refused((limits, retry_in)) => Refused::TooManyNewAudiences {
                 uid,
@@ -178,7 +196,7 @@ fn spend_for_new_key(
     // A request whose `min_valid_for` forces a new token, although the held
     // one serves everybody else, spends from the same bucket.
     if !new && cache.forces_mint(&key, min_valid)? {
-        if let Some(uid) = peer.uid {
+        if let Some(uid) = peer.budget() {
             spend(uid).map_err(|(limits, retry_in)| Refused::TooManyForcedMints {
                 uid,
                 per_minute: limits.new_audiences_per_minute,
@@ -205,7 +223,7 @@ pub fn grant(
     *decision = Some(decided);
     if !decided.allowed() {
         return Err(Refused::Denied {
-            uid: peer.uid,
+            uid: peer.sharer(),
             selectors: peer
                 .selectors()
                 .map_or_else(|| "unattested".to_owned(), |s| s.as_str().to_owned()),

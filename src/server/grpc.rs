@@ -4,7 +4,7 @@
 //! one audit line per request ([`super::audit`]). Open watch streams run as
 //! tasks of their own ([`super::watch_stream`]).
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
 use prost_types::Timestamp;
 use tokio::sync::watch;
@@ -18,11 +18,13 @@ use super::{
     peer::PeerCredentials,
     share::{Full, Place, Shares},
     watch_stream::{self, WatchFeed},
+    workload_account,
 };
 use crate::{
     cache::{CacheError, CacheKey, EntryState, TokenCache},
     config::LimitSettings,
     domain::{validate_requested_identity, LogText},
+    kubernetes::PodDirectory,
     proto::{self, token_broker_server::TokenBroker},
     source::{access::CLOUD_PLATFORM_SCOPE, SourceError},
     token::{AccessToken, IdToken},
@@ -39,6 +41,8 @@ pub struct BrokerService {
     /// Becomes true when the daemon begins to stop: open watch streams end
     /// with UNAVAILABLE so clients reconnect to the next instance.
     stopping: watch::Receiver<bool>,
+    /// The node's pods, for per-workload identities' accounts.
+    pods: Option<Arc<PodDirectory>>,
 }
 
 impl BrokerService {
@@ -53,7 +57,15 @@ impl BrokerService {
             live,
             streams: Shares::new(limits.max_streams, limits.max_streams_per_uid),
             stopping,
+            pods: None,
         }
+    }
+
+    /// With the node's pods (`[kubernetes]`), which per-workload
+    /// identities read their callers' accounts from.
+    pub fn with_pods(mut self, pods: Option<Arc<PodDirectory>>) -> Self {
+        self.pods = pods;
+        self
     }
 }
 
@@ -75,7 +87,7 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetAccessTokenRequest>,
     ) -> Result<Response<proto::AccessToken>, Status> {
-        let (mut audit, wait, req) = access_parts("GetAccessToken", request);
+        let (mut audit, wait, req) = access_parts("GetAccessToken", request).await;
         let result = self
             .get_access(&mut audit, &req.scopes, req.min_valid_for, wait)
             .await;
@@ -90,7 +102,7 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetAccessTokenRequest>,
     ) -> Result<Response<Self::WatchAccessTokenStream>, Status> {
-        let (mut audit, wait, req) = access_parts("WatchAccessToken", request);
+        let (mut audit, wait, req) = access_parts("WatchAccessToken", request).await;
         let result = self
             .watch_access(&mut audit, &req.scopes, req.min_valid_for, wait)
             .await;
@@ -121,11 +133,31 @@ impl TokenBroker for BrokerService {
         let policy = self.live.policy();
         let size = super::listing::page_size(request.get_ref().page_size)?;
         let after = super::listing::decode_token(&request.get_ref().page_token)?;
+        let entries = self.cache.list();
+        // A per-workload identity's entries are the caller's only when
+        // minted as its own account: other pods' audiences are theirs.
+        let mut own_accounts: HashMap<String, Option<String>> = HashMap::new();
+        for info in &entries {
+            let identity = info.key.identity();
+            if info.key.account().is_some() && !own_accounts.contains_key(identity) {
+                let own =
+                    workload_account::resolve(&self.cache, self.pods.as_deref(), &peer, identity)
+                        .await
+                        .ok()
+                        .flatten();
+                own_accounts.insert(identity.to_owned(), own);
+            }
+        }
+        let minted_for_caller = |key: &CacheKey| match key.account() {
+            None => true,
+            Some(account) => {
+                own_accounts.get(key.identity()).and_then(Option::as_deref) == Some(account)
+            }
+        };
         // A caller sees only the entries it may read, and pages through those.
-        let readable: Vec<_> = self
-            .cache
-            .list()
+        let readable: Vec<_> = entries
             .into_iter()
+            .filter(|info| minted_for_caller(&info.key))
             .filter(|info| match info.key.scopes() {
                 Some(scopes) => policy
                     .decide_access(caller, info.key.identity(), scopes.split(' '))
@@ -210,16 +242,28 @@ impl BrokerService {
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
     }
 
-    /// Validates, checks the policy and the rate limit: the key to look up.
-    fn admit(&self, audit: &mut Audit, min_valid: Duration) -> Result<CacheKey, Status> {
+    /// Validates, checks the policy and the rate limit: the key to look up
+    /// (for a per-workload identity, minted as the caller's account).
+    async fn admit(&self, audit: &mut Audit, min_valid: Duration) -> Result<CacheKey, Status> {
         validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
         audit.known = self.cache.knows(&audit.identity);
-        admission::admit(
+        let key = workload_account::key_for(
             &self.cache,
             &self.live,
+            self.pods.as_deref(),
             &audit.peer,
             &audit.identity,
             &audit.audience,
+            &mut audit.decision,
+        )
+        .await
+        .map_err(|refused| refused_status(&refused))?;
+        audit.minted_as = key.account().map(str::to_owned);
+        admission::admit_key(
+            &self.cache,
+            &self.live,
+            &audit.peer,
+            key,
             min_valid,
             &mut audit.decision,
         )
@@ -233,7 +277,7 @@ impl BrokerService {
         wait: Duration,
     ) -> Result<proto::IdToken, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
-        let key = self.admit(audit, min_valid)?;
+        let key = self.admit(audit, min_valid).await?;
         let lookup = tokio::time::timeout(wait, self.cache.get(&key, min_valid))
             .await
             .map_err(|_| deadline_exceeded(key.identity(), wait))?
@@ -326,7 +370,7 @@ impl BrokerService {
         wait: Duration,
     ) -> Result<OpenWatch<watch_stream::IdTokens>, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
-        let key = self.admit(audit, min_valid)?;
+        let key = self.admit(audit, min_valid).await?;
         let slot = self
             .streams
             .take(audit.peer.uid)
@@ -367,11 +411,13 @@ pub(super) fn check_grant(
 
 /// An access-token request's audit (its scopes as sent, cloud-platform
 /// when none), deadline and message.
-fn access_parts(
+async fn access_parts(
     method: &'static str,
     request: Request<proto::GetAccessTokenRequest>,
 ) -> (Audit, Duration, proto::GetAccessTokenRequest) {
-    let peer = PeerCredentials::of_request(&request);
+    // The workload selectors (units, exe, groups, pods) apply to access
+    // tokens too: wait for the connection's attestation as ID tokens do.
+    let peer = PeerCredentials::of_request(&request).attested().await;
     let wait = client_deadline(request.metadata()).unwrap_or(DEFAULT_WAIT);
     let req = request.into_inner();
     let scopes = if req.scopes.is_empty() {
@@ -472,6 +518,8 @@ fn refused_status(refused: &Refused) -> Status {
         Refused::TooManyNewAudiences { .. } | Refused::TooManyForcedMints { .. } => {
             Status::resource_exhausted(refused.to_string())
         }
+        Refused::NoWorkloadAccount { .. } => Status::failed_precondition(refused.to_string()),
+        Refused::WorkloadAccountUnavailable { .. } => Status::unavailable(refused.to_string()),
     }
 }
 

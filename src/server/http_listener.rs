@@ -3,11 +3,12 @@
 //! header-read timeout, a 64 KiB cap on a request's head, an idle timeout
 //! ([`super::idle`]), a cap on open
 //! connections (and, when the peer's uid is resolved, a per-uid share of
-//! it), connections over the cap closed at accept, and an accept loop that
+//! it; for a pod known only by its source address, a share per address),
+//! connections over the cap closed at accept, and an accept loop that
 //! backs off when descriptors run out. Used by the metadata endpoint and the
 //! telemetry listener.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,8 +22,10 @@ use super::{
     idle::{Activity, IdleTimeout, Tracked},
     loopback_peer::{self, SocketOwner, Unresolved},
     peer::PeerCredentials,
-    share::Shares,
+    pod_peer,
+    share::{Sharer, Shares},
 };
+use crate::kubernetes::PodDirectory;
 
 /// Largest request head (request line and headers) read, in bytes.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
@@ -31,7 +34,8 @@ pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
-    /// Per resolved uid; equal to `max_connections` for no share.
+    /// Per resolved uid (or pod source address); equal to
+    /// `max_connections` for no share.
     pub max_connections_per_uid: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
@@ -56,6 +60,9 @@ pub struct HttpListener {
     pub router: Router,
     pub limits: ConnectionLimits,
     pub resolve_owner: bool,
+    /// With `resolve_owner`: a peer with no socket on this host (another
+    /// network namespace) is attested by its source address as a pod.
+    pub pods: Option<Arc<PodDirectory>>,
 }
 
 impl HttpListener {
@@ -67,6 +74,7 @@ impl HttpListener {
             router,
             limits,
             resolve_owner,
+            pods,
         } = self;
         let shares = Shares::new(limits.max_connections, limits.max_connections_per_uid);
         let (closing_tx, closing) = tokio::sync::watch::channel(false);
@@ -92,15 +100,31 @@ impl HttpListener {
                     let owner = (resolve_owner && !shares.full())
                         .then(|| loopback_peer::owner(peer, local));
                     let uid = owner.as_ref().and_then(|o| o.as_ref().ok().map(|o| o.uid));
+                    let accepted = match (owner, &pods) {
+                        (None, _) => AcceptedPeer::Unasked,
+                        (Some(Ok(owner)), _) => AcceptedPeer::Owned(owner),
+                        (Some(Err(unresolved)), Some(pods)) => {
+                            AcceptedPeer::MaybePod(unresolved, Arc::clone(pods))
+                        }
+                        (Some(Err(unresolved)), None) => AcceptedPeer::Unresolved(unresolved),
+                    };
+                    // No socket here: a pod, counted by its address.
+                    let sharer = match accepted {
+                        AcceptedPeer::MaybePod(..) => {
+                            Sharer::Address(pod_peer::canonical(peer.ip()))
+                        }
+                        _ => Sharer::Uid(uid),
+                    };
                     // Processes started after this cannot be the client.
                     let accepted_ticks = boottime_ticks().unwrap_or(0);
-                    let place = match shares.take(uid) {
+                    let place = match shares.take(sharer) {
                         Ok(place) => place,
                         Err(full) => {
                             if refusals.due() {
                                 let (limit, key) = full.limit_and_key();
                                 tracing::warn!(
                                     listener = name, %peer, peer_uid = uid, limit,
+                                    sharer = %sharer,
                                     refused = refusals.take(),
                                     "connections refused: {name}.{key} reached"
                                 );
@@ -110,7 +134,7 @@ impl HttpListener {
                     };
                     connections.spawn(serve_connection(
                         stream,
-                        (peer, local, owner, accepted_ticks),
+                        (peer, local, accepted, accepted_ticks),
                         router.clone(),
                         limits.clone(),
                         closing.clone(),
@@ -125,14 +149,22 @@ impl HttpListener {
     }
 }
 
+/// What accept learned of a connection's peer; resolved further off the
+/// accept loop.
+enum AcceptedPeer {
+    /// Not asked (telemetry, or every place taken).
+    Unasked,
+    /// Its socket is on this host, created by a uid.
+    Owned(SocketOwner),
+    /// No socket here, and no pods to look it up in.
+    Unresolved(Unresolved),
+    /// No socket here: perhaps a pod, looked up by its source address.
+    MaybePod(Unresolved, Arc<PodDirectory>),
+}
+
 async fn serve_connection(
     stream: tokio::net::TcpStream,
-    (peer, local, owner, accepted_ticks): (
-        SocketAddr,
-        SocketAddr,
-        Option<Result<SocketOwner, Unresolved>>,
-        u64,
-    ),
+    (peer, local, accepted, accepted_ticks): (SocketAddr, SocketAddr, AcceptedPeer, u64),
     router: Router,
     limits: ConnectionLimits,
     mut closing: tokio::sync::watch::Receiver<bool>,
@@ -140,18 +172,32 @@ async fn serve_connection(
 ) {
     // The user database may be remote (LDAP, sssd) and /proc is searched
     // for the socket's process: once per connection, off the async workers.
-    let owner = match owner {
-        Some(Ok(SocketOwner { uid, inode })) => Some(Ok(tokio::task::spawn_blocking(move || {
-            PeerCredentials::of_uid(uid).with_attestation(Attestation::of_tcp_socket(
-                inode,
-                uid,
-                accepted_ticks,
-            ))
-        })
-        .await
-        .unwrap_or_else(|_| PeerCredentials::of_uid_without_group(uid)))),
-        Some(Err(unresolved)) => Some(Err(unresolved)),
-        None => None,
+    let owner = match accepted {
+        AcceptedPeer::Owned(SocketOwner { uid, inode }) => {
+            Some(Ok(tokio::task::spawn_blocking(move || {
+                PeerCredentials::of_uid(uid).with_attestation(Attestation::of_tcp_socket(
+                    inode,
+                    uid,
+                    accepted_ticks,
+                ))
+            })
+            .await
+            .unwrap_or_else(|_| PeerCredentials::of_uid_without_group(uid))))
+        }
+        // Not this host's: the pod holding the source address, looked up
+        // here, off the accept loop, once per connection.
+        AcceptedPeer::MaybePod(unresolved, pods) => {
+            let address = pod_peer::canonical(peer.ip());
+            Some(match pod_peer::attest(&*pods, address).await {
+                Ok(attestation) => Ok(PeerCredentials::of_source_address(address, attestation)),
+                Err(why) => Err(Unresolved {
+                    peer: unresolved.peer,
+                    why: format!("{}; as a pod: {why}", unresolved.why),
+                }),
+            })
+        }
+        AcceptedPeer::Unresolved(unresolved) => Some(Err(unresolved)),
+        AcceptedPeer::Unasked => None,
     };
     let connection = Connection { peer, local, owner };
     let activity = Activity::new();

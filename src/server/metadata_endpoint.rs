@@ -21,14 +21,19 @@
 //! owning its socket ([`super::loopback_peer`]); tokens are then admitted
 //! exactly as over the socket ([`super::admission`]: `[[policy]]`, the
 //! per-uid new-audience limit), and every request's log line carries
-//! `peer_uid`. A peer whose uid cannot be resolved gets 403 on every path:
-//! it is never treated as "no policy, open".
+//! `peer_uid`. A peer with no socket on this host (a pod in its own network
+//! namespace, on a node address) is attested by its source address instead
+//! ([`super::pod_peer`]) and has no uid; for a per-workload identity the
+//! token is minted as the caller's account ([`super::workload_account`]),
+//! which `.../email` then answers. A peer resolved neither way gets 403 on
+//! every path: it is never treated as "no policy, open".
 //!
 //! Refusals, in the order checked: 403 for a `Host` that does not name this
-//! endpoint (`localhost`, `metadata.google.internal`, `metadata` or the
-//! address connected to, with or without its port: a DNS-rebinding web page
-//! sends its own name), for an absolute-form request target (a proxy
-//! request), or with `X-Forwarded-For`, `Forwarded` or `X-Real-IP` (SSRF
+//! endpoint (`localhost`, `metadata.google.internal`, `metadata`,
+//! `169.254.169.254` or the address connected to, with or without its port,
+//! or port 80 for the metadata server's names behind a redirect: a
+//! DNS-rebinding web page sends its own name), for an absolute-form request
+//! target (a proxy request), or with `X-Forwarded-For`, `Forwarded` or `X-Real-IP` (SSRF
 //! through a proxy); 403 for an unresolved peer; 405 for methods other than
 //! GET; 403 without `Metadata-Flavor: Google` (except on `/`, which Go's
 //! detection probes without it); 403 for an audience off the optional
@@ -71,11 +76,13 @@ use super::{
         self, refuse_wait_for_change, tree_route, InstanceValues, Tree, APPLICATION_TEXT,
     },
     peer::PeerCredentials,
+    workload_account,
 };
 use crate::{
     cache::{CacheError, CacheOutcome, TokenCache},
     config::MetadataEndpointSettings,
     domain::LogText,
+    kubernetes::PodDirectory,
     metadata_protocol::{account_and_leaf, Leaf, Query},
     policy::Decision,
     source::SourceError,
@@ -116,6 +123,8 @@ pub struct MetadataEndpoint {
     addr: SocketAddr,
     limits: ConnectionLimits,
     state: Arc<EndpointState>,
+    /// Pods on this node, for callers from other network namespaces.
+    pods: Option<Arc<PodDirectory>>,
 }
 
 /// A serving endpoint; [`RunningEndpoint::stop`] begins a graceful stop.
@@ -133,6 +142,8 @@ pub(super) struct EndpointState {
     pub(super) email: AccountEmail,
     /// `project/...`, `instance/...`, `universe/...` values.
     pub(super) instance_values: InstanceValues,
+    /// The node's pods, for a per-workload identity's callers' accounts.
+    pods: Option<Arc<PodDirectory>>,
 }
 
 impl MetadataEndpoint {
@@ -142,6 +153,7 @@ impl MetadataEndpoint {
         settings: &MetadataEndpointSettings,
         cache: TokenCache,
         live: Arc<Live>,
+        pods: Option<Arc<PodDirectory>>,
     ) -> Result<Self, BindError> {
         let addr = settings.listen;
         let listen_error = |source| BindError::Listen { addr, source };
@@ -168,7 +180,9 @@ impl MetadataEndpoint {
                 audiences: settings.audiences.clone(),
                 email: AccountEmail::new(known),
                 instance_values: InstanceValues::new(settings),
+                pods: pods.clone(),
             }),
+            pods,
         })
     }
 
@@ -187,14 +201,23 @@ impl MetadataEndpoint {
             addr = %self.addr,
             identity = %self.state.identity,
             allow_list = self.state.audiences.len(),
+            pods_by_address = self.pods.is_some(),
             "metadata endpoint listening"
         );
+        if self.pods.is_some() && self.state.live.policy().is_open() {
+            tracing::warn!(
+                addr = %self.addr,
+                "no [[policy]] configured: every pod the kubelet lists on this node may get any \
+                 token through the metadata endpoint; write rules with k8s_* selectors"
+            );
+        }
         let listener = HttpListener {
             name: "metadata_endpoint",
             listener: self.listener,
             router: app,
             limits: self.limits,
             resolve_owner: true,
+            pods: self.pods,
         };
         let task = tokio::spawn(listener.serve(async move {
             let _ = stop_rx.await;
@@ -360,6 +383,8 @@ pub(super) struct Outcome {
     audience: Option<String>,
     /// An access token's scopes, space-separated.
     pub(super) scopes: Option<String>,
+    /// The account a per-workload identity minted as for this caller.
+    minted_as: Option<String>,
     pub(super) cache: Option<CacheOutcome>,
     pub(super) decision: Option<Decision>,
 }
@@ -420,6 +445,7 @@ impl RequestLine {
             identity = self.identity.as_str(),
             audience = audience.as_ref().map(LogText::as_str),
             scopes = scopes.as_ref().map(LogText::as_str),
+            minted_as = self.outcome.minted_as.as_deref(),
             decision,
             rule,
             cache = self.outcome.cache.map(CacheOutcome::as_str),
@@ -516,8 +542,8 @@ fn admit_connection(
                 StatusCode::FORBIDDEN,
                 format!(
                     "Host {} does not name this metadata endpoint and was rejected: use \
-                     localhost, metadata.google.internal, metadata or {} (DNS-rebinding \
-                     protection)",
+                     localhost, metadata.google.internal, metadata, 169.254.169.254 or {} \
+                     (DNS-rebinding protection)",
                     LogText::new(host),
                     connection.local.ip()
                 ),
@@ -558,7 +584,7 @@ fn admit_connection(
             StatusCode::FORBIDDEN,
             format!(
                 "{unresolved}; token-broker serves only local programs whose user it can \
-                 identify, so the request was rejected"
+                 identify, and pods it can tell apart by address, so the request was rejected"
             ),
         )),
         None => Err(Refusal::new(
@@ -576,8 +602,18 @@ fn header_title(name: &str) -> &'static str {
     }
 }
 
-/// `localhost`, `metadata.google.internal`, `metadata`, or the address the
-/// client connected to; with no port or the one it connected to.
+/// The metadata server's well-known address (PROTOCOLS.md §3). Accepted as
+/// a Host even when the endpoint listens elsewhere: pods reach the endpoint
+/// through a node-level redirect of `169.254.169.254:80` (README,
+/// Kubernetes) and name it so. A rebinding web page cannot send it: its
+/// requests carry the page's own name.
+const METADATA_IP: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254));
+
+/// `localhost`, `metadata.google.internal`, `metadata`, `169.254.169.254`,
+/// or the address the client connected to; with no port or the one it
+/// connected to (or 80 for the metadata server's own names, which a
+/// redirected client sends).
 fn host_names_endpoint(host: &str, local: SocketAddr) -> bool {
     let host = host.to_ascii_lowercase();
     let (name, port) = if let Some(bracketed) = host.strip_prefix('[') {
@@ -598,17 +634,20 @@ fn host_names_endpoint(host: &str, local: SocketAddr) -> bool {
             None => (host.as_str(), None),
         }
     };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let literal = name.parse::<std::net::IpAddr>().ok();
+    let metadata_name =
+        matches!(name, "metadata.google.internal" | "metadata") || literal == Some(METADATA_IP);
     if let Some(port) = port {
-        if port.parse::<u16>().ok() != Some(local.port()) {
+        let port = port.parse::<u16>().ok();
+        if port != Some(local.port()) && !(metadata_name && port == Some(80)) {
             return false;
         }
     }
-    let name = name.strip_suffix('.').unwrap_or(name);
     match name {
-        "localhost" | "metadata.google.internal" | "metadata" => true,
-        literal => literal
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip == local.ip() || Some(ip) == mapped(local.ip())),
+        "localhost" => true,
+        _ if metadata_name => true,
+        _ => literal.is_some_and(|ip| ip == local.ip() || Some(ip) == mapped(local.ip())),
     }
 }
 
@@ -655,17 +694,17 @@ async fn answer(
     match route {
         Route::Root => unreachable!("answered above"),
         Route::Listing(body) => Ok(respond(StatusCode::OK, APPLICATION_TEXT, body.into())),
-        Route::Tree(tree) => metadata_paths::tree(state, tree, uri.path(), &query).await,
-        Route::ServiceAccounts => metadata_paths::service_accounts(state, &query).await,
+        Route::Tree(tree) => metadata_paths::tree(state, peer, tree, uri.path(), &query).await,
+        Route::ServiceAccounts => metadata_paths::service_accounts(state, peer, &query).await,
         Route::Account { account, leaf } => {
             if leaf == Leaf::Unknown {
                 return Err(not_served(uri.path()));
             }
-            state.check_account(&account).await?;
+            state.check_account(peer, &account).await?;
             match leaf {
                 Leaf::Identity => state.identity_token(peer, &query, outcome).await,
                 Leaf::Token => metadata_paths::access_token(state, peer, &query, outcome).await,
-                leaf => metadata_paths::account_leaf(state, leaf, &query).await,
+                leaf => metadata_paths::account_leaf(state, peer, leaf, &query).await,
             }
         }
         Route::Unknown => Err(not_served(uri.path())),
@@ -673,8 +712,20 @@ async fn answer(
 }
 
 impl EndpointState {
-    /// `default`, or the identity's own email, names the served account.
-    async fn check_account(&self, account: &str) -> Result<(), Refusal> {
+    /// The served account's email for `peer`: a per-workload identity's is
+    /// the caller's own (its pod's annotation), any other the identity's.
+    pub(super) async fn account_email(&self, peer: &PeerCredentials) -> Result<String, Refusal> {
+        match workload_account::resolve(&self.cache, self.pods.as_deref(), peer, &self.identity)
+            .await
+        {
+            Ok(Some(account)) => Ok(account),
+            Ok(None) => self.email.get(&self.cache, &self.identity).await,
+            Err(refused) => Err(self.refused(refused)),
+        }
+    }
+
+    /// `default`, or the served account's email, names the served account.
+    async fn check_account(&self, peer: &PeerCredentials, account: &str) -> Result<(), Refusal> {
         // Checked as gRPC checks a requested identity, before it is echoed.
         crate::domain::validate_requested_identity(account).map_err(|e| {
             Refusal::new(
@@ -686,7 +737,7 @@ impl EndpointState {
             return Ok(());
         }
         // Only an email can match; do not mint a probe token for junk.
-        if account.contains('@') && self.email.get(&self.cache, &self.identity).await? == account {
+        if account.contains('@') && self.account_email(peer).await? == account {
             return Ok(());
         }
         Err(Refusal::new(
@@ -740,22 +791,36 @@ impl EndpointState {
                 ),
             ));
         }
-        let key = admission::admit(
+        let key = workload_account::key_for(
             &self.cache,
             &self.live,
+            self.pods.as_deref(),
             peer,
             &self.identity,
             audience,
-            Duration::ZERO,
             &mut outcome.decision,
         )
+        .await
+        .and_then(|key| {
+            outcome.minted_as = key.account().map(str::to_owned);
+            admission::admit_key(
+                &self.cache,
+                &self.live,
+                peer,
+                key,
+                Duration::ZERO,
+                &mut outcome.decision,
+            )
+        })
         .map_err(|refused| self.refused(refused))?;
         let lookup = tokio::time::timeout(MAX_WAIT, self.cache.get(&key, Duration::ZERO))
             .await
             .map_err(|_| timed_out(&self.identity))?
             .map_err(|e| self.cache_failure(e))?;
         outcome.cache = Some(lookup.outcome);
-        self.email.learn(lookup.token.email());
+        if key.account().is_none() {
+            self.email.learn(lookup.token.email());
+        }
         Ok(respond(
             StatusCode::OK,
             APPLICATION_TEXT,
@@ -775,6 +840,14 @@ impl EndpointState {
                 let mut refusal = Refusal::new(StatusCode::TOO_MANY_REQUESTS, refused.to_string());
                 refusal.retry_after = Some(retry_in.as_secs().max(1));
                 refusal
+            }
+            // 403, which google-auth does not retry: the operator must
+            // annotate the service account.
+            Refused::NoWorkloadAccount { .. } => {
+                Refusal::new(StatusCode::FORBIDDEN, refused.to_string())
+            }
+            Refused::WorkloadAccountUnavailable { .. } => {
+                Refusal::new(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
             }
         }
     }
@@ -943,6 +1016,29 @@ mod tests {
             "",
         ] {
             assert!(!host_names_endpoint(host, v4), "{host}");
+        }
+        // On a node address, reached directly or through a redirect of the
+        // metadata server's address.
+        let node: SocketAddr = "10.128.0.4:8181".parse().unwrap();
+        for host in [
+            "10.128.0.4:8181",
+            "10.128.0.4",
+            "169.254.169.254",
+            "169.254.169.254:80",
+            "169.254.169.254:8181",
+            "metadata.google.internal:80",
+        ] {
+            assert!(host_names_endpoint(host, node), "{host}");
+        }
+        for host in [
+            "10.128.0.4:80",
+            "localhost:80",
+            "169.254.169.253",
+            "169.254.169.254:81",
+            "169.254.169.254.attacker.example",
+            "attacker.example:80",
+        ] {
+            assert!(!host_names_endpoint(host, node), "{host}");
         }
         let v6: SocketAddr = "[::1]:8181".parse().unwrap();
         assert!(host_names_endpoint("[::1]:8181", v6));

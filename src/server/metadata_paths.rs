@@ -394,6 +394,7 @@ fn listing(tree: Tree) -> &'static [&'static str] {
 /// Answers a [`Tree`] path.
 pub(super) async fn tree(
     state: &EndpointState,
+    peer: &PeerCredentials,
     tree: Tree,
     path: &str,
     query: &Query,
@@ -410,13 +411,17 @@ pub(super) async fn tree(
             )),
             None => Err(not_found(path, unknown_value_reason(value))),
         },
-        dir if query.recursive() => Ok(render_recursive(&tree_node(state, dir).await?, alt)),
+        dir if query.recursive() => Ok(render_recursive(&tree_node(state, peer, dir).await?, alt)),
         dir => Ok(render_listing(listing(dir), alt)),
     }
 }
 
 /// Everything under a directory; unknown values are left out.
-async fn tree_node(state: &EndpointState, tree: Tree) -> Result<Node, Refusal> {
+async fn tree_node(
+    state: &EndpointState,
+    peer: &PeerCredentials,
+    tree: Tree,
+) -> Result<Node, Refusal> {
     let mut entries = Vec::new();
     match tree {
         Tree::V1 => {
@@ -425,7 +430,7 @@ async fn tree_node(state: &EndpointState, tree: Tree) -> Result<Node, Refusal> {
                 ("project", Tree::Project),
                 ("universe", Tree::Universe),
             ] {
-                let node = Box::pin(tree_node(state, sub)).await?;
+                let node = Box::pin(tree_node(state, peer, sub)).await?;
                 entries.push((name.to_owned(), name.to_owned(), node));
             }
         }
@@ -444,7 +449,7 @@ async fn tree_node(state: &EndpointState, tree: Tree) -> Result<Node, Refusal> {
                 entries.push((
                     "service-accounts".to_owned(),
                     "serviceAccounts".to_owned(),
-                    accounts_node(state).await?,
+                    accounts_node(state, peer).await?,
                 ));
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
             }
@@ -476,8 +481,8 @@ fn account_node(email: &str) -> Node {
     ])
 }
 
-async fn accounts_node(state: &EndpointState) -> Result<Node, Refusal> {
-    let email = state.email.get(&state.cache, &state.identity).await?;
+async fn accounts_node(state: &EndpointState, peer: &PeerCredentials) -> Result<Node, Refusal> {
+    let email = state.account_email(peer).await?;
     Ok(Node::Dir(vec![
         ("default".into(), "default".into(), account_node(&email)),
         (email.clone(), email.clone(), account_node(&email)),
@@ -487,13 +492,14 @@ async fn accounts_node(state: &EndpointState) -> Result<Node, Refusal> {
 /// `.../service-accounts/`: the served account, as `default` and by email.
 pub(super) async fn service_accounts(
     state: &EndpointState,
+    peer: &PeerCredentials,
     query: &Query,
 ) -> Result<Response, Refusal> {
     let alt = alt(query)?;
     if query.recursive() {
-        return Ok(render_recursive(&accounts_node(state).await?, alt));
+        return Ok(render_recursive(&accounts_node(state, peer).await?, alt));
     }
-    let email = state.email.get(&state.cache, &state.identity).await?;
+    let email = state.account_email(peer).await?;
     let email_dir = format!("{email}/");
     Ok(render_listing(&["default/", &email_dir], alt))
 }
@@ -501,13 +507,14 @@ pub(super) async fn service_accounts(
 /// An account's directory, `email`, `scopes` or `aliases`.
 pub(super) async fn account_leaf(
     state: &EndpointState,
+    peer: &PeerCredentials,
     leaf: Leaf,
     query: &Query,
 ) -> Result<Response, Refusal> {
     let alt = alt(query)?;
     match leaf {
         Leaf::Directory if query.recursive() => {
-            let email = state.email.get(&state.cache, &state.identity).await?;
+            let email = state.account_email(peer).await?;
             Ok(render_recursive(&account_node(&email), alt))
         }
         Leaf::Directory => Ok(render_listing(
@@ -515,7 +522,7 @@ pub(super) async fn account_leaf(
             alt,
         )),
         Leaf::Email => {
-            let email = state.email.get(&state.cache, &state.identity).await?;
+            let email = state.account_email(peer).await?;
             Ok(render_value(&Node::text(email), alt))
         }
         Leaf::Scopes => Ok(render_value(&Node::List(default_scopes()), alt)),

@@ -14,6 +14,7 @@ pub mod loopback_peer;
 pub mod metadata_endpoint;
 mod metadata_paths;
 pub mod peer;
+pub mod pod_peer;
 mod rate_limit;
 mod reload;
 mod share;
@@ -21,6 +22,7 @@ pub mod socket;
 pub mod systemd;
 pub mod telemetry;
 mod watch_stream;
+mod workload_account;
 
 use std::{
     collections::HashMap,
@@ -184,6 +186,18 @@ impl Prepared {
             out.push_str(
                 "policy: none, so any process that can open the socket may get any token\n",
             );
+            let pods_reach_endpoint = self.pods.is_some()
+                && self
+                    .settings
+                    .metadata_endpoint
+                    .as_ref()
+                    .is_some_and(|e| !e.listen.ip().is_loopback());
+            if pods_reach_endpoint {
+                out.push_str(
+                    "policy: none, so every pod the kubelet lists on this node may get any token \
+                     through the metadata endpoint\n",
+                );
+            }
         } else {
             out.push_str(&format!(
                 "policy: {} rule(s); requests no rule allows are denied\n",
@@ -316,7 +330,12 @@ impl Server {
             .metadata_endpoint
             .as_ref()
             .map(|settings| {
-                metadata_endpoint::MetadataEndpoint::bind(settings, cache.clone(), live.clone())
+                metadata_endpoint::MetadataEndpoint::bind(
+                    settings,
+                    cache.clone(),
+                    live.clone(),
+                    prepared.pods.clone(),
+                )
             })
             .transpose()?;
         let telemetry = match &prepared.settings.telemetry {
@@ -500,9 +519,10 @@ impl Server {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let broker =
-            TokenBrokerServer::new(grpc::BrokerService::new(cache, live, &limits, stopping))
-                .max_decoding_message_size(limits.max_request_bytes);
+        let broker = TokenBrokerServer::new(
+            grpc::BrokerService::new(cache, live, &limits, stopping).with_pods(pods.clone()),
+        )
+        .max_decoding_message_size(limits.max_request_bytes);
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(

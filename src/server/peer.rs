@@ -28,7 +28,7 @@ use tokio_stream::Stream;
 use super::{
     accept::{AcceptBackoff, RefusalLog},
     idle::{Activity, IdleTimeout},
-    share::{Place, Shares},
+    share::{Place, Sharer, Shares},
 };
 use crate::{
     attest::{process::Pinned, Attestation},
@@ -50,6 +50,7 @@ const POD_WAIT: Duration = Duration::from_secs(4);
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct PeerCredentials {
+    /// `None` for a caller known only by its source address (below).
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub pid: Option<i32>,
@@ -61,6 +62,10 @@ pub struct PeerCredentials {
     pending: Option<watch::Receiver<Option<Arc<Attestation>>>>,
     /// The connection's requests in progress, for its idle timeout.
     pub(crate) activity: Option<Arc<Activity>>,
+    /// Set for a caller in another network namespace, attested by this
+    /// source address alone (a pod reaching the metadata endpoint on a
+    /// node address); it has no uid here.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 impl PeerCredentials {
@@ -140,13 +145,43 @@ impl PeerCredentials {
         self.with_attestation(attestation)
     }
 
-    /// The identity policy decisions are made on.
+    /// A caller from another network namespace, attested by its source
+    /// address: its workload (the pod holding that address) is all the
+    /// policy can match.
+    pub fn of_source_address(address: std::net::IpAddr, attestation: Attestation) -> Self {
+        PeerCredentials {
+            source_address: Some(address),
+            attestation: Some(Arc::new(attestation)),
+            ..PeerCredentials::default()
+        }
+    }
+
+    /// The identity policy decisions are made on; `None` when the peer is
+    /// known neither by uid nor by an attested source address.
     pub fn caller(&self) -> Option<Caller<'_>> {
+        if self.uid.is_none() && self.source_address.is_none() {
+            return None;
+        }
         Some(Caller {
-            uid: self.uid?,
+            uid: self.uid,
             gid: self.gid,
             workload: self.attestation.as_deref().and_then(Attestation::workload),
         })
+    }
+
+    /// Who refusals name and limits count: the uid, or the source address
+    /// of a caller known only by it.
+    pub fn sharer(&self) -> Sharer {
+        match (self.uid, self.source_address) {
+            (None, Some(address)) => Sharer::Address(address),
+            (uid, _) => Sharer::Uid(uid),
+        }
+    }
+
+    /// Whose new-audience budget a request spends: `None` for a peer known
+    /// by neither (the policy denies it anyway, or it is open).
+    pub fn budget(&self) -> Option<Sharer> {
+        (self.uid.is_some() || self.source_address.is_some()).then(|| self.sharer())
     }
 
     /// The attested selectors (`gids=... unit=...`, or why there are none),

@@ -1,9 +1,12 @@
 //! Per-uid token buckets for new audiences: a client may ask for tokens it
 //! already has as often as it likes, but each request that would make the
 //! broker fetch a key it does not hold spends from its uid's bucket, so one
-//! local user cannot make the daemon hammer Google.
+//! local user cannot make the daemon hammer Google. A pod known only by its
+//! source address has a bucket of its own, by that address.
 
 use std::{sync::Mutex, time::Duration};
+
+use super::share::Sharer;
 
 use dashmap::DashMap;
 use tokio::time::Instant;
@@ -11,7 +14,7 @@ use tokio::time::Instant;
 pub struct MissLimiter {
     per_minute: u32,
     burst: u32,
-    buckets: DashMap<u32, Mutex<Bucket>>,
+    buckets: DashMap<Sharer, Mutex<Bucket>>,
 }
 
 struct Bucket {
@@ -28,9 +31,10 @@ impl MissLimiter {
         }
     }
 
-    /// Spends one new-audience token for `uid`; on refusal, how long until
-    /// one is available.
-    pub fn check(&self, uid: u32) -> Result<(), Duration> {
+    /// Spends one new-audience token for `uid` (or a pod's address); on
+    /// refusal, how long until one is available.
+    pub fn check(&self, uid: impl Into<Sharer>) -> Result<(), Duration> {
+        let uid = uid.into();
         let now = Instant::now();
         let rate = f64::from(self.per_minute) / 60.0;
         let entry = self.buckets.entry(uid).or_insert_with(|| {
@@ -60,18 +64,18 @@ mod tests {
     async fn burst_then_rate_then_recovery_per_uid() {
         let limiter = MissLimiter::new(60, 3);
         for _ in 0..3 {
-            limiter.check(1000).unwrap();
+            limiter.check(Some(1000)).unwrap();
         }
-        let wait = limiter.check(1000).unwrap_err();
+        let wait = limiter.check(Some(1000)).unwrap_err();
         assert!(wait <= Duration::from_secs(1), "{wait:?}");
         // Another uid has its own bucket.
-        limiter.check(1001).unwrap();
+        limiter.check(Some(1001)).unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
-        limiter.check(1000).unwrap();
-        assert!(limiter.check(1000).is_err());
+        limiter.check(Some(1000)).unwrap();
+        assert!(limiter.check(Some(1000)).is_err());
         tokio::time::advance(Duration::from_secs(60)).await;
         for _ in 0..3 {
-            limiter.check(1000).unwrap();
+            limiter.check(Some(1000)).unwrap();
         }
     }
 }

@@ -1,14 +1,44 @@
 //! A bounded number of places (open connections, open streams) of which no
 //! single uid may hold more than its share, so one local user, even one the
-//! policy denies everything, cannot take them all from everyone else.
+//! policy denies everything, cannot take them all from everyone else. A
+//! caller from another network namespace (a pod reaching the metadata
+//! endpoint on the node's address) has no uid here: its share is counted by
+//! its source address instead, so one pod cannot take every place either.
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
 
-/// Places in use, in total and by uid. `None` counts peers whose uid is
-/// unknown together, as one more user.
+/// Who a place is counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sharer {
+    /// A local peer by its uid; `None` counts peers whose uid is unknown
+    /// together, as one more user.
+    Uid(Option<u32>),
+    /// A peer known only by its source address (a pod's IP).
+    Address(IpAddr),
+}
+
+/// `uid 1000`, `uid unknown`, `pod address 10.0.0.7`: who, in refusals.
+impl std::fmt::Display for Sharer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sharer::Uid(Some(uid)) => write!(f, "uid {uid}"),
+            Sharer::Uid(None) => f.write_str("uid unknown"),
+            Sharer::Address(ip) => write!(f, "pod address {ip}"),
+        }
+    }
+}
+
+impl From<Option<u32>> for Sharer {
+    fn from(uid: Option<u32>) -> Self {
+        Sharer::Uid(uid)
+    }
+}
+
+/// Places in use, in total and by [`Sharer`].
 #[derive(Debug)]
 pub struct Shares {
     total: usize,
@@ -19,7 +49,7 @@ pub struct Shares {
 #[derive(Debug, Default)]
 struct Taken {
     total: usize,
-    by_uid: HashMap<Option<u32>, usize>,
+    by_uid: HashMap<Sharer, usize>,
 }
 
 /// Why no place was given.
@@ -46,7 +76,7 @@ impl Full {
 #[derive(Debug)]
 pub struct Place {
     shares: Arc<Shares>,
-    uid: Option<u32>,
+    uid: Sharer,
 }
 
 impl Shares {
@@ -58,8 +88,10 @@ impl Shares {
         })
     }
 
-    /// A place for `uid`, if the total and its share allow.
-    pub fn take(self: &Arc<Self>, uid: Option<u32>) -> Result<Place, Full> {
+    /// A place for `uid` (or a source address), if the total and its share
+    /// allow.
+    pub fn take(self: &Arc<Self>, uid: impl Into<Sharer>) -> Result<Place, Full> {
+        let uid = uid.into();
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         if taken.total >= self.total {
             return Err(Full::Total(self.total));
@@ -84,9 +116,9 @@ impl Shares {
 
     /// Places `uid` holds now.
     #[cfg(test)]
-    pub fn held_by(&self, uid: Option<u32>) -> usize {
+    pub fn held_by(&self, uid: impl Into<Sharer>) -> usize {
         let taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
-        taken.by_uid.get(&uid).copied().unwrap_or(0)
+        taken.by_uid.get(&uid.into()).copied().unwrap_or(0)
     }
 }
 
@@ -122,5 +154,24 @@ mod tests {
         assert_eq!(shares.held_by(Some(1)), 1);
         let _a3 = shares.take(Some(1)).unwrap();
         assert_eq!(shares.take(Some(1)).unwrap_err(), Full::Total(4));
+    }
+
+    #[test]
+    fn a_source_address_has_a_share_of_its_own() {
+        let shares = Shares::new(6, 2);
+        let pod: IpAddr = "10.0.0.7".parse().unwrap();
+        let other: IpAddr = "10.0.0.8".parse().unwrap();
+        let _p1 = shares.take(Sharer::Address(pod)).unwrap();
+        let _p2 = shares.take(Sharer::Address(pod)).unwrap();
+        // A flood from one pod stops at its share; others still get in.
+        assert_eq!(
+            shares.take(Sharer::Address(pod)).unwrap_err(),
+            Full::Share(2)
+        );
+        let _o = shares.take(Sharer::Address(other)).unwrap();
+        let _u = shares.take(None).unwrap();
+        assert_eq!(shares.held_by(Sharer::Address(pod)), 2);
+        // An address is not a uid: unknown-uid peers keep their own share.
+        assert_eq!(shares.held_by(None), 1);
     }
 }

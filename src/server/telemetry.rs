@@ -82,6 +82,7 @@ impl Telemetry {
             router: app,
             limits: self.limits,
             resolve_owner: false,
+            pods: None,
         };
         tokio::spawn(listener.serve(stop))
     }

@@ -20,7 +20,7 @@ use super::{
     http_client, record_hop, sanitize_upstream_text, send_once, Answer, FetchFuture, IdTokenSource,
     SourceError,
 };
-use crate::{clock::Clock, domain::SourceKind, token::IdToken};
+use crate::{clock::Clock, config::AccountFrom, domain::SourceKind, token::IdToken};
 
 /// IAM Credentials' public endpoint.
 pub const DEFAULT_IAM_ENDPOINT: &str = "https://iamcredentials.googleapis.com";
@@ -304,7 +304,10 @@ fn via(err: SourceError, hop: &str) -> SourceError {
     }
 }
 
-/// Mints ID tokens for `service_account` with a base identity's credential.
+/// Mints ID tokens for `service_account` with a base identity's credential;
+/// or, for a per-workload identity (`service_account_from`), for the account
+/// each request names ([`IdTokenSource::fetch_as`]). The base's access
+/// token is one cache entry however many accounts it impersonates.
 pub struct ImpersonateSource {
     target: Target,
 }
@@ -321,12 +324,30 @@ struct Target {
     base_name: String,
     base_hop: String,
     base: Arc<dyn IdTokenSource>,
-    service_account: String,
+    /// `None` for a per-workload identity.
+    service_account: Option<String>,
+    account_from: Option<AccountFrom>,
     delegates: Vec<String>,
     include_email: bool,
 }
 
 impl Target {
+    /// The fixed account; a per-workload identity has none of its own.
+    fn own_account(&self) -> Result<&str, SourceError> {
+        self.service_account
+            .as_deref()
+            .ok_or_else(|| SourceError::Rejected {
+                upstream: self.iam.upstream.clone(),
+                status: 400,
+                message: format!(
+                    "this identity mints as the account each caller's {} names, and no caller \
+                     account was given",
+                    self.account_from
+                        .map_or("annotation", AccountFrom::annotation)
+                ),
+            })
+    }
+
     fn bearer(&self) -> Result<Bearer<'_>, SourceError> {
         let fetcher = self
             .base
@@ -353,7 +374,10 @@ pub struct ImpersonateOptions<'a> {
     /// held under its name) or only the credential under this one.
     pub named_base: bool,
     pub base: Arc<dyn IdTokenSource>,
-    pub service_account: &'a str,
+    /// The account to mint as; `None` with `account_from`.
+    pub service_account: Option<&'a str>,
+    /// Per workload: where each request's account comes from.
+    pub account_from: Option<AccountFrom>,
     pub delegates: &'a [String],
     pub include_email: bool,
     pub iam_endpoint: &'a str,
@@ -380,7 +404,8 @@ impl ImpersonateSource {
             base_name: options.base_name.to_owned(),
             base_hop: format!("base identity {:?}", options.base_name),
             base: options.base,
-            service_account: options.service_account.to_owned(),
+            service_account: options.service_account.map(str::to_owned),
+            account_from: options.account_from,
             delegates: options.delegates.to_vec(),
             include_email: options.include_email,
         };
@@ -395,7 +420,28 @@ impl IdTokenSource for ImpersonateSource {
             t.iam
                 .generate_id_token(
                     &t.bearer()?,
-                    &t.service_account,
+                    t.own_account()?,
+                    &t.delegates,
+                    audience,
+                    t.include_email,
+                )
+                .await
+        })
+    }
+
+    fn account_from(&self) -> Option<AccountFrom> {
+        self.target.account_from
+    }
+
+    fn fetch_as<'a>(&'a self, account: &'a str, audience: &'a str) -> FetchFuture<'a> {
+        Box::pin(async move {
+            let t = &self.target;
+            // The same bearer (the base's one cached access token) for
+            // every account: only the target of the IAM call changes.
+            t.iam
+                .generate_id_token(
+                    &t.bearer()?,
+                    account,
                     &t.delegates,
                     audience,
                     t.include_email,
@@ -413,7 +459,7 @@ impl IdTokenSource for ImpersonateSource {
     }
 
     fn account(&self) -> Option<&str> {
-        Some(&self.target.service_account)
+        self.target.service_account.as_deref()
     }
 
     /// The base's project and machine: an impersonating broker runs where
@@ -425,9 +471,10 @@ impl IdTokenSource for ImpersonateSource {
     fn fingerprint(&self) -> String {
         let t = &self.target;
         format!(
-            "impersonate|{}|{}|{:?}|{}|base {}=[{}]",
+            "impersonate|{}|{:?}|{:?}|{:?}|{}|base {}=[{}]",
             t.iam.upstream(),
             t.service_account,
+            t.account_from,
             t.delegates,
             t.include_email,
             t.base_name,
@@ -456,9 +503,16 @@ impl IdTokenSource for ImpersonateSource {
             .base
             .chain()
             .unwrap_or_else(|| t.base.upstream().to_owned());
+        let account = match (&t.service_account, t.account_from) {
+            (Some(account), _) => account.clone(),
+            (None, from) => format!(
+                "the account each calling pod's {} names",
+                from.map_or("annotation", AccountFrom::annotation)
+            ),
+        };
         let mut out = format!(
             "impersonate {} via {} ({base}) through {}",
-            t.service_account,
+            account,
             t.base_name,
             t.iam.upstream()
         );
@@ -475,7 +529,7 @@ impl AccessFetcher for Target {
             self.iam
                 .generate_access_token(
                     &self.bearer()?,
-                    &self.service_account,
+                    self.own_account()?,
                     &self.delegates,
                     scopes,
                 )

@@ -60,6 +60,29 @@ pub trait IdTokenSource: Send + Sync + 'static {
         None
     }
 
+    /// Set for an identity that mints as an account each caller names
+    /// (`service_account_from`) rather than one of its own: requests must
+    /// resolve the caller's account and use [`IdTokenSource::fetch_as`].
+    fn account_from(&self) -> Option<crate::config::AccountFrom> {
+        None
+    }
+
+    /// Fetches a token for `audience` minted as `account`, for an identity
+    /// with [`IdTokenSource::account_from`]; other sources refuse.
+    fn fetch_as<'a>(&'a self, account: &'a str, audience: &'a str) -> FetchFuture<'a> {
+        let _ = audience;
+        Box::pin(async move {
+            Err(SourceError::Rejected {
+                upstream: self.upstream().to_owned(),
+                status: 400,
+                message: format!(
+                    "this identity mints as its own account and cannot mint as {}",
+                    crate::domain::LogText::new(account)
+                ),
+            })
+        })
+    }
+
     /// What makes this source's tokens what they are: a reload keeps an
     /// identity's cached tokens only while this stays the same. A source
     /// built on another identity includes that identity's fingerprint, so a
@@ -276,12 +299,13 @@ fn build_one(
                     format!("no identity named {base_name:?} is configured"),
                 ));
             };
-            let Some(service_account) = identity.service_account.as_deref() else {
+            let service_account = identity.service_account.as_deref();
+            if service_account.is_none() && identity.service_account_from.is_none() {
                 return Err(Problem::new(
                     key("service_account"),
                     "required when source = \"impersonate\"",
                 ));
-            };
+            }
             ImpersonateSource::new(
                 ImpersonateOptions {
                     identity: &identity.name,
@@ -289,6 +313,7 @@ fn build_one(
                     named_base: true,
                     base: base.clone(),
                     service_account,
+                    account_from: identity.service_account_from,
                     delegates: &identity.delegates,
                     include_email: identity.include_email,
                     iam_endpoint: identity

@@ -852,6 +852,204 @@ fn a_full_nodes_pod_list_parses_quickly() {
     assert!(each < Duration::from_millis(500), "{each:?}");
 }
 
+/// `token-broker token --identity IDENTITY` for `audience`, run as WEB in
+/// `cgroup`: (exit code, stdout, stderr).
+fn token_as(
+    broker: &Broker,
+    cgroup: &PodCgroup,
+    identity: &str,
+    audience: &str,
+) -> (i32, String, String) {
+    cli_in(
+        cgroup,
+        &[
+            "token",
+            "--socket",
+            broker.socket.to_str().unwrap(),
+            "--identity",
+            identity,
+            "--audience",
+            audience,
+        ],
+    )
+}
+
+/// The CLI with `args`, run as WEB in `cgroup`: (exit code, stdout, stderr).
+fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
+    let mut command = support::base_command(args);
+    workloads::place(
+        &mut command,
+        Some(&cgroup.procs()),
+        WEB,
+        WEB,
+        &[WEB],
+        || Ok(()),
+    );
+    let out = command.output().expect("client runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 14 point 4 over the socket: one per-workload identity
+/// (`service_account_from = "k8s_service_account_annotation"`) mints, for
+/// each pod attested by its cgroup, as the Google account its service
+/// account's annotation names (the emulator checks the node's grant on
+/// each); a service account without the annotation is refused, naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
+    const API: &str = "payments-api@apps.iam.gserviceaccount.com";
+    const BATCH: &str = "batch@apps.iam.gserviceaccount.com";
+    let annotated = |account: &str| {
+        BTreeMap::from([(
+            "iam.gke.io/gcp-service-account".to_owned(),
+            account.to_owned(),
+        )])
+    };
+    let ((api_uid, api_cid), (batch_uid, batch_cid), (bare_uid, bare_cid)) =
+        (ids(30), ids(31), ids(32));
+    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+        return;
+    };
+    let Some(batch) = PodCgroup::container(Driver::Cgroupfs, &batch_uid, &batch_cid) else {
+        return;
+    };
+    let Some(bare) = PodCgroup::container(Driver::Systemd, &bare_uid, &bare_cid) else {
+        return;
+    };
+    let emulator = support::emulator().await;
+    for account in [API, BATCH] {
+        emulator.create_service_account(account);
+        emulator.grant(
+            token_broker::emulator::DEFAULT_ACCOUNT_EMAIL,
+            account,
+            token_broker::emulator::Permission::OpenIdToken,
+        );
+    }
+    let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
+    kubelet.add_pod(&stand_in_pod(
+        "payments", "api-1", &api_uid, "api-sa", &api_cid,
+    ));
+    kubelet.add_pod(&stand_in_pod(
+        "batch", "job-1", &batch_uid, "job-sa", &batch_cid,
+    ));
+    kubelet.add_pod(&stand_in_pod(
+        "batch", "shell-1", &bare_uid, "default", &bare_cid,
+    ));
+    kubelet.set_service_account("payments", "api-sa", annotated(API));
+    kubelet.set_service_account("batch", "job-sa", annotated(BATCH));
+    kubelet.set_service_account("batch", "default", BTreeMap::new());
+    let rules = format!(
+        "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"default\"\n\
+         service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
+         [[policy]]\nk8s_namespaces = [\"payments\", \"batch\"]\nidentities = [\"pods\"]\n\
+         audiences = [\"{AUDIENCE}\"]\nscopes = [\"*\"]\n\
+         [[policy]]\nk8s_service_accounts = [\"payments/api-sa\"]\nidentities = [\"default\"]\n\
+         scopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n",
+        emulator.base_url()
+    );
+    let broker = broker_with(&emulator, &kubelet, "", &rules).await;
+
+    let mut tokens = Vec::new();
+    for (cgroup, account) in [(&api, API), (&batch, BATCH)] {
+        let (code, token, stderr) = token_as(&broker, cgroup, "pods", AUDIENCE);
+        assert_eq!(code, 0, "{account}: {stderr}\n{}", broker.log());
+        let claims = support::verify(&emulator, token.trim(), AUDIENCE).await;
+        assert_eq!(claims["email"], account);
+        tokens.push(token);
+    }
+    assert_ne!(tokens[0], tokens[1], "two accounts, two tokens");
+    let log = broker.log();
+    for account in [API, BATCH] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("minted_as") && l.contains(account)),
+            "the audit line names the account minted as:\n{log}"
+        );
+    }
+    let stats = emulator.stats();
+    assert_eq!(stats.iam.succeeded, 2);
+    assert_eq!(stats.metadata_token, 1, "one base access token for both");
+    // `status` shows a pod its own entry of the per-workload identity, not
+    // the other pod's (whose audience it names).
+    let (code, listed, stderr) = cli_in(
+        &api,
+        &[
+            "status",
+            "--socket",
+            broker.socket.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(listed.matches("\"pods\"").count(), 1, "{listed}");
+    // Asked again, each pod gets its own token back from the cache.
+    let (code, again, _) = token_as(&broker, &batch, "pods", AUDIENCE);
+    assert_eq!(code, 0);
+    assert_eq!(again, tokens[1]);
+    assert_eq!(emulator.stats().iam.total, 2);
+
+    // Access tokens of a per-workload identity are not served (yet): said
+    // before anything is fetched.
+    let (code, _, stderr) = cli_in(
+        &api,
+        &[
+            "token",
+            "--socket",
+            broker.socket.to_str().unwrap(),
+            "--identity",
+            "pods",
+            "--access",
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("FAILED_PRECONDITION")
+            && stderr.contains("access tokens of such an identity"),
+        "{stderr}"
+    );
+    assert_eq!(emulator.stats().iam_access, 0);
+    // Access tokens are decided on the attested pod too: the api pod's
+    // service account is granted the node's, the batch pod's is not.
+    let access = |cgroup| {
+        cli_in(
+            cgroup,
+            &[
+                "token",
+                "--socket",
+                broker.socket.to_str().unwrap(),
+                "--access",
+            ],
+        )
+    };
+    let (code, _, stderr) = access(&api);
+    assert_eq!(code, 0, "the api pod's access token: {stderr}");
+    let (code, _, stderr) = access(&batch);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
+    // The API server is down when its service account is first read (the
+    // pod list is still held): UNAVAILABLE, naming the service account.
+    kubelet.set_down(true);
+    let (code, _, stderr) = token_as(&broker, &bare, "pods", AUDIENCE);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("UNAVAILABLE")
+            && stderr.contains("cannot read the annotations of service account batch/default"),
+        "{stderr}"
+    );
+    kubelet.set_down(false);
+    let (code, _, stderr) = token_as(&broker, &bare, "pods", AUDIENCE);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("FAILED_PRECONDITION"), "{stderr}");
+    assert!(
+        stderr.contains("iam.gke.io/gcp-service-account") && stderr.contains("batch/default"),
+        "the refusal names the annotation and the service account: {stderr}"
+    );
+    assert_eq!(emulator.stats().iam.total, 2, "nothing minted for it");
+}
+
 /// The DaemonSet's setup, for real: the broker in a pod cgroup of its own,
 /// in its own pid, mount and cgroup namespaces (a pod without `hostPID`),
 /// its `/proc` its own, the host's `/proc` mounted at `proc_root`. A client

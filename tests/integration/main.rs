@@ -23,6 +23,7 @@ mod metadata_endpoint;
 mod metadata_paths;
 mod metadata_source;
 mod operations;
+mod pod_identity;
 mod properties;
 mod server;
 mod service_account;

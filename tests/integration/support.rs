@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod kube;
+pub mod pod_network;
+
 use std::{
     io::Read,
     os::unix::fs::PermissionsExt,
