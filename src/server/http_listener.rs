@@ -102,7 +102,7 @@ impl HttpListener {
                     let uid = owner.as_ref().and_then(|o| o.as_ref().ok().map(|o| o.uid));
                     let accepted = match (owner, &pods) {
                         (None, _) => AcceptedPeer::Unasked,
-                        (Some(Ok(owner)), _) => AcceptedPeer::Owned(owner),
+                        (Some(Ok(owner)), pods) => AcceptedPeer::Owned(owner, pods.clone()),
                         (Some(Err(unresolved)), Some(pods)) => {
                             AcceptedPeer::MaybePod(unresolved, Arc::clone(pods))
                         }
@@ -154,8 +154,9 @@ impl HttpListener {
 enum AcceptedPeer {
     /// Not asked (telemetry, or every place taken).
     Unasked,
-    /// Its socket is on this host, created by a uid.
-    Owned(SocketOwner),
+    /// Its socket is on this host, created by a uid; with the node's pods
+    /// (`[kubernetes]`) when its cgroup may name one (a hostNetwork pod).
+    Owned(SocketOwner, Option<Arc<PodDirectory>>),
     /// No socket here, and no pods to look it up in.
     Unresolved(Unresolved),
     /// No socket here: perhaps a pod, looked up by its source address.
@@ -173,16 +174,22 @@ async fn serve_connection(
     // The user database may be remote (LDAP, sssd) and /proc is searched
     // for the socket's process: once per connection, off the async workers.
     let owner = match accepted {
-        AcceptedPeer::Owned(SocketOwner { uid, inode }) => {
-            Some(Ok(tokio::task::spawn_blocking(move || {
-                PeerCredentials::of_uid(uid).with_attestation(Attestation::of_tcp_socket(
-                    inode,
-                    uid,
-                    accepted_ticks,
-                ))
+        AcceptedPeer::Owned(SocketOwner { uid, inode }, pods) => {
+            let attested = tokio::task::spawn_blocking(move || {
+                let attestation = Attestation::of_tcp_socket(inode, uid, accepted_ticks);
+                (PeerCredentials::of_uid(uid), attestation)
             })
-            .await
-            .unwrap_or_else(|_| PeerCredentials::of_uid_without_group(uid))))
+            .await;
+            Some(Ok(match attested {
+                // The pod its cgroup names, as for a Unix-socket peer: a
+                // hostNetwork pod reaches this door over loopback.
+                Ok((credentials, attestation)) => credentials.with_attestation(
+                    attestation
+                        .with_pod(pods.as_deref(), super::peer::POD_WAIT)
+                        .await,
+                ),
+                Err(_) => PeerCredentials::of_uid_without_group(uid),
+            }))
         }
         // Not this host's: the pod holding the source address, looked up
         // here, off the accept loop, once per connection.

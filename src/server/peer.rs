@@ -45,7 +45,7 @@ const ATTEST_WAIT: Duration = Duration::from_secs(5);
 /// Longest the kubelet lookup of a connection's pod may take (inside
 /// `ATTEST_WAIT`, so a slow kubelet costs the connection its `k8s_*`
 /// selectors, not its other attested selectors).
-const POD_WAIT: Duration = Duration::from_secs(4);
+pub(super) const POD_WAIT: Duration = Duration::from_secs(4);
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Default)]

@@ -293,6 +293,77 @@ async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_no
     );
 }
 
+/// A hostNetwork pod reaches a loopback metadata endpoint over TCP: the
+/// process holding the client socket is found, and its cgroup's pod is
+/// looked up as for a Unix-socket client, so `k8s_*` rules apply there too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_on_loopback_is_known_at_the_metadata_endpoint() {
+    let ((api_uid, api_cid), (worker_uid, worker_cid)) = (ids(11), ids(12));
+    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+        return;
+    };
+    let Some(worker) = PodCgroup::container(Driver::Cgroupfs, &worker_uid, &worker_cid) else {
+        return;
+    };
+    let emulator = support::emulator().await;
+    let kubelet = Kubelet::start(KubeletOptions {
+        recorded_pods: true,
+        ..KubeletOptions::default()
+    })
+    .await
+    .unwrap();
+    kubelet.add_pod(&stand_in_pod(
+        "payments",
+        "api-7f9c8d6b5-h7j9k",
+        &api_uid,
+        "api-sa",
+        &api_cid,
+    ));
+    kubelet.add_pod(&stand_in_pod(
+        "payments",
+        "worker-5d8c7b9f4-w3e5r",
+        &worker_uid,
+        "worker-sa",
+        &worker_cid,
+    ));
+    let port = support::free_port();
+    let broker = broker_with(
+        &emulator,
+        &kubelet,
+        "",
+        &format!(
+            "{}\n[metadata_endpoint]\nlisten = \"127.0.0.1:{port}\"\n",
+            payments_rule()
+        ),
+    )
+    .await;
+    let url = format!(
+        "http://127.0.0.1:{port}/computeMetadata/v1/instance/service-accounts/default/identity?audience={AUDIENCE}"
+    );
+
+    let (status, token) = workloads::curl_in(&api.procs(), &url);
+    assert_eq!(status, 200, "the api pod over loopback: {token}");
+    support::verify(&emulator, token.trim(), AUDIENCE).await;
+    // The same uid in the worker pod is refused, and told which pod it is.
+    let (status, body) = workloads::curl_in(&worker.procs(), &url);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("k8s=payments/worker-sa pod=payments/worker-5d8c7b9f4-w3e5r"),
+        "the denial names the attested pod: {body}"
+    );
+    let log = broker.log();
+    let allowed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("metadata endpoint peer=") && l.contains("decision=\"allowed\""))
+        .collect();
+    assert_eq!(allowed.len(), 1, "{log}");
+    assert!(
+        allowed[0].contains("k8s=payments/api-sa pod=payments/api-7f9c8d6b5-h7j9k"),
+        "{}",
+        allowed[0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_that_connects_before_the_kubelet_lists_it_is_admitted() {
     let (uid, cid) = ids(4);

@@ -455,6 +455,12 @@ async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_ow
 
 /// `curl` for `url`, run in `unit` as WEB: (HTTP status, body).
 fn curl_from(cgroups: &TestCgroups, unit: &str, url: &str) -> (u16, String) {
+    curl_in(&cgroups.procs(unit), url)
+}
+
+/// `curl` for `url` with `Metadata-Flavor: Google`, run as WEB in the
+/// cgroup whose `cgroup.procs` is `procs`: (HTTP status, body).
+pub fn curl_in(procs: &Path, url: &str) -> (u16, String) {
     let mut command = Command::new("curl");
     command
         .args([
@@ -467,14 +473,7 @@ fn curl_from(cgroups: &TestCgroups, unit: &str, url: &str) -> (u16, String) {
             url,
         ])
         .stdin(Stdio::null());
-    place(
-        &mut command,
-        Some(&cgroups.procs(unit)),
-        WEB,
-        WEB,
-        &[WEB],
-        || Ok(()),
-    );
+    place(&mut command, Some(procs), WEB, WEB, &[WEB], || Ok(()));
     let out = command.output().expect("curl runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
