@@ -276,3 +276,139 @@ fn lock_plain<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        },
+        time::{Duration, UNIX_EPOCH},
+    };
+
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+
+    use crate::{
+        cache::{CacheKey, TokenCache},
+        clock::Clock,
+        config::RefreshSettings,
+        domain::SourceKind,
+        source::{FetchFuture, IdTokenSource},
+        token::IdToken,
+    };
+
+    /// Hour-long tokens on the cache's clock, without a network.
+    struct Hourly {
+        clock: Clock,
+        calls: AtomicUsize,
+    }
+
+    impl IdTokenSource for Hourly {
+        fn fetch<'a>(&'a self, audience: &'a str) -> FetchFuture<'a> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::Relaxed);
+                let now = self.clock.now();
+                let iat = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
+                let claims = serde_json::json!({"aud": audience, "iat": iat, "exp": iat + 3600, "n": n});
+                let jwt = format!(
+                    "{}.{}.c2ln",
+                    URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
+                    URL_SAFE_NO_PAD.encode(claims.to_string())
+                );
+                Ok(IdToken::parse(&jwt, audience, now).unwrap())
+            })
+        }
+
+        fn kind(&self) -> SourceKind {
+            SourceKind::Metadata
+        }
+
+        fn upstream(&self) -> &str {
+            "test source"
+        }
+    }
+
+    fn alive_tasks() -> usize {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn key(i: usize) -> CacheKey {
+        CacheKey::new("default", &format!("https://a{i}.example.com")).unwrap()
+    }
+
+    /// Issue 16: the cache keeps one task and exactly one queued deadline
+    /// per entry, through admissions, evictions, refreshes, idle drops and
+    /// a reload's removal, so nothing per entry outlives it.
+    #[tokio::test(start_paused = true)]
+    async fn one_task_for_the_cache_and_one_deadline_per_entry() {
+        let clock = Clock::tokio();
+        let source = Arc::new(Hourly {
+            clock: clock.clone(),
+            calls: AtomicUsize::new(0),
+        });
+        let settings = RefreshSettings {
+            max_entries: 100,
+            upstream_qps: 10_000,
+            ..RefreshSettings::default()
+        };
+        let idle = settings.idle_evict_after;
+        let cache = TokenCache::new(
+            [("default".to_owned(), source.clone() as Arc<dyn IdTokenSource>)],
+            settings,
+            clock,
+        );
+        let tasks_before = alive_tasks();
+        for i in 0..300 {
+            cache.get(&key(i), Duration::ZERO).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(cache.len(), 100);
+        assert_eq!(cache.inner.timers.len(), 100, "evicted entries left deadlines");
+        assert_eq!(
+            alive_tasks(),
+            tasks_before + 1,
+            "300 admissions: the one refresher task, nothing per entry"
+        );
+        assert_eq!(source.calls.load(Ordering::Relaxed), 300);
+
+        // Past the refresh window: the one task refreshed every entry held.
+        for _ in 0..50 {
+            tokio::time::advance(Duration::from_secs(60)).await;
+            settle().await;
+        }
+        assert_eq!(source.calls.load(Ordering::Relaxed), 400);
+        assert_eq!(cache.inner.timers.len(), 100);
+        assert_eq!(alive_tasks(), tasks_before + 1);
+
+        // Idle past idle_evict_after: dropped, deadlines and all.
+        for _ in 0..((idle.as_secs() / 3600) + 1) {
+            tokio::time::advance(Duration::from_secs(3600)).await;
+            settle().await;
+        }
+        assert_eq!(cache.len(), 0);
+        assert_eq!(cache.inner.timers.len(), 0);
+
+        // A reload removing the identity takes its deadlines with it.
+        for i in 0..10 {
+            cache.get(&key(i), Duration::ZERO).await.unwrap();
+        }
+        assert_eq!(cache.inner.timers.len(), 10);
+        cache.remove_identity("default");
+        assert_eq!(cache.len(), 0);
+        assert_eq!(cache.inner.timers.len(), 0);
+
+        // Dropping the cache ends its task.
+        drop(cache);
+        settle().await;
+        assert_eq!(alive_tasks(), tasks_before);
+    }
+}
