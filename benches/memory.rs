@@ -204,7 +204,12 @@ fn main() {
         std::env::var("BENCH_MEMORY_SIZES")
             .unwrap_or_else(|_| "10000,100000".into())
             .split(',')
-            .map(|s| s.trim().replace('_', "").parse().expect("BENCH_MEMORY_SIZES"))
+            .map(|s| {
+                s.trim()
+                    .replace('_', "")
+                    .parse()
+                    .expect("BENCH_MEMORY_SIZES")
+            })
             .collect()
     } else {
         vec![2_000]
@@ -221,7 +226,10 @@ fn main() {
         ..RefreshSettings::default()
     };
     let cache = TokenCache::new(
-        [("default".to_owned(), source.clone() as Arc<dyn IdTokenSource>)],
+        [(
+            "default".to_owned(),
+            source.clone() as Arc<dyn IdTokenSource>,
+        )],
         settings,
         Clock::system(),
     );
@@ -270,7 +278,11 @@ fn main() {
         });
         filled = size.max(filled);
         assert_eq!(cache.len(), filled, "every audience is cached");
-        assert_eq!(source.calls.load(Ordering::Relaxed), filled, "one fetch each");
+        assert_eq!(
+            source.calls.load(Ordering::Relaxed),
+            filled,
+            "one fetch each"
+        );
         eprintln!(
             "filled {filled} entries in {:.1} s",
             started.elapsed().as_secs_f64()

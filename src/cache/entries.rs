@@ -126,7 +126,8 @@ impl Entries {
         entry
             .recency
             .store(order.insert(entry.clone()), Ordering::Relaxed);
-        self.map.insert(key.clone(), entry.clone());
+        // Keyed by the entry's own key, which shares its text with it.
+        self.map.insert(entry.key.clone(), entry.clone());
         self.issued.store(order.next_stamp(), Ordering::Relaxed);
         Ok((entry, true))
     }

@@ -232,6 +232,8 @@ pub enum EntryState {
 /// for a permit the ID-token fetches hold.
 #[derive(Clone)]
 struct Upstream {
+    /// The identity's name, shared by the keys of all its entries.
+    name: Arc<str>,
     source: Arc<dyn IdTokenSource>,
     /// Calls per second to Google, shared by every kind of fetch.
     budget: Arc<budget::UpstreamBudget>,
@@ -241,9 +243,10 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn new(source: Arc<dyn IdTokenSource>, settings: &RefreshSettings) -> Self {
+    fn new(name: &str, source: Arc<dyn IdTokenSource>, settings: &RefreshSettings) -> Self {
         let permits = || Arc::new(Semaphore::new(settings.upstream_concurrency.max(1)));
         Self {
+            name: name.into(),
             source,
             budget: Arc::new(budget::UpstreamBudget::new(settings.upstream_qps)),
             permits: permits(),
@@ -296,7 +299,9 @@ struct Entry {
 #[derive(Default)]
 struct Slot {
     token: Option<Held>,
-    last_error: Option<SourceError>,
+    /// Boxed: most entries hold none, and a `SourceError` inline would
+    /// cost every entry its size.
+    last_error: Option<Box<SourceError>>,
     fetching: bool,
     generation: u64,
     last_used: Option<Instant>,
@@ -391,7 +396,10 @@ impl TokenCache {
     ) -> Self {
         let upstreams: HashMap<String, Upstream> = sources
             .into_iter()
-            .map(|(name, source)| (name, Upstream::new(source, &settings)))
+            .map(|(name, source)| {
+                let upstream = Upstream::new(&name, source, &settings);
+                (name, upstream)
+            })
             .collect();
         let sources: Vec<_> = upstreams.values().map(|u| u.source.clone()).collect();
         let cache = Self {
@@ -438,7 +446,7 @@ impl TokenCache {
     /// drops its cached tokens: they came from the old credential.
     pub fn set_identity(&self, name: &str, source: Arc<dyn IdTokenSource>) {
         source.attach(&self.access_tokens());
-        let upstream = Upstream::new(source, &self.inner.settings);
+        let upstream = Upstream::new(name, source, &self.inner.settings);
         let replaced = self
             .inner
             .upstreams
@@ -607,10 +615,7 @@ impl TokenCache {
                     Next::Join(slot.generation)
                 } else {
                     let retry_at = slot.backoff.on_demand_at().unwrap_or(now);
-                    let permanent = slot
-                        .last_error
-                        .as_ref()
-                        .is_some_and(SourceError::is_permanent);
+                    let permanent = slot.last_error.as_ref().is_some_and(|e| e.is_permanent());
                     if cold
                         && ride
                         && !permanent
@@ -836,8 +841,15 @@ impl TokenCache {
             key,
             gate,
             || {
+                // The identity's name once for all its entries. (The
+                // upstreams' lock is taken under the entries' order lock;
+                // nothing takes them the other way round.)
+                let key = match self.upstreams().get(key.identity()) {
+                    Some(upstream) => key.sharing_identity(&upstream.name),
+                    None => key.clone(),
+                };
                 Arc::new(Entry {
-                    key: key.clone(),
+                    key,
                     // Counted as used from creation, so the refresher does
                     // not take a just-admitted entry for an idle one.
                     state: Mutex::new(Slot {
@@ -852,9 +864,7 @@ impl TokenCache {
             |evicted| self.unschedule(evicted),
         )?;
         if created {
-            self.inner
-                .timers
-                .ensure_task(Arc::downgrade(&self.inner));
+            self.inner.timers.ensure_task(Arc::downgrade(&self.inner));
             self.schedule(&entry, &mut lock(&entry.state));
         }
         Ok((entry, created))
@@ -982,7 +992,7 @@ impl TokenCache {
                         settings.retry_initial,
                         settings.retry_max,
                     );
-                    slot.last_error = Some(err);
+                    slot.last_error = Some(Box::new(err));
                 }
             }
         }
@@ -1022,7 +1032,11 @@ impl TokenCache {
         let source = &upstream.source;
         let call = async {
             match key.kind() {
-                TokenKind::IdToken => source.fetch(key.audience()).await.map(Held::Id),
+                TokenKind::IdToken => source.fetch(key.audience()).await.map(|mut token| {
+                    // The entry holds the audience once: in its key.
+                    token.share_audience(key.shared_target());
+                    Held::Id(token)
+                }),
                 TokenKind::AccessToken(of) => {
                     let fetcher = match of {
                         AccessOf::Identity => source.access(),
@@ -1090,7 +1104,7 @@ impl TokenCache {
             .as_ref()
             .map_or(Duration::ZERO, |t| t.remaining(self.inner.clock.now()));
         match &slot.last_error {
-            Some(err) => CacheError::Upstream(err.clone()),
+            Some(err) => CacheError::Upstream(SourceError::clone(err)),
             None if min_valid > EXPIRY_MARGIN && left > EXPIRY_MARGIN => {
                 CacheError::TooShortLived {
                     wanted: min_valid,

@@ -261,12 +261,7 @@ impl TokenCache {
 /// waits on it (prefetched or watched) or the last failure was transient; a
 /// permanent rejection waits for a caller to ask again.
 fn wants_retry(slot: &Slot) -> bool {
-    slot.pinned
-        || slot.watched()
-        || slot
-            .last_error
-            .as_ref()
-            .is_some_and(|e| !e.is_permanent())
+    slot.pinned || slot.watched() || slot.last_error.as_ref().is_some_and(|e| !e.is_permanent())
 }
 
 fn lock_plain<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -310,7 +305,8 @@ mod tests {
                 let n = self.calls.fetch_add(1, Ordering::Relaxed);
                 let now = self.clock.now();
                 let iat = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
-                let claims = serde_json::json!({"aud": audience, "iat": iat, "exp": iat + 3600, "n": n});
+                let claims =
+                    serde_json::json!({"aud": audience, "iat": iat, "exp": iat + 3600, "n": n});
                 let jwt = format!(
                     "{}.{}.c2ln",
                     URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
@@ -362,7 +358,10 @@ mod tests {
         };
         let idle = settings.idle_evict_after;
         let cache = TokenCache::new(
-            [("default".to_owned(), source.clone() as Arc<dyn IdTokenSource>)],
+            [(
+                "default".to_owned(),
+                source.clone() as Arc<dyn IdTokenSource>,
+            )],
             settings,
             clock,
         );
@@ -372,7 +371,11 @@ mod tests {
         }
         settle().await;
         assert_eq!(cache.len(), 100);
-        assert_eq!(cache.inner.timers.len(), 100, "evicted entries left deadlines");
+        assert_eq!(
+            cache.inner.timers.len(),
+            100,
+            "evicted entries left deadlines"
+        );
         assert_eq!(
             alive_tasks(),
             tasks_before + 1,

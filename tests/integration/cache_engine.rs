@@ -320,7 +320,10 @@ async fn a_watch_after_the_last_watcher_left_sees_each_refresh() {
         beside.changed().await.unwrap();
         let next = updates.borrow_and_update().clone().unwrap();
         let also = beside.borrow_and_update().clone().unwrap();
-        assert!(next.same_token_as(&also), "both watchers see the same token");
+        assert!(
+            next.same_token_as(&also),
+            "both watchers see the same token"
+        );
         assert!(!next.same_token_as(&last));
         assert!(next.expires_at() > last.expires_at());
         last = next;
@@ -340,7 +343,11 @@ async fn a_thousand_entries_keep_no_task_each_and_are_all_refreshed() {
         ..RefreshSettings::default()
     })
     .await;
-    let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
     settle().await;
     let before = alive();
     let keys: Vec<_> = (0..1000)
@@ -361,7 +368,11 @@ async fn a_thousand_entries_keep_no_task_each_and_are_all_refreshed() {
         tokio::time::sleep(MIN).await;
     }
     settle().await;
-    assert_eq!(e.emulator.stats().identity.total, 2000, "each refreshed once");
+    assert_eq!(
+        e.emulator.stats().identity.total,
+        2000,
+        "each refreshed once"
+    );
     for k in &keys {
         let lookup = e.cache.get(k, Duration::ZERO).await.unwrap();
         assert_eq!(lookup.outcome, CacheOutcome::Hit);
