@@ -1163,11 +1163,16 @@ impl Drop for InFlight {
                 }),
             );
         }
+        // Asked before the slot is taken (lock order: map, then slot). An
+        // entry a reload dropped while it fetched is not queued again.
+        let held = self.cache.inner.entries.holds(&self.entry);
         {
             let mut slot = lock(&self.entry.state);
             slot.fetching = false;
             slot.generation += 1;
-            self.cache.schedule(&self.entry, &mut slot);
+            if held {
+                self.cache.schedule(&self.entry, &mut slot);
+            }
         }
         self.entry.attempts.notify_waiters();
     }
