@@ -848,7 +848,7 @@ impl TokenCache {
                     Some(upstream) => key.sharing_identity(&upstream.name),
                     None => key.clone(),
                 };
-                Arc::new(Entry {
+                let entry = Arc::new(Entry {
                     key,
                     // Counted as used from creation, so the refresher does
                     // not take a just-admitted entry for an idle one.
@@ -858,15 +858,16 @@ impl TokenCache {
                     }),
                     attempts: Notify::new(),
                     recency: AtomicU64::new(0),
-                })
+                });
+                // Queued before anyone else can see it, so no eviction can
+                // come between and leave a deadline behind.
+                self.inner.timers.ensure_task(Arc::downgrade(&self.inner));
+                self.schedule(&entry, &mut lock(&entry.state));
+                entry
             },
             // Evicted for room: no longer refreshed, released at once.
             |evicted| self.unschedule(evicted),
         )?;
-        if created {
-            self.inner.timers.ensure_task(Arc::downgrade(&self.inner));
-            self.schedule(&entry, &mut lock(&entry.state));
-        }
         Ok((entry, created))
     }
 

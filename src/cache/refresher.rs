@@ -27,6 +27,11 @@ use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
 use super::{budget::Priority, lock, Entry, Inner, Slot, TokenCache};
 
+/// Most entries handled in one go before the task lets others run: a
+/// hundred thousand keys due at once (a host back from suspend) must not
+/// hold a worker thread for the whole of them.
+const BATCH: usize = 256;
+
 /// An entry's place in the queue, kept in its slot: the deadline, and a
 /// sequence number that tells apart entries due at the same instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -103,13 +108,13 @@ impl Timers {
         }
     }
 
-    /// Every deadline reached at `now`, taken out of the queue, and the
-    /// earliest one left.
+    /// Up to [`BATCH`] deadlines reached at `now`, taken out of the queue,
+    /// and the earliest one left.
     fn take_due(&self, now: Instant) -> (Vec<(Timer, Weak<Entry>)>, Option<Instant>) {
         let mut queue = lock_plain(&self.queue);
         let mut due = Vec::new();
         while let Some(entry) = queue.by_deadline.first_entry() {
-            if entry.key().at > now {
+            if entry.key().at > now || due.len() == BATCH {
                 break;
             }
             let (timer, entry) = entry.remove_entry();
@@ -155,6 +160,8 @@ async fn run(cache: Weak<Inner>, timers: Arc<Timers>) {
                     cache.on_timer(&entry, timer);
                 }
             }
+            drop(cache);
+            tokio::task::yield_now().await;
             continue;
         }
         match next {
@@ -413,5 +420,43 @@ mod tests {
         drop(cache);
         settle().await;
         assert_eq!(alive_tasks(), tasks_before);
+    }
+
+    /// Entries due at one instant (no jitter, admitted together) are all
+    /// handled, a batch at a time, by the one task.
+    #[tokio::test(start_paused = true)]
+    async fn a_crowd_due_at_one_instant_is_refreshed_in_batches() {
+        let clock = Clock::tokio();
+        let source = Arc::new(Hourly {
+            clock: clock.clone(),
+            calls: AtomicUsize::new(0),
+        });
+        let settings = RefreshSettings {
+            jitter: Duration::ZERO,
+            upstream_qps: 10_000,
+            ..RefreshSettings::default()
+        };
+        let cache = TokenCache::new(
+            [(
+                "default".to_owned(),
+                source.clone() as Arc<dyn IdTokenSource>,
+            )],
+            settings,
+            clock,
+        );
+        let tasks_before = alive_tasks();
+        let crowd = 3 * super::BATCH + 10;
+        for i in 0..crowd {
+            cache.get(&key(i), Duration::ZERO).await.unwrap();
+        }
+        assert_eq!(source.calls.load(Ordering::Relaxed), crowd);
+        // All planned for the same instant, 45 minutes on.
+        tokio::time::advance(Duration::from_secs(45 * 60)).await;
+        for _ in 0..50 {
+            settle().await;
+        }
+        assert_eq!(source.calls.load(Ordering::Relaxed), 2 * crowd);
+        assert_eq!(cache.inner.timers.len(), crowd);
+        assert_eq!(alive_tasks(), tasks_before + 1);
     }
 }
