@@ -216,6 +216,7 @@ struct Results {
     refused: usize,
     upstream: u64,
     churn_secs: f64,
+    token_bytes: usize,
 }
 
 async fn run(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> Results {
@@ -227,7 +228,15 @@ async fn run(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> Results {
 
     // Idle: the hot key alone.
     let mut hot = TokenBrokerClient::new(channel.clone());
-    hot_request(&mut hot).await;
+    // The size of the tokens the entries hold (a churn audience is 6 bytes
+    // longer than the hot one: 8 more bytes of JWT).
+    let token_bytes = hot
+        .get_id_token(request(HOT_AUDIENCE))
+        .await
+        .expect("the hot key")
+        .into_inner()
+        .token
+        .len();
     let mut idle = Vec::with_capacity(sizes.hot_idle);
     for _ in 0..sizes.hot_idle {
         idle.push(hot_request(&mut hot).await);
@@ -318,6 +327,7 @@ async fn run(sizes: &Sizes, emulator: &Emulator, dir: &Path) -> Results {
         refused,
         upstream,
         churn_secs,
+        token_bytes,
     }
 }
 
@@ -374,6 +384,17 @@ fn report(sizes: &Sizes, r: &Results) {
         mib(r.rss_after),
         mib(r.rss_peak)
     );
+    // Without churn (audiences <= max_entries: the cache only fills) this
+    // is what an entry costs in the real broker (issue 16).
+    if sizes.audiences <= sizes.max_entries {
+        let held = r.listed.max(1) as f64;
+        let per_entry = (r.rss_after as f64 - r.rss_before as f64) * 1024.0 / held;
+        println!(
+            "per entry held: {per_entry:.0} B of RSS, {} B of it the token, {:.0} B beyond",
+            r.token_bytes,
+            per_entry - r.token_bytes as f64
+        );
+    }
     let (idle50, idle99, idle_max) = percentiles(r.idle.clone());
     let (churn50, churn99, churn_max) = percentiles(r.churn.clone());
     println!("hot key, serial GetIdToken (µs):   p50    p99    max      n");

@@ -160,7 +160,9 @@ pub struct IdToken {
     jwt: Arc<Secret>,
     issued_at: SystemTime,
     expires_at: SystemTime,
-    audience: String,
+    /// Shared: the cache hands a held token its key's copy
+    /// ([`IdToken::share_audience`]), so an entry holds the text once.
+    audience: Arc<str>,
     email: Option<String>,
 }
 
@@ -241,7 +243,7 @@ impl IdToken {
             jwt: Arc::new(Secret::new(jwt.to_owned())),
             issued_at,
             expires_at,
-            audience: expected_audience.to_owned(),
+            audience: expected_audience.into(),
             email: claims.email,
         })
     }
@@ -261,6 +263,14 @@ impl IdToken {
 
     pub fn audience(&self) -> &str {
         &self.audience
+    }
+
+    /// Holds `audience` (the same text, already held elsewhere) instead of
+    /// this token's own copy of it; a different text changes nothing.
+    pub(crate) fn share_audience(&mut self, audience: &Arc<str>) {
+        if *self.audience == **audience {
+            self.audience = audience.clone();
+        }
     }
 
     /// The `email` claim, when the issuer included one (`format=full`).

@@ -6,8 +6,9 @@
 //! only the map's own shard lock, and a hot key takes the index lock only
 //! when it has drifted into the older half of the order.
 //!
-//! Lock order: `order`, then a map shard, then an entry's slot. Nothing
-//! takes `order` while holding a map guard or a slot.
+//! Lock order: `order`, then a map shard, then an entry's slot (then the
+//! refresher's queue). Nothing takes `order` while holding a map guard or a
+//! slot.
 
 use std::{
     collections::BTreeMap,
@@ -84,13 +85,15 @@ impl Entries {
     /// The entry for `key`, admitting it when not held: `gate` is asked
     /// first (once, and only for a key not held), then room is made by
     /// evicting the least recently used entry not in use, then `create`
-    /// makes the entry. Returns the entry and whether this call created it.
-    /// A refusal leaves nothing behind.
+    /// makes the entry; `evicted` is told of the entry evicted for it, once
+    /// it has left the map. Returns the entry and whether this call created
+    /// it. A refusal leaves nothing behind.
     pub(super) fn get_or_admit<E>(
         &self,
         key: &CacheKey,
         gate: impl FnOnce() -> Result<(), E>,
         create: impl FnOnce() -> Arc<Entry>,
+        evicted: impl FnOnce(&Arc<Entry>),
     ) -> Result<(Arc<Entry>, bool), Refusal<E>> {
         if let Some(entry) = self.get(key) {
             return Ok((entry, false));
@@ -107,14 +110,14 @@ impl Entries {
         };
         gate().map_err(Refusal::Gate)?;
         if let Some(stamp) = victim {
-            if let Some(evicted) = order.remove(stamp) {
-                self.map.remove(&evicted.key);
-                // Its refresher sees the eviction and exits now, releasing
-                // the entry, rather than at its next planned refresh.
-                evicted.wake.notify_one();
+            if let Some(victim) = order.remove(stamp) {
+                self.map.remove(&victim.key);
+                // Out of the refresher's queue now, so the entry is released
+                // at once rather than at its next deadline.
+                evicted(&victim);
                 tracing::debug!(
-                    identity = evicted.key.identity(),
-                    audience = crate::domain::LogText::new(evicted.key.audience()).as_str(),
+                    identity = victim.key.identity(),
+                    audience = crate::domain::LogText::new(victim.key.audience()).as_str(),
                     "evicted least recently used entry"
                 );
             }
@@ -123,7 +126,8 @@ impl Entries {
         entry
             .recency
             .store(order.insert(entry.clone()), Ordering::Relaxed);
-        self.map.insert(key.clone(), entry.clone());
+        // Keyed by the entry's own key, which shares its text with it.
+        self.map.insert(entry.key.clone(), entry.clone());
         self.issued.store(order.next_stamp(), Ordering::Relaxed);
         Ok((entry, true))
     }
@@ -182,7 +186,7 @@ fn find_victim(order: &mut RecencyOrder<Arc<Entry>>) -> Option<u64> {
         let (stamp, entry) = order.oldest()?;
         let in_use = {
             let slot = lock(&entry.state);
-            slot.fetching || slot.pinned || entry.watched()
+            slot.fetching || slot.pinned || slot.watched()
         };
         if !in_use {
             return Some(stamp);

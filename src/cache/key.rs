@@ -98,6 +98,21 @@ impl CacheKey {
         &self.identity
     }
 
+    /// This key with `identity`'s shared text (the same name), so the many
+    /// entries of one identity hold its name once.
+    pub(super) fn sharing_identity(&self, identity: &Arc<str>) -> Self {
+        let mut key = self.clone();
+        if *key.identity == **identity {
+            key.identity = identity.clone();
+        }
+        key
+    }
+
+    /// The audience or scope set as the key holds it, for a token to share.
+    pub(super) fn shared_target(&self) -> &Arc<str> {
+        &self.target
+    }
+
     pub fn kind(&self) -> TokenKind {
         self.kind
     }

@@ -19,10 +19,12 @@
 //! Whatever happens inside a fetch, a panic included, its completion runs
 //! ([`InFlight`]): no key can be left marked as fetching.
 //!
-//! Every entry has one background refresher ([`refresher`]) that renews its
-//! token before it turns stale, at a time spread by jitter
-//! ([`schedule::plan_refresh`]), and drops the entry once nobody has asked
-//! for it in `idle_evict_after` (unless it is prefetched or watched).
+//! One background task for the whole cache ([`refresher`]), with one
+//! deadline per entry in its timer queue, renews each token before it turns
+//! stale, at a time spread by jitter ([`schedule::plan_refresh`]), and drops
+//! an entry once nobody has asked for it in `idle_evict_after` (unless it is
+//! prefetched or watched). An entry holds its token once; a watch channel
+//! for `WatchIdToken` streams exists only while someone watches.
 
 mod backoff;
 pub mod budget;
@@ -75,8 +77,8 @@ pub const COLD_WAIT_BUDGET: Duration = Duration::from_secs(15);
 
 /// What a waiting caller does next.
 enum Next {
-    /// Wait for the attempt after generation `.1` to complete.
-    Join(watch::Receiver<u64>, u64),
+    /// Wait for the attempt after this generation to complete.
+    Join(u64),
     /// Sleep until the key's next attempt may start.
     Sleep(Instant),
 }
@@ -230,6 +232,8 @@ pub enum EntryState {
 /// for a permit the ID-token fetches hold.
 #[derive(Clone)]
 struct Upstream {
+    /// The identity's name, shared by the keys of all its entries.
+    name: Arc<str>,
     source: Arc<dyn IdTokenSource>,
     /// Calls per second to Google, shared by every kind of fetch.
     budget: Arc<budget::UpstreamBudget>,
@@ -239,9 +243,10 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn new(source: Arc<dyn IdTokenSource>, settings: &RefreshSettings) -> Self {
+    fn new(name: &str, source: Arc<dyn IdTokenSource>, settings: &RefreshSettings) -> Self {
         let permits = || Arc::new(Semaphore::new(settings.upstream_concurrency.max(1)));
         Self {
+            name: name.into(),
             source,
             budget: Arc::new(budget::UpstreamBudget::new(settings.upstream_qps)),
             permits: permits(),
@@ -269,22 +274,24 @@ struct Inner {
     /// Changed in place by a config reload; read briefly, never across `.await`.
     upstreams: RwLock<HashMap<String, Upstream>>,
     entries: Entries,
+    /// Every entry's next deadline, and the one task that keeps them.
+    timers: Arc<refresher::Timers>,
     settings: RefreshSettings,
     clock: Clock,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.timers.close();
+    }
 }
 
 struct Entry {
     key: CacheKey,
     state: Mutex<Slot>,
-    /// Bumped after every completed upstream attempt; waiters watch it.
-    attempts: watch::Sender<u64>,
-    /// Each new token, for `WatchIdToken` streams; its receivers are the
-    /// streams that keep this entry from idle eviction.
-    tokens: watch::Sender<Option<IdToken>>,
-    /// The same for an access-token entry (`WatchAccessToken`).
-    access_tokens: watch::Sender<Option<AccessToken>>,
-    /// Wakes the refresher to recompute its schedule.
-    wake: Notify,
+    /// Notified after every completed upstream attempt (the slot's
+    /// `generation` bumped); callers waiting on a fetch wait for it.
+    attempts: Notify,
     /// Its place in the eviction order ([`entries`]).
     recency: AtomicU64,
 }
@@ -292,7 +299,9 @@ struct Entry {
 #[derive(Default)]
 struct Slot {
     token: Option<Held>,
-    last_error: Option<SourceError>,
+    /// Boxed: most entries hold none, and a `SourceError` inline would
+    /// cost every entry its size.
+    last_error: Option<Box<SourceError>>,
     fetching: bool,
     generation: u64,
     last_used: Option<Instant>,
@@ -301,11 +310,81 @@ struct Slot {
     refresh_at: Option<SystemTime>,
     /// Prefetched entries are kept fresh and never idle-evicted.
     pinned: bool,
+    /// Its deadline in the refresher's queue.
+    timer: Option<refresher::Timer>,
+    /// Each new token, for `WatchIdToken`/`WatchAccessToken` streams and
+    /// token files: made when the first one watches, so an entry nobody
+    /// watches holds its token once. Its receivers keep the entry from
+    /// idle eviction.
+    watchers: Option<Watchers>,
 }
 
-impl Entry {
+/// The watch channel of an entry's kind.
+enum Watchers {
+    Id(watch::Sender<Option<IdToken>>),
+    Access(watch::Sender<Option<AccessToken>>),
+}
+
+impl Watchers {
+    fn receiver_count(&self) -> usize {
+        match self {
+            Watchers::Id(tx) => tx.receiver_count(),
+            Watchers::Access(tx) => tx.receiver_count(),
+        }
+    }
+}
+
+impl Slot {
     fn watched(&self) -> bool {
-        self.tokens.receiver_count() > 0 || self.access_tokens.receiver_count() > 0
+        self.watchers
+            .as_ref()
+            .is_some_and(|w| w.receiver_count() > 0)
+    }
+
+    /// Hands a new token to the watchers, if anyone still watches; a
+    /// channel nobody watches any more is dropped with its copy.
+    fn publish(&mut self, token: &Held) {
+        if !self.watched() {
+            self.watchers = None;
+            return;
+        }
+        match (&self.watchers, token) {
+            (Some(Watchers::Id(tx)), Held::Id(token)) => {
+                tx.send_replace(Some(token.clone()));
+            }
+            (Some(Watchers::Access(tx)), Held::Access(token)) => {
+                tx.send_replace(Some(token.clone()));
+            }
+            _ => {}
+        }
+    }
+
+    /// A receiver of the entry's ID tokens, making the channel if need be.
+    fn watch_id(&mut self) -> watch::Receiver<Option<IdToken>> {
+        if let Some(Watchers::Id(tx)) = &self.watchers {
+            return tx.subscribe();
+        }
+        let current = match &self.token {
+            Some(Held::Id(token)) => Some(token.clone()),
+            _ => None,
+        };
+        let (tx, rx) = watch::channel(current);
+        self.watchers = Some(Watchers::Id(tx));
+        rx
+    }
+
+    /// A receiver of the entry's access tokens, making the channel if need be.
+    fn watch_access(&mut self) -> watch::Receiver<Option<AccessToken>> {
+        if let Some(Watchers::Access(tx)) = &self.watchers {
+            return tx.subscribe();
+        }
+        let current = match &self.token {
+            Some(Held::Access(token)) => Some(token.clone()),
+            _ => None,
+        };
+        let (tx, rx) = watch::channel(current);
+        self.watchers = Some(Watchers::Access(tx));
+        rx
     }
 }
 
@@ -317,13 +396,17 @@ impl TokenCache {
     ) -> Self {
         let upstreams: HashMap<String, Upstream> = sources
             .into_iter()
-            .map(|(name, source)| (name, Upstream::new(source, &settings)))
+            .map(|(name, source)| {
+                let upstream = Upstream::new(&name, source, &settings);
+                (name, upstream)
+            })
             .collect();
         let sources: Vec<_> = upstreams.values().map(|u| u.source.clone()).collect();
         let cache = Self {
             inner: Arc::new(Inner {
                 upstreams: RwLock::new(upstreams),
                 entries: Entries::new(settings.max_entries),
+                timers: Arc::new(refresher::Timers::new()),
                 settings,
                 clock,
             }),
@@ -363,7 +446,7 @@ impl TokenCache {
     /// drops its cached tokens: they came from the old credential.
     pub fn set_identity(&self, name: &str, source: Arc<dyn IdTokenSource>) {
         source.attach(&self.access_tokens());
-        let upstream = Upstream::new(source, &self.inner.settings);
+        let upstream = Upstream::new(name, source, &self.inner.settings);
         let replaced = self
             .inner
             .upstreams
@@ -388,8 +471,9 @@ impl TokenCache {
 
     fn drop_entries_of(&self, identity: &str) {
         for entry in self.inner.entries.remove_identity(identity) {
-            // Its refresher sees the entry is gone and exits.
-            entry.wake.notify_one();
+            // No longer refreshed; released once its last holder lets go,
+            // which ends its watchers' streams.
+            self.unschedule(&entry);
         }
     }
 
@@ -455,8 +539,8 @@ impl TokenCache {
         if same {
             slot.token = None;
             slot.refresh_at = None;
+            self.schedule(&entry, &mut slot);
             drop(slot);
-            entry.wake.notify_one();
             tracing::debug!(
                 identity = key.identity(),
                 scopes = key.audience(),
@@ -524,18 +608,14 @@ impl TokenCache {
                     return Err(self.failure(&slot, min_valid));
                 }
                 if slot.fetching {
-                    Next::Join(entry.attempts.subscribe(), slot.generation)
+                    Next::Join(slot.generation)
                 } else if may_start {
-                    let attempts = entry.attempts.subscribe();
                     started = true;
                     self.start_fetch(&entry, &mut slot, budget::Priority::Waiting);
-                    Next::Join(attempts, slot.generation)
+                    Next::Join(slot.generation)
                 } else {
                     let retry_at = slot.backoff.on_demand_at().unwrap_or(now);
-                    let permanent = slot
-                        .last_error
-                        .as_ref()
-                        .is_some_and(SourceError::is_permanent);
+                    let permanent = slot.last_error.as_ref().is_some_and(|e| e.is_permanent());
                     if cold
                         && ride
                         && !permanent
@@ -548,9 +628,8 @@ impl TokenCache {
                 }
             };
             match next {
-                Next::Join(mut attempts, seen) => {
-                    // The sender lives in `entry`, which we hold: this cannot fail.
-                    let _ = attempts.wait_for(|generation| *generation > seen).await;
+                Next::Join(seen) => {
+                    attempt_after(&entry, seen).await;
                     waited = true;
                 }
                 Next::Sleep(until) => tokio::time::sleep_until(until).await,
@@ -609,7 +688,7 @@ impl TokenCache {
     ) -> Result<(Lookup, watch::Receiver<Option<IdToken>>), CacheError> {
         let lookup = self.get(key, min_valid).await?;
         let entry = self.entry(key)?;
-        let mut receiver = entry.tokens.subscribe();
+        let mut receiver = lock(&entry.state).watch_id();
         // What the caller already has counts as seen.
         receiver.mark_unchanged();
         Ok((lookup, receiver))
@@ -623,7 +702,7 @@ impl TokenCache {
     ) -> Result<(AccessLookup, watch::Receiver<Option<AccessToken>>), CacheError> {
         let lookup = self.get_access(key, min_valid).await?;
         let entry = self.entry(key)?;
-        let mut receiver = entry.access_tokens.subscribe();
+        let mut receiver = lock(&entry.state).watch_access();
         receiver.mark_unchanged();
         Ok((lookup, receiver))
     }
@@ -649,7 +728,6 @@ impl TokenCache {
                     continue;
                 }
             };
-            let mut receiver = entry.tokens.subscribe();
             {
                 let mut slot = lock(&entry.state);
                 slot.pinned = true;
@@ -657,9 +735,7 @@ impl TokenCache {
                     self.start_fetch(&entry, &mut slot, budget::Priority::Background);
                 }
             }
-            pending.push(async move {
-                let _ = receiver.wait_for(Option::is_some).await;
-            });
+            pending.push(async move { token_held(&entry).await });
         }
         for wait in pending {
             wait.await;
@@ -760,32 +836,44 @@ impl TokenCache {
             .map_err(|_| self.full())
     }
 
-    /// The entry for `key`, and whether this call created it (and started
-    /// its refresher).
+    /// The entry for `key`, and whether this call created it (and queued
+    /// its first deadline).
     fn entry_admitted<E>(
         &self,
         key: &CacheKey,
         gate: impl FnOnce() -> Result<(), E>,
     ) -> Result<(Arc<Entry>, bool), Refusal<E>> {
-        let (entry, created) = self.inner.entries.get_or_admit(key, gate, || {
-            Arc::new(Entry {
-                key: key.clone(),
-                // Counted as used from creation, so its refresher does not
-                // take a just-admitted entry for an idle one.
-                state: Mutex::new(Slot {
-                    last_used: Some(Instant::now()),
-                    ..Slot::default()
-                }),
-                attempts: watch::channel(0).0,
-                tokens: watch::channel(None).0,
-                access_tokens: watch::channel(None).0,
-                wake: Notify::new(),
-                recency: AtomicU64::new(0),
-            })
-        })?;
-        if created {
-            tokio::spawn(refresher::run(Arc::downgrade(&self.inner), entry.clone()));
-        }
+        let (entry, created) = self.inner.entries.get_or_admit(
+            key,
+            gate,
+            || {
+                // The identity's name once for all its entries. (The
+                // upstreams' lock is taken under the entries' order lock;
+                // nothing takes them the other way round.)
+                let key = match self.upstreams().get(key.identity()) {
+                    Some(upstream) => key.sharing_identity(&upstream.name),
+                    None => key.clone(),
+                };
+                let entry = Arc::new(Entry {
+                    key,
+                    // Counted as used from creation, so the refresher does
+                    // not take a just-admitted entry for an idle one.
+                    state: Mutex::new(Slot {
+                        last_used: Some(Instant::now()),
+                        ..Slot::default()
+                    }),
+                    attempts: Notify::new(),
+                    recency: AtomicU64::new(0),
+                });
+                // Queued before anyone else can see it, so no eviction can
+                // come between and leave a deadline behind.
+                self.inner.timers.ensure_task(Arc::downgrade(&self.inner));
+                self.schedule(&entry, &mut lock(&entry.state));
+                entry
+            },
+            // Evicted for room: no longer refreshed, released at once.
+            |evicted| self.unschedule(evicted),
+        )?;
         Ok((entry, created))
     }
 
@@ -829,9 +917,8 @@ impl TokenCache {
     fn record(&self, entry: &Entry, result: Result<Held, SourceError>) {
         let settings = &self.inner.settings;
         let now = self.inner.clock.now();
-        let new_token = {
+        {
             let mut slot = lock(&entry.state);
-            let mut new_token = None;
             let same = match &result {
                 Ok(token) => slot
                     .token
@@ -879,7 +966,7 @@ impl TokenCache {
                             "upstream returned the same token"
                         );
                     } else {
-                        new_token = Some(token.clone());
+                        slot.publish(&token);
                         slot.backoff.succeeded();
                     }
                     slot.refresh_at = Some(schedule::plan_refresh(
@@ -912,19 +999,9 @@ impl TokenCache {
                         settings.retry_initial,
                         settings.retry_max,
                     );
-                    slot.last_error = Some(err);
+                    slot.last_error = Some(Box::new(err));
                 }
             }
-            new_token
-        };
-        match new_token {
-            Some(Held::Id(token)) => {
-                entry.tokens.send_replace(Some(token));
-            }
-            Some(Held::Access(token)) => {
-                entry.access_tokens.send_replace(Some(token));
-            }
-            None => {}
         }
     }
 
@@ -966,7 +1043,11 @@ impl TokenCache {
                     Some(account) => source.fetch_as(account, key.audience()).await,
                     None => source.fetch(key.audience()).await,
                 }
-                .map(Held::Id),
+                .map(|mut token| {
+                    // The entry holds the audience once: in its key.
+                    token.share_audience(key.shared_target());
+                    Held::Id(token)
+                }),
                 TokenKind::AccessToken(of) => {
                     let fetcher = match of {
                         AccessOf::Identity => source.access(),
@@ -1034,7 +1115,7 @@ impl TokenCache {
             .as_ref()
             .map_or(Duration::ZERO, |t| t.remaining(self.inner.clock.now()));
         match &slot.last_error {
-            Some(err) => CacheError::Upstream(err.clone()),
+            Some(err) => CacheError::Upstream(SourceError::clone(err)),
             None if min_valid > EXPIRY_MARGIN && left > EXPIRY_MARGIN => {
                 CacheError::TooShortLived {
                     wanted: min_valid,
@@ -1093,14 +1174,47 @@ impl Drop for InFlight {
                 }),
             );
         }
-        let generation = {
+        // Asked before the slot is taken (lock order: map, then slot). An
+        // entry a reload dropped while it fetched is not queued again.
+        let held = self.cache.inner.entries.holds(&self.entry);
+        {
             let mut slot = lock(&self.entry.state);
             slot.fetching = false;
             slot.generation += 1;
-            slot.generation
-        };
-        self.entry.attempts.send_replace(generation);
-        self.entry.wake.notify_one();
+            if held {
+                self.cache.schedule(&self.entry, &mut slot);
+            }
+        }
+        self.entry.attempts.notify_waiters();
+    }
+}
+
+/// Waits until an upstream attempt after generation `seen` of `entry` has
+/// completed.
+async fn attempt_after(entry: &Entry, seen: u64) {
+    loop {
+        // Registered before the check, so a completion between the check
+        // and the wait is not missed.
+        let done = entry.attempts.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        if lock(&entry.state).generation > seen {
+            return;
+        }
+        done.await;
+    }
+}
+
+/// Waits until `entry` holds a token (a prefetch's first).
+async fn token_held(entry: &Entry) {
+    loop {
+        let done = entry.attempts.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        if lock(&entry.state).token.is_some() {
+            return;
+        }
+        done.await;
     }
 }
 

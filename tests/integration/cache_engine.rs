@@ -297,6 +297,94 @@ async fn a_watch_sees_each_refresh_and_keeps_its_key_until_released() {
     assert!(e.cache.is_empty(), "released after the watcher left");
 }
 
+/// The watch channel exists only while someone watches (issue 16: an entry
+/// holds its token once). A watcher that comes after the first one left,
+/// and after a refresh nobody watched, still sees every refresh, as does a
+/// second watcher beside it.
+#[tokio::test(start_paused = true)]
+async fn a_watch_after_the_last_watcher_left_sees_each_refresh() {
+    let e = engine(RefreshSettings::default()).await;
+    let k = key("https://rewatched.example.com");
+    let (_, first) = e.cache.watch(&k, Duration::ZERO).await.unwrap();
+    drop(first);
+    // A refresh (at 43-45 minutes) with nobody watching.
+    tokio::time::sleep(50 * MIN).await;
+    settle().await;
+    assert_eq!(e.emulator.stats().identity.total, 2);
+    let (now, mut updates) = e.cache.watch(&k, Duration::ZERO).await.unwrap();
+    let (_, mut beside) = e.cache.watch(&k, Duration::ZERO).await.unwrap();
+    assert_eq!(now.outcome, CacheOutcome::Hit);
+    let mut last = now.token;
+    for _ in 0..2 {
+        updates.changed().await.unwrap();
+        beside.changed().await.unwrap();
+        let next = updates.borrow_and_update().clone().unwrap();
+        let also = beside.borrow_and_update().clone().unwrap();
+        assert!(
+            next.same_token_as(&also),
+            "both watchers see the same token"
+        );
+        assert!(!next.same_token_as(&last));
+        assert!(next.expires_at() > last.expires_at());
+        last = next;
+    }
+}
+
+/// Issue 16, point 4 (memory per entry): the engine keeps no task per
+/// entry. 1,000 cached audiences leave the runtime's live tasks where they
+/// were, give or take the HTTP connections to the emulator, and the
+/// engine's one background task still refreshes every one of them before
+/// it turns stale, with nobody asking. The old engine kept a refresher
+/// task per entry: 1,000 more.
+#[tokio::test(start_paused = true)]
+async fn a_thousand_entries_keep_no_task_each_and_are_all_refreshed() {
+    let e = engine(RefreshSettings {
+        upstream_qps: 10_000,
+        ..RefreshSettings::default()
+    })
+    .await;
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    settle().await;
+    let before = alive();
+    let keys: Vec<_> = (0..1000)
+        .map(|i| key(&format!("https://mem-{i}.example.com")))
+        .collect();
+    for k in &keys {
+        e.cache.get(k, Duration::ZERO).await.unwrap();
+    }
+    settle().await;
+    let filled = alive();
+    assert!(
+        filled <= before + 40,
+        "1,000 entries took the runtime from {before} to {filled} live tasks"
+    );
+    assert_eq!(e.emulator.stats().identity.total, 1000);
+    // Past every key's refresh time (45 minutes at the latest).
+    for _ in 0..50 {
+        tokio::time::sleep(MIN).await;
+    }
+    settle().await;
+    assert_eq!(
+        e.emulator.stats().identity.total,
+        2000,
+        "each refreshed once"
+    );
+    for k in &keys {
+        let lookup = e.cache.get(k, Duration::ZERO).await.unwrap();
+        assert_eq!(lookup.outcome, CacheOutcome::Hit);
+        assert!(lookup.token.remaining(e.clock.now()) > 50 * MIN);
+    }
+    let refreshed = alive();
+    assert!(
+        refreshed <= before + 40,
+        "after the refreshes: {refreshed} live tasks, from {before}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn min_valid_for_forces_a_fetch_and_expiring_tokens_are_not_served() {
     let e = engine(RefreshSettings::default()).await;

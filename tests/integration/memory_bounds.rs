@@ -179,6 +179,93 @@ async fn refused_new_audiences_leave_nothing_behind() {
     );
 }
 
+/// Issue 16 (4): a cached audience costs at most 1.5 KB of the broker's
+/// memory beyond its token. The old engine kept a task, a timer and three
+/// watch channels per entry (one holding a second copy of the token), about
+/// 2.9 KB beyond the token; 4,000 audiences over 4 clients must now add at
+/// most token + 1,536 B each to the broker's RSS.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_audience_costs_at_most_one_and_a_half_kb_beyond_its_token() {
+    const WARM: usize = 400;
+    const FILL: usize = 4_000;
+    const CLIENTS: usize = 4;
+    let emulator = support::emulator().await;
+    let port = support::free_port();
+    let broker = Broker::start(
+        |socket| {
+            config(
+                socket,
+                &emulator,
+                port,
+                "",
+                "new_audiences_per_minute = 1000000\nnew_audience_burst = 1000000",
+                "",
+            )
+        },
+        "",
+    )
+    .await;
+    let pid = broker.child.id();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(broker.client().await);
+    }
+    // Each client fills `n` new audiences; the token bytes it was served.
+    let fill = |clients: Vec<TokenBrokerClient<Channel>>, round: &'static str, n: usize| async move {
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .enumerate()
+            .map(|(c, mut client)| {
+                tokio::spawn(async move {
+                    let mut bytes = 0;
+                    for i in 0..n / CLIENTS {
+                        let audience =
+                            format!("https://{round}-{c}-{i:05}-abcdefghij-uc.a.run.app");
+                        let token = client
+                            .get_id_token(request(&audience, None))
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        bytes += token.token.len();
+                    }
+                    (client, bytes)
+                })
+            })
+            .collect();
+        let mut back = Vec::new();
+        let mut bytes = 0;
+        for task in tasks {
+            let (client, b) = task.await.unwrap();
+            back.push(client);
+            bytes += b;
+        }
+        (back, bytes)
+    };
+    // Warm-up: connection buffers and allocator arenas reach their working size.
+    let (clients, _) = fill(clients, "warm", WARM).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = support::vm_rss_kib(pid);
+    let (_clients, token_bytes) = fill(clients, "fill", FILL).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = support::vm_rss_kib(pid);
+
+    assert_eq!(cache_entries_gauge(port).await as usize, WARM + FILL);
+    assert_eq!(emulator.stats().identity.total as usize, WARM + FILL);
+    let per_entry = after.saturating_sub(before) as f64 * 1024.0 / FILL as f64;
+    let token = token_bytes as f64 / FILL as f64;
+    println!(
+        "RSS {before} KiB -> {after} KiB over {FILL} audiences: {per_entry:.0} B each, \
+         {token:.0} B of it the token, {:.0} B beyond",
+        per_entry - token
+    );
+    assert!(
+        per_entry - token <= 1536.0,
+        "each cached audience took {per_entry:.0} B of RSS, {:.0} B beyond its {token:.0}-byte token \
+         ({before} -> {after} KiB over {FILL} audiences)",
+        per_entry - token
+    );
+}
+
 /// `max_entries` used to be checked before an unlocked insert: concurrent
 /// new audiences passed it (26,255 of 10,000), and evicted entries lived on
 /// until their next refresh. With max_entries = 100 and 8 clients asking for
