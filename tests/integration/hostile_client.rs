@@ -177,19 +177,6 @@ fn rule(uid: u32, identities: &str, audiences: &str) -> String {
     format!("[[policy]]\nuids = [{uid}]\nidentities = {identities}\naudiences = {audiences}\n")
 }
 
-/// Polls the daemon's log until `found` holds for it (process output, not
-/// a timing assertion).
-async fn wait_for_log(broker: &Broker, what: &str, found: impl Fn(&str) -> bool) -> String {
-    for _ in 0..400 {
-        let log = broker.log();
-        if found(&log) {
-            return log;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("never logged: {what}; log:\n{}", broker.log());
-}
-
 /// The `key=value` fields of one text-format log line after its message,
 /// read as a log parser would: a value is a bare word or a quoted string
 /// with backslash escapes (kept as written). A word that is not
@@ -335,12 +322,13 @@ async fn a_reload_that_revokes_a_grant_ends_the_open_stream() {
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
 
     // Each end is an audit line naming the caller.
-    let log = wait_for_log(&broker, "the revocation audit line", |log| {
-        audit_lines(log, "WatchIdToken")
-            .iter()
-            .any(|l| field(l, "event") == Some("revoked") && field(l, "peer_uid") == Some("4102"))
-    })
-    .await;
+    let log = broker
+        .wait_for_log("the revocation audit line", |log| {
+            audit_lines(log, "WatchIdToken").iter().any(|l| {
+                field(l, "event") == Some("revoked") && field(l, "peer_uid") == Some("4102")
+            })
+        })
+        .await;
     let lines = audit_lines(&log, "WatchIdToken");
     let revoked_line = lines
         .iter()
@@ -384,10 +372,11 @@ async fn a_forged_audience_stays_one_quoted_field() {
             .expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     }
-    let log = wait_for_log(&broker, "Eve's two audit lines", |log| {
-        audit_lines(log, "GetIdToken").len() >= 2
-    })
-    .await;
+    let log = broker
+        .wait_for_log("Eve's two audit lines", |log| {
+            audit_lines(log, "GetIdToken").len() >= 2
+        })
+        .await;
     assert!(
         !log.lines()
             .any(|l| l.starts_with("2026-01-01T00:00:00.000000Z")),
@@ -498,10 +487,11 @@ async fn upstream_error_text_cannot_forge_lines_or_leak_a_token() {
         "the upstream text, escaped: {body}"
     );
 
-    let log = wait_for_log(&broker, "both requests", |log| {
-        log.contains("GetIdToken") && log.contains("metadata endpoint")
-    })
-    .await;
+    let log = broker
+        .wait_for_log("both requests", |log| {
+            log.contains("GetIdToken") && log.contains("metadata endpoint")
+        })
+        .await;
     assert!(
         !log.lines()
             .any(|l| l.starts_with("2026-01-01T00:00:00.000000Z")),
@@ -533,11 +523,10 @@ async fn a_huge_identity_cannot_flood_the_log() {
         .get_id_token(request(&identity, "https://a.example.com"))
         .await
         .expect_err("refused");
-    let before = wait_for_log(&broker, "the first audit line", |log| {
-        log.contains("GetIdToken")
-    })
-    .await
-    .len();
+    let before = broker
+        .wait_for_log("the first audit line", |log| log.contains("GetIdToken"))
+        .await
+        .len();
     const REQUESTS: usize = 300;
     let started = Instant::now();
     let mut statuses = Vec::new();
@@ -550,10 +539,11 @@ async fn a_huge_identity_cannot_flood_the_log() {
         );
     }
     let elapsed = started.elapsed();
-    let log = wait_for_log(&broker, "every audit line", |log| {
-        log.matches(": GetIdToken ").count() > REQUESTS
-    })
-    .await;
+    let log = broker
+        .wait_for_log("every audit line", |log| {
+            log.matches(": GetIdToken ").count() > REQUESTS
+        })
+        .await;
     let per_request = (log.len() - before) / REQUESTS;
     eprintln!(
         "{REQUESTS} requests with a 16 KB identity in {elapsed:?}: the log grew {} bytes, \
@@ -596,10 +586,11 @@ async fn a_huge_identity_cannot_flood_the_log() {
     );
     assert!(body.len() < 1024, "{} bytes of body", body.len());
     let is_the_line = |l: &&str| l.contains(": metadata endpoint ") && l.contains(" status=400");
-    let log = wait_for_log(&broker, "the endpoint's line", |log| {
-        log.lines().any(|l| is_the_line(&l))
-    })
-    .await;
+    let log = broker
+        .wait_for_log("the endpoint's line", |log| {
+            log.lines().any(|l| is_the_line(&l))
+        })
+        .await;
     let line = log.lines().find(is_the_line).unwrap();
     assert!(line.len() < 1024, "{} bytes: {line}", line.len());
 }
@@ -722,12 +713,13 @@ async fn a_request_cancelled_mid_fetch_is_audited() {
     )
     .await;
     assert!(gave_up.is_err(), "the fetch is still waiting upstream");
-    let log = wait_for_log(&broker, "the cancelled call's audit line", |log| {
-        audit_lines(log, "GetIdToken")
-            .iter()
-            .any(|l| field(l, "audience") == Some(audience))
-    })
-    .await;
+    let log = broker
+        .wait_for_log("the cancelled call's audit line", |log| {
+            audit_lines(log, "GetIdToken")
+                .iter()
+                .any(|l| field(l, "audience") == Some(audience))
+        })
+        .await;
     let line = audit_lines(&log, "GetIdToken")
         .into_iter()
         .find(|l| field(l, "audience") == Some(audience))
@@ -748,11 +740,12 @@ async fn a_request_cancelled_mid_fetch_is_audited() {
         .unwrap();
         std::thread::sleep(Duration::from_millis(300));
     }
-    let log = wait_for_log(&broker, "the closed request's line", |log| {
-        log.lines()
-            .any(|l| l.contains("metadata endpoint") && l.contains(http_audience))
-    })
-    .await;
+    let log = broker
+        .wait_for_log("the closed request's line", |log| {
+            log.lines()
+                .any(|l| l.contains("metadata endpoint") && l.contains(http_audience))
+        })
+        .await;
     let line = log
         .lines()
         .find(|l| l.contains("metadata endpoint") && l.contains(http_audience))

@@ -2,7 +2,7 @@
 //! or the metadata server) impersonates service accounts through the
 //! emulator's strict IAM Credentials API, over HTTP, from a real broker.
 
-use std::{path::Path, time::Duration};
+use std::path::Path;
 
 use token_broker::emulator::{Emulator, Permission, DEFAULT_ACCOUNT_EMAIL};
 use tonic::Code;
@@ -28,16 +28,6 @@ fn impersonating(
         "[[identities]]\nname = \"{name}\"\nsource = \"impersonate\"\nbase = \"{base}\"\nservice_account = \"{account}\"\niam_endpoint = \"{}\"\n{extra}\n",
         emulator.base_url()
     )
-}
-
-async fn wait_for_log(broker: &Broker, needle: &str) {
-    for _ in 0..500 {
-        if broker.log().contains(needle) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("log never showed {needle:?}:\n{}", broker.log());
 }
 
 fn config(socket: &Path, identities: &str) -> String {
@@ -286,7 +276,7 @@ async fn a_reload_changing_a_link_drops_what_is_built_on_it() {
     )
     .unwrap();
     support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
-    wait_for_log(&broker, "configuration reloaded").await;
+    broker.wait_for_log_text("configuration reloaded", 1).await;
     let token = broker
         .get("deployer", "https://a.example.com")
         .await
@@ -626,7 +616,7 @@ async fn a_reload_changing_the_base_drops_the_identities_built_on_it() {
     )
     .unwrap();
     support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
-    wait_for_log(&broker, "configuration reloaded").await;
+    broker.wait_for_log_text("configuration reloaded", 1).await;
     assert!(
         broker
             .log()

@@ -172,7 +172,7 @@ async fn sighup_applies_a_new_policy_and_log_filter_without_dropping_tokens() {
     )
     .unwrap();
     support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
-    wait_for_log(&broker, "configuration reloaded").await;
+    broker.wait_for_log_text("configuration reloaded", 1).await;
 
     let a = broker
         .get("default", "https://a.example.com")
@@ -188,12 +188,12 @@ async fn sighup_applies_a_new_policy_and_log_filter_without_dropping_tokens() {
         .get("default", "https://b.example.com")
         .await
         .unwrap();
-    wait_for_log(&broker, "DEBUG").await;
+    broker.wait_for_log_text("DEBUG", 1).await;
 
     // A broken config is refused; the old one keeps serving.
     std::fs::write(&config, "[refresh]\njitter = \"forever\"\n").unwrap();
     support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
-    wait_for_log(&broker, "reload rejected").await;
+    broker.wait_for_log_text("reload rejected", 1).await;
     assert!(
         broker.log().contains("refresh.jitter") || broker.log().contains("jitter"),
         "the error names the key"
@@ -232,7 +232,7 @@ async fn an_emptied_config_is_rejected_on_reload_and_the_policy_stays_closed() {
     for (round, text) in ["", "# truncated mid-write\n"].into_iter().enumerate() {
         std::fs::write(&config, text).unwrap();
         support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
-        wait_for_log_count(&broker, "reload rejected", round + 1).await;
+        broker.wait_for_log_text("reload rejected", round + 1).await;
         assert!(broker.log().contains("has no settings"), "{}", broker.log());
         let err = broker
             .get("default", "https://b.example.com")
@@ -297,7 +297,7 @@ async fn sighup_drops_removed_and_changed_identities_only() {
     )
     .unwrap();
     support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
-    wait_for_log(&broker, "configuration reloaded").await;
+    broker.wait_for_log_text("configuration reloaded", 1).await;
     broker
         .get("default", "https://x.example.com")
         .await
@@ -318,7 +318,7 @@ async fn sighup_drops_removed_and_changed_identities_only() {
     )
     .unwrap();
     support::signal(&broker.child, nix::sys::signal::Signal::SIGHUP);
-    wait_for_log_count(&broker, "configuration reloaded", 2).await;
+    broker.wait_for_log_text("configuration reloaded", 2).await;
     assert_eq!(
         broker
             .get("deployer", "https://x.example.com")
@@ -388,22 +388,4 @@ async fn sigterm_ends_watch_streams_with_unavailable_and_notifies_systemd() {
         .unwrap();
     assert!(exit.0.success());
     assert!(!socket.exists());
-}
-
-async fn wait_for_log(broker: &Broker, text: &str) {
-    wait_for_log_count(broker, text, 1).await;
-}
-
-/// Polls the daemon's log (process output, not a timing assertion).
-async fn wait_for_log_count(broker: &Broker, text: &str, count: usize) {
-    for _ in 0..200 {
-        if broker.log().matches(text).count() >= count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!(
-        "{text:?} never appeared {count} time(s) in the log:\n{}",
-        broker.log()
-    );
 }

@@ -76,19 +76,6 @@ fn seconds(token: &IdToken) -> (i64, i64) {
     )
 }
 
-/// Polls (bounded) until the daemon's log holds `needle`.
-async fn wait_for_log(broker: &Broker, needle: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    while !broker.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log within {within:?}; log:\n{}",
-            broker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 const PREFETCHED: [&str; 2] = ["https://pre-a.example.com", "https://pre-b.example.com"];
 
 fn prefetch_table() -> String {
@@ -362,6 +349,6 @@ async fn prefetch_without_readiness_serves_at_once_then_from_the_cache() {
     );
     assert!(!broker.log().contains("prefetch complete"));
 
-    wait_for_log(&broker, "prefetch complete", Duration::from_secs(10)).await;
+    broker.wait_for_log_text("prefetch complete", 1).await;
     prefetched_tokens_come_from_the_cache(&broker, &emulator).await;
 }

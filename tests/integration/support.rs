@@ -258,6 +258,28 @@ impl Broker {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Polls the daemon's log until `found` holds for it, and returns it;
+    /// panics naming `what` after 10 s (process output, not a timing
+    /// assertion: the log is written from a thread behind a queue).
+    pub async fn wait_for_log(&self, what: &str, found: impl Fn(&str) -> bool) -> String {
+        for _ in 0..400 {
+            let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            if found(&log) {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("never logged: {what}; log:\n{}", self.log());
+    }
+
+    /// [`Broker::wait_for_log`] until `text` appears `count` times.
+    pub async fn wait_for_log_text(&self, text: &str, count: usize) -> String {
+        self.wait_for_log(&format!("{text:?} {count} time(s)"), |log| {
+            log.matches(text).count() >= count
+        })
+        .await
+    }
+
     /// Sends SIGTERM and waits for exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         signal(&self.child, nix::sys::signal::Signal::SIGTERM);

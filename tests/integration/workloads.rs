@@ -443,7 +443,11 @@ async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_ow
         "{status:?}"
     );
     assert!(!status.message().contains("demo.service"), "{status:?}");
-    let log = broker.log();
+    let log = broker
+        .wait_for_log("the denial's audit line", |log| {
+            !audit_lines(log, "decision=\"denied\"").is_empty()
+        })
+        .await;
     let denied = audit_lines(&log, "decision=\"denied\"");
     assert_eq!(denied.len(), 1, "{log}");
     assert!(
