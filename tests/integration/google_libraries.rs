@@ -8,10 +8,11 @@
 //! Python venv of `clients.rs`; `tests/clients/node/node_modules` with
 //! `npm ci` from the committed lock file; the Java program is built by
 //! Maven OFFLINE against Debian's repository (`/usr/share/maven-repo`, from
-//! `apt-get install maven libgoogle-auth-java ...`, which `.ci/run`
-//! installs), with its local repository and build under cargo's target/.
-//! Without Maven or those packages the Java test says so and passes, except
-//! under CI (`CI` set), where it fails: CI must not skip it silently.
+//! `.ci/install-java-test-deps`, which the test runs itself as root, and
+//! `.ci/run` runs first), with its local repository and build under cargo's
+//! target/. Where those packages cannot be installed (not root, no apt) the
+//! Java test says so and passes, except under CI (`CI` set), where it
+//! fails: CI must not skip it silently.
 
 use std::path::{Path, PathBuf};
 
@@ -212,8 +213,7 @@ fn debian_maven_missing() -> Option<String> {
         (true, true) => None,
         _ => Some(format!(
             "mvn on PATH: {has_mvn}; missing from {}: {missing:?}. Install them with \
-             `apt-get install -y maven libgoogle-auth-java libmaven-compiler-plugin-java \
-             libmaven-resources-plugin-java libexec-maven-plugin-java junit5` (.ci/run does)",
+             `bash .ci/install-java-test-deps` as root",
             repo.display()
         )),
     }
@@ -221,6 +221,18 @@ fn debian_maven_missing() -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn java_google_auth_library_gets_access_and_id_tokens() {
+    if debian_maven_missing().is_some() && nix::unistd::geteuid().is_root() {
+        let _lock = exclusive_lock(&venvs().join("java-apt.lock"));
+        if debian_maven_missing().is_some() {
+            announce("installing Maven and google-auth-library-java from Debian's packages");
+            run_setup_step(
+                std::process::Command::new("bash")
+                    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/install-java-test-deps")),
+                ".ci/install-java-test-deps",
+                "The Java google-auth-library test needs Debian's apt and its package mirror.",
+            );
+        }
+    }
     if let Some(missing) = debian_maven_missing() {
         assert!(
             std::env::var_os("CI").is_none(),
