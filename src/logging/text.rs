@@ -48,26 +48,50 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
+        thread_local! {
+            /// The line being built: plain `String` pushes, one write out.
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        }
         let meta = event.metadata();
-        if writer.has_ansi_escapes() || meta.target() == "log" || ctx.event_scope().is_some() {
+        if writer.has_ansi_escapes()
+            || !writer.sanitizes_ansi_escapes()
+            || meta.target() == "log"
+            || ctx.event_scope().is_some()
+        {
             return self.fallback.format_event(ctx, writer, event);
         }
-        if !write_timestamp(&mut writer, SystemTime::now())? {
-            return self.fallback.format_event(ctx, writer, event);
+        let written = LINE.with(|line| {
+            // Busy only if formatting a field logged an event itself.
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return Ok(false);
+            };
+            line.clear();
+            if !push_timestamp(&mut line, SystemTime::now()) {
+                return Ok(false);
+            }
+            line.push_str(level_text(meta.level()));
+            line.push_str(meta.target());
+            line.push_str(": ");
+            let mut fields = Fields {
+                line: &mut line,
+                empty: true,
+                result: Ok(()),
+            };
+            event.record(&mut fields);
+            fields.result?;
+            line.push('\n');
+            writer.write_str(&line)?;
+            if line.capacity() > 16 * 1024 {
+                // Do not keep one huge line's buffer per thread.
+                *line = String::new();
+            }
+            Ok(true)
+        })?;
+        if written {
+            Ok(())
+        } else {
+            self.fallback.format_event(ctx, writer, event)
         }
-        writer.write_str(level_text(meta.level()))?;
-        writer.write_str(meta.target())?;
-        writer.write_str(": ")?;
-        let sanitize = writer.sanitizes_ansi_escapes();
-        let mut fields = Fields {
-            writer: writer.by_ref(),
-            empty: true,
-            sanitize,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_char('\n')
     }
 }
 
@@ -82,22 +106,22 @@ fn level_text(level: &Level) -> &'static str {
     }
 }
 
-/// `2026-11-27T10:07:15.934275Z ` for `now`. Returns `false`, having
-/// written nothing, for a time the fast path does not cover (before 1970
-/// or after 9999), which the default formatter then writes.
-fn write_timestamp(writer: &mut Writer<'_>, now: SystemTime) -> Result<bool, fmt::Error> {
+/// Pushes `2026-11-27T10:07:15.934275Z ` for `now`. Returns `false`,
+/// having pushed nothing, for a time the fast path does not cover (before
+/// 1970 or after 9999), which the default formatter then writes.
+fn push_timestamp(line: &mut String, now: SystemTime) -> bool {
     thread_local! {
         /// The second last formatted on this thread and its text up to
         /// and including the `.`.
         static SECOND: RefCell<(u64, [u8; 20])> = const { RefCell::new((u64::MAX, [0; 20])) };
     }
     let Ok(since_epoch) = now.duration_since(UNIX_EPOCH) else {
-        return Ok(false);
+        return false;
     };
     let secs = since_epoch.as_secs();
     if secs >= 253_402_300_800 {
         // 10000-01-01: the year would need more than four digits.
-        return Ok(false);
+        return false;
     }
     let prefix = SECOND.with(|cell| {
         let mut cell = cell.borrow_mut();
@@ -110,10 +134,17 @@ fn write_timestamp(writer: &mut Writer<'_>, now: SystemTime) -> Result<bool, fmt
     digits(&mut tail[..6], u64::from(since_epoch.subsec_micros()));
     tail[6] = b'Z';
     tail[7] = b' ';
-    // Both are ASCII digits and punctuation.
-    writer.write_str(std::str::from_utf8(&prefix).map_err(|_| fmt::Error)?)?;
-    writer.write_str(std::str::from_utf8(&tail).map_err(|_| fmt::Error)?)?;
-    Ok(true)
+    push_ascii(line, &prefix);
+    push_ascii(line, &tail);
+    true
+}
+
+/// Pushes bytes the caller built from ASCII digits and punctuation.
+fn push_ascii(line: &mut String, ascii: &[u8]) {
+    debug_assert!(ascii.is_ascii());
+    for &b in ascii {
+        line.push(char::from(b));
+    }
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.` for seconds since the epoch (UTC).
@@ -157,35 +188,31 @@ fn digits(out: &mut [u8], mut value: u64) {
 
 /// Writes an event's fields as the default `DefaultVisitor` does.
 struct Fields<'a> {
-    writer: Writer<'a>,
+    line: &'a mut String,
     empty: bool,
-    sanitize: bool,
     result: fmt::Result,
 }
 
 impl Fields<'_> {
     /// The separator and `name=`; `false` for a field not written at all.
     fn begin(&mut self, field: &Field) -> bool {
-        if self.result.is_err() {
-            return false;
-        }
         let name = field.name();
         // Log-record metadata (the default visitor skips it too).
-        if name.starts_with("log.") {
+        if self.result.is_err() || name.starts_with("log.") {
             return false;
         }
+        self.separate();
+        self.line.push_str(name.strip_prefix("r#").unwrap_or(name));
+        self.line.push('=');
+        true
+    }
+
+    fn separate(&mut self) {
         if self.empty {
             self.empty = false;
-        } else if let Err(e) = self.writer.write_char(' ') {
-            self.result = Err(e);
-            return false;
+        } else {
+            self.line.push(' ');
         }
-        let name = name.strip_prefix("r#").unwrap_or(name);
-        self.result = self
-            .writer
-            .write_str(name)
-            .and_then(|()| self.writer.write_char('='));
-        self.result.is_ok()
     }
 
     /// Everything the fast path does not cover, by the default visitor.
@@ -193,7 +220,7 @@ impl Fields<'_> {
         if self.result.is_err() || field.name().starts_with("log.") {
             return;
         }
-        let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.empty);
+        let mut visitor = DefaultVisitor::new(Writer::new(self.line), self.empty);
         record(&mut visitor);
         self.result = tracing_subscriber::field::VisitOutput::finish(visitor);
         self.empty = false;
@@ -203,17 +230,8 @@ impl Fields<'_> {
         if self.result.is_err() {
             return;
         }
-        if self.empty {
-            self.empty = false;
-        } else if let Err(e) = self.writer.write_char(' ') {
-            self.result = Err(e);
-            return;
-        }
-        self.result = if self.sanitize {
-            write!(Sanitizing(&mut self.writer), "{message:?}")
-        } else {
-            write!(self.writer, "{message:?}")
-        };
+        self.separate();
+        self.result = write!(Sanitizing(self.line), "{message:?}");
     }
 }
 
@@ -223,7 +241,7 @@ impl Visit for Fields<'_> {
             return self.message(&format_args!("{value}"));
         }
         if self.begin(field) {
-            self.result = write_quoted(&mut self.writer, value);
+            self.result = push_quoted(self.line, value);
         }
     }
 
@@ -232,7 +250,7 @@ impl Visit for Fields<'_> {
             return self.message(&value);
         }
         if self.begin(field) {
-            self.result = write_u64(&mut self.writer, value);
+            push_u64(self.line, value);
         }
     }
 
@@ -242,11 +260,9 @@ impl Visit for Fields<'_> {
         }
         if self.begin(field) {
             if value < 0 {
-                self.result = self.writer.write_char('-');
+                self.line.push('-');
             }
-            if self.result.is_ok() {
-                self.result = write_u64(&mut self.writer, value.unsigned_abs());
-            }
+            push_u64(self.line, value.unsigned_abs());
         }
     }
 
@@ -255,7 +271,7 @@ impl Visit for Fields<'_> {
             return self.message(&value);
         }
         if self.begin(field) {
-            self.result = self.writer.write_str(if value { "true" } else { "false" });
+            self.line.push_str(if value { "true" } else { "false" });
         }
     }
 
@@ -284,27 +300,29 @@ impl Visit for Fields<'_> {
             return self.message(value);
         }
         if self.begin(field) {
-            self.result = write!(self.writer, "{value:?}");
+            self.result = write!(self.line, "{value:?}");
         }
     }
 }
 
 /// `value` as `{:?}` writes a `str`: quoted, with quotes, backslashes and
 /// anything not printable ASCII escaped. Text that needs no escaping
-/// (printable ASCII without `"` or `\`) is written as it is.
-fn write_quoted(writer: &mut Writer<'_>, value: &str) -> fmt::Result {
+/// (printable ASCII without `"` or `\`) is pushed as it is.
+fn push_quoted(line: &mut String, value: &str) -> fmt::Result {
     let plain = value
         .bytes()
         .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
     if !plain {
-        return write!(writer, "{value:?}");
+        return write!(line, "{value:?}");
     }
-    writer.write_char('"')?;
-    writer.write_str(value)?;
-    writer.write_char('"')
+    line.reserve(value.len() + 2);
+    line.push('"');
+    line.push_str(value);
+    line.push('"');
+    Ok(())
 }
 
-fn write_u64(writer: &mut Writer<'_>, value: u64) -> fmt::Result {
+fn push_u64(line: &mut String, value: u64) {
     let mut buffer = [0u8; 20];
     let mut at = buffer.len();
     let mut rest = value;
@@ -316,34 +334,35 @@ fn write_u64(writer: &mut Writer<'_>, value: u64) -> fmt::Result {
             break;
         }
     }
-    writer.write_str(std::str::from_utf8(&buffer[at..]).map_err(|_| fmt::Error)?)
+    push_ascii(line, &buffer[at..]);
 }
 
 /// Escapes what a message could use to drive a terminal, exactly as the
 /// default formatter's message sanitizing does: ESC, BEL, BS, FF, DEL and
 /// the C1 controls.
-struct Sanitizing<'a, 'b>(&'a mut Writer<'b>);
+struct Sanitizing<'a>(&'a mut String);
 
-impl fmt::Write for Sanitizing<'_, '_> {
+impl fmt::Write for Sanitizing<'_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         // C1 controls are U+0080..U+009F: 0xC2 0x80..=0x9F in UTF-8.
         let clean = !text
             .bytes()
             .any(|b| matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2));
         if clean {
-            return self.0.write_str(text);
+            self.0.push_str(text);
+            return Ok(());
         }
         for ch in text.chars() {
             match ch {
-                '\x1b' => self.0.write_str("\\x1b")?,
-                '\x07' => self.0.write_str("\\x07")?,
-                '\x08' => self.0.write_str("\\x08")?,
-                '\x0c' => self.0.write_str("\\x0c")?,
-                '\x7f' => self.0.write_str("\\x7f")?,
+                '\x1b' => self.0.push_str("\\x1b"),
+                '\x07' => self.0.push_str("\\x07"),
+                '\x08' => self.0.push_str("\\x08"),
+                '\x0c' => self.0.push_str("\\x0c"),
+                '\x7f' => self.0.push_str("\\x7f"),
                 ch if (0x80..=0x9f).contains(&(ch as u32)) => {
                     write!(self.0, "\\u{{{:x}}}", ch as u32)?
                 }
-                ch => self.0.write_char(ch)?,
+                ch => self.0.push(ch),
             }
         }
         Ok(())
@@ -503,13 +522,13 @@ mod tests {
     #[test]
     fn times_outside_four_digit_years_are_left_to_the_default_formatter() {
         let mut text = String::new();
-        let mut writer = Writer::new(&mut text);
         let before = UNIX_EPOCH - Duration::from_secs(1);
-        assert!(!write_timestamp(&mut writer, before).unwrap());
+        assert!(!push_timestamp(&mut text, before));
         let after = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
-        assert!(!write_timestamp(&mut writer, after).unwrap());
+        assert!(!push_timestamp(&mut text, after));
+        assert!(text.is_empty());
         let at = UNIX_EPOCH + Duration::from_micros(1_795_777_635_000_042);
-        assert!(write_timestamp(&mut writer, at).unwrap());
+        assert!(push_timestamp(&mut text, at));
         assert_eq!(text, "2026-11-27T11:07:15.000042Z ");
     }
 }

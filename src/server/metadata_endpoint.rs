@@ -45,6 +45,7 @@
 //! a rejection no retry can fix.
 
 use std::{
+    borrow::Cow,
     future::Future,
     net::SocketAddr,
     sync::{Arc, OnceLock},
@@ -52,16 +53,14 @@ use std::{
 };
 
 use axum::{
-    extract::{Extension, State},
     http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri},
-    response::{IntoResponse, Response},
-    Router,
+    response::Response,
 };
 use tokio::time::Instant;
 
 use super::{
     admission::{self, Refused},
-    http_listener::{Connection, ConnectionLimits, HttpListener},
+    http_listener::{Answer, Connection, ConnectionLimits, HttpListener},
     live::Live,
     peer::PeerCredentials,
 };
@@ -170,9 +169,6 @@ impl MetadataEndpoint {
     /// Serves on a background task until [`RunningEndpoint::stop`].
     pub fn spawn(self) -> RunningEndpoint {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let app = Router::new()
-            .fallback(handle)
-            .with_state(Arc::clone(&self.state));
         tracing::info!(
             addr = %self.addr,
             identity = %self.state.identity,
@@ -182,7 +178,7 @@ impl MetadataEndpoint {
         let listener = HttpListener {
             name: "metadata_endpoint",
             listener: self.listener,
-            router: app,
+            router: Endpoint(Arc::clone(&self.state)),
             limits: self.limits,
             resolve_owner: true,
         };
@@ -355,32 +351,32 @@ const CLIENT_CLOSED: u16 = 499;
 /// answer, or on drop, when the client went away first and hyper dropped
 /// the handler mid-fetch. Every field a client or upstream wrote is capped
 /// and quoted ([`LogText`]).
-struct RequestLine {
+struct RequestLine<'a> {
     peer: SocketAddr,
     /// The uid owning the client's socket and its group, when resolved.
     peer_uid: Option<u32>,
     peer_gid: Option<u32>,
     peer_pid: Option<i32>,
-    peer_exe: Option<LogText>,
+    peer_exe: Option<&'a str>,
     /// The attested selectors, or why there are none.
-    selectors: Option<LogText>,
-    method: LogText,
-    path: LogText,
-    identity: LogText,
+    selectors: Option<&'a str>,
+    method: Cow<'a, str>,
+    path: Cow<'a, str>,
+    identity: Cow<'a, str>,
     outcome: Outcome,
     started: Instant,
     written: bool,
 }
 
-impl RequestLine {
+impl RequestLine<'_> {
     fn write(&mut self, status: u16, error: Option<&str>) {
         if self.written {
             return;
         }
         self.written = true;
         let latency_us = self.started.elapsed().as_micros() as u64;
-        let audience = self.outcome.audience.as_deref().map(LogText::new);
-        let error = error.map(LogText::new);
+        let audience = self.outcome.audience.as_deref().map(LogText::capped);
+        let error = error.map(LogText::capped);
         let decision = self
             .outcome
             .decision
@@ -395,18 +391,18 @@ impl RequestLine {
             peer_uid = self.peer_uid,
             peer_gid = self.peer_gid,
             peer_pid = self.peer_pid,
-            peer_exe = self.peer_exe.as_ref().map(LogText::as_str),
-            selectors = self.selectors.as_ref().map(LogText::as_str),
-            method = self.method.as_str(),
-            path = self.path.as_str(),
-            identity = self.identity.as_str(),
-            audience = audience.as_ref().map(LogText::as_str),
+            peer_exe = self.peer_exe,
+            selectors = self.selectors,
+            method = &*self.method,
+            path = &*self.path,
+            identity = &*self.identity,
+            audience = audience.as_deref(),
             decision,
             rule,
             cache = self.outcome.cache.map(CacheOutcome::as_str),
             latency_us,
             status,
-            error = error.as_ref().map(LogText::as_str),
+            error = error.as_deref(),
             "metadata endpoint"
         ) };
         }
@@ -418,7 +414,7 @@ impl RequestLine {
     }
 }
 
-impl Drop for RequestLine {
+impl Drop for RequestLine<'_> {
     fn drop(&mut self) {
         self.write(
             CLIENT_CLOSED,
@@ -427,31 +423,50 @@ impl Drop for RequestLine {
     }
 }
 
+/// Every request goes straight to [`handle`]: an axum router's layers
+/// and extractors (which copy the headers) cost more per request than
+/// hyper's own work, and the endpoint routes by itself ([`route`]).
+#[derive(Clone)]
+struct Endpoint(Arc<EndpointState>);
+
+impl Answer for Endpoint {
+    fn answer(
+        self,
+        request: hyper::Request<hyper::body::Incoming>,
+        connection: Arc<Connection>,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        async move {
+            // The body is never read: every route is a GET.
+            let (request, _body) = request.into_parts();
+            handle(&self.0, &connection, &request).await
+        }
+    }
+}
+
 /// Every request: checks, routing, one log line.
 async fn handle(
-    State(state): State<Arc<EndpointState>>,
-    Extension(connection): Extension<Connection>,
-    method: Method,
-    headers: HeaderMap,
-    uri: Uri,
+    state: &EndpointState,
+    connection: &Connection,
+    request: &axum::http::request::Parts,
 ) -> Response {
+    let (method, headers, uri) = (&request.method, &request.headers, &request.uri);
     let resolved = connection.owner.as_ref().and_then(|o| o.as_ref().ok());
     let mut line = RequestLine {
         peer: connection.peer,
         peer_uid: resolved.and_then(|peer| peer.uid),
         peer_gid: resolved.and_then(|peer| peer.gid),
         peer_pid: resolved.and_then(|peer| peer.pid),
-        peer_exe: resolved.and_then(|peer| peer.exe.as_deref().map(LogText::new)),
-        selectors: resolved.and_then(PeerCredentials::selectors),
-        method: LogText::new(method.as_str()),
-        path: LogText::new(uri.path()),
-        identity: LogText::new(&state.identity),
+        peer_exe: resolved.and_then(PeerCredentials::exe_text),
+        selectors: resolved.and_then(PeerCredentials::selectors_text),
+        method: LogText::capped(method.as_str()),
+        path: LogText::capped(uri.path()),
+        identity: LogText::capped(&state.identity),
         outcome: Outcome::default(),
         started: Instant::now(),
         written: false,
     };
-    let result = match admit_connection(&connection, &headers, &uri) {
-        Ok(peer) => answer(&state, &peer, &method, &headers, &uri, &mut line.outcome).await,
+    let result = match admit_connection(connection, headers, uri) {
+        Ok(peer) => answer(state, &peer, method, headers, uri, &mut line.outcome).await,
         Err(refusal) => Err(refusal),
     };
     match result {
@@ -840,15 +855,14 @@ fn not_served(path: &str) -> Refusal {
 /// Every answer carries `Metadata-Flavor: Google`: clients use it to tell a
 /// metadata server from anything else on that address.
 fn respond(status: StatusCode, content_type: HeaderValue, body: String) -> Response {
-    (
-        status,
-        [
-            (METADATA_FLAVOR, GOOGLE),
-            (header::CONTENT_TYPE, content_type),
-        ],
-        body,
-    )
-        .into_response()
+    // Built directly: the same response as `(status, headers, body)
+    // .into_response()`, headers in the same order, without its steps.
+    let mut response = Response::new(axum::body::Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(METADATA_FLAVOR, GOOGLE);
+    response
 }
 
 #[cfg(test)]
