@@ -430,16 +430,14 @@ impl Drop for RequestLine<'_> {
 struct Endpoint(Arc<EndpointState>);
 
 impl Answer for Endpoint {
-    fn answer(
+    async fn answer(
         self,
         request: hyper::Request<hyper::body::Incoming>,
         connection: Arc<Connection>,
-    ) -> impl Future<Output = Response> + Send + 'static {
-        async move {
-            // The body is never read: every route is a GET.
-            let (request, _body) = request.into_parts();
-            handle(&self.0, &connection, &request).await
-        }
+    ) -> Response {
+        // The body is never read: every route is a GET.
+        let (request, _body) = request.into_parts();
+        handle(&self.0, &connection, &request).await
     }
 }
 
