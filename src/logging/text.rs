@@ -309,10 +309,7 @@ impl Visit for Fields<'_> {
 /// anything not printable ASCII escaped. Text that needs no escaping
 /// (printable ASCII without `"` or `\`) is pushed as it is.
 fn push_quoted(line: &mut String, value: &str) -> fmt::Result {
-    let plain = value
-        .bytes()
-        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
-    if !plain {
+    if needs_escaping(value.as_bytes()) {
         return write!(line, "{value:?}");
     }
     line.reserve(value.len() + 2);
@@ -320,6 +317,14 @@ fn push_quoted(line: &mut String, value: &str) -> fmt::Result {
     line.push_str(value);
     line.push('"');
     Ok(())
+}
+
+/// Whether any byte is outside printable ASCII or is `"` or `\\`. No
+/// early exit, so the compiler checks many bytes per instruction.
+fn needs_escaping(bytes: &[u8]) -> bool {
+    bytes.iter().fold(false, |found, &b| {
+        found | !(b' '..=b'~').contains(&b) | (b == b'"') | (b == b'\\')
+    })
 }
 
 fn push_u64(line: &mut String, value: u64) {

@@ -87,6 +87,12 @@ const GOOGLE: HeaderValue = HeaderValue::from_static("Google");
 const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const SERVICE_ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
+/// Headers a proxy adds; as constants, not parsed from text per request.
+const RELAYED: [HeaderName; 3] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+];
 
 /// The endpoint could not listen.
 #[derive(Debug, thiserror::Error)]
@@ -382,12 +388,14 @@ impl RequestLine<'_> {
             .decision
             .map(|d| if d.allowed() { "allowed" } else { "denied" });
         let rule = self.outcome.decision.map(Decision::rule);
+        let mut buffer = [0u8; 64];
+        let peer = addr_text(self.peer, &mut buffer);
         // Served lines have a target of their own: the only info lines a
         // full log queue may drop (logging::pipe).
         macro_rules! line {
             ($($target:tt)*) => { tracing::info!(
             $($target)*
-            peer = %self.peer,
+            peer = %peer,
             peer_uid = self.peer_uid,
             peer_gid = self.peer_gid,
             peer_pid = self.peer_pid,
@@ -412,6 +420,54 @@ impl RequestLine<'_> {
             line!();
         }
     }
+}
+
+/// `addr` as its `Display` writes it, in `buffer`: IPv4 (every loopback
+/// client but `::1`) by hand, as formatting it costs more than the rest of
+/// the log line.
+fn addr_text(addr: SocketAddr, buffer: &mut [u8; 64]) -> &str {
+    use std::io::Write;
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let mut at = 0;
+            let mut push = |text: &[u8]| {
+                buffer[at..at + text.len()].copy_from_slice(text);
+                at += text.len();
+            };
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    push(b".");
+                }
+                push_decimal(&mut push, u32::from(octet));
+            }
+            push(b":");
+            push_decimal(&mut push, u32::from(v4.port()));
+            at
+        }
+        SocketAddr::V6(_) => {
+            let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+            // At most 55 bytes: `[` 39 for the address, `%` and 10 for the
+            // scope, `]:` and 5 for the port.
+            let _ = write!(cursor, "{addr}");
+            cursor.position() as usize
+        }
+    };
+    std::str::from_utf8(&buffer[..len]).unwrap_or("?")
+}
+
+fn push_decimal(push: &mut impl FnMut(&[u8]), value: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    push(&digits[at..]);
 }
 
 impl Drop for RequestLine<'_> {
@@ -529,14 +585,14 @@ fn admit_connection(
     }
     // SSRF protection, as Google's server: a request relayed by a proxy (or
     // by a server-side fetch of an attacker's URL) must not get credentials.
-    for relayed in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+    for relayed in &RELAYED {
         if headers.contains_key(relayed) {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 format!(
                     "Request had a {} header and was rejected: the metadata endpoint does \
                      not accept proxied requests",
-                    header_title(relayed)
+                    header_title(relayed.as_str())
                 ),
             ));
         }
@@ -866,6 +922,23 @@ fn respond(status: StatusCode, content_type: HeaderValue, body: String) -> Respo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_addresses_read_as_display_writes_them() {
+        for addr in [
+            "127.0.0.1:8181",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.2.30.107:9",
+            "[::1]:8181",
+            "[::ffff:127.0.0.1]:1",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut buffer = [0u8; 64];
+            assert_eq!(addr_text(addr, &mut buffer), addr.to_string());
+        }
+    }
 
     #[test]
     fn routes_parse() {
