@@ -141,10 +141,8 @@ fn push_timestamp(line: &mut String, now: SystemTime) -> bool {
 
 /// Pushes bytes the caller built from ASCII digits and punctuation.
 fn push_ascii(line: &mut String, ascii: &[u8]) {
-    debug_assert!(ascii.is_ascii());
-    for &b in ascii {
-        line.push(char::from(b));
-    }
+    // Always valid: ASCII is UTF-8.
+    line.push_str(std::str::from_utf8(ascii).unwrap_or_default());
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.` for seconds since the epoch (UTC).

@@ -144,15 +144,12 @@ impl Audit {
         };
         let metrics = crate::metrics::get();
         if self.event.is_none() {
-            metrics
-                .requests
-                .get_or_create(&crate::metrics::RequestLabels {
-                    method: self.method,
-                    identity: metric_identity,
-                    result,
-                    cache: self.outcome.map_or("none", CacheOutcome::as_str),
-                })
-                .inc();
+            crate::metrics::count_request(crate::metrics::RequestLabels {
+                method: self.method,
+                identity: metric_identity,
+                result,
+                cache: self.outcome.map_or("none", CacheOutcome::as_str),
+            });
         }
         if self.decision == Some(Decision::Denied) {
             metrics
