@@ -98,7 +98,8 @@ DUMP=$(ls "$D"/callgrind.out.* | sort -t. -k3 -n | head -1)
 IR=$(callgrind_annotate "$DUMP" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
 BLOCKING=$(callgrind_annotate --inclusive=yes "$DUMP" 2>/dev/null | awk '/blocking::pool::Inner::run / && !done {gsub(",", "", $1); print $1; done = 1}')
 BLOCKING=${BLOCKING:-0}
+# The load generator rounds REQUESTS up to a multiple of IN_FLIGHT.
 read -r COUNT P50 P99 WALL <"$D/load.out"
 echo "$TARGET: $COUNT requests, in flight $INF, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "  instructions per request: $((IR / N)); without the blocking pool: $(((IR - BLOCKING) / N))"
+echo "  instructions per request: $((IR / COUNT)); without the blocking pool: $(((IR - BLOCKING) / COUNT))"
 echo "  profile: callgrind_annotate --inclusive=yes $DUMP"
