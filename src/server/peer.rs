@@ -356,3 +356,38 @@ pub fn incoming(
     });
     tokio_stream::wrappers::ReceiverStream::new(accepted)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_of_one_connection_share_its_attestation() {
+        let (done, pending) = watch::channel(None);
+        let connection = PeerCredentials {
+            uid: Some(1000),
+            pid: Some(7),
+            pending: Some(pending),
+            ..PeerCredentials::default()
+        };
+        done.send(Some(Attested::new(Attestation::Unconfirmed(
+            "the client exited".into(),
+        ))))
+        .unwrap();
+        let first = connection.clone().attested().await;
+        let second = connection.attested().await;
+        // Shared, not copied and formatted again per request.
+        assert!(Arc::ptr_eq(
+            first.attestation.as_ref().unwrap(),
+            second.attestation.as_ref().unwrap()
+        ));
+        let (a, b) = (
+            first.selectors_text().unwrap(),
+            second.selectors_text().unwrap(),
+        );
+        assert_eq!(a, "unattested (the client exited)");
+        assert!(std::ptr::eq(a, b));
+        assert_eq!(first.selectors().unwrap().as_str(), a);
+        assert_eq!((first.pid, first.exe_text()), (Some(7), None));
+    }
+}
