@@ -64,11 +64,21 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
     common::runtime("deployed", threads)
 }
 
+/// The echo servers log nothing, as the broker logs nothing below its
+/// filter. Without a global subscriber, tracing (whose `log` feature axum
+/// turns on) would hand every h2 and hyper span to the `log` crate, a cost
+/// of several µs per request that the broker, which installs one, never
+/// pays, and that made echo look slower than it is.
+fn no_logging() {
+    let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+}
+
 // ---------------------------------------------------------------------------
 // Role: the echo gRPC server, tonic defaults as the broker uses them.
 
 fn echo_grpc() {
     let socket = PathBuf::from(std::env::var("DEPLOYED_SOCKET").expect("DEPLOYED_SOCKET"));
+    no_logging();
     runtime(2).block_on(async move {
         let listener = tokio::net::UnixListener::bind(&socket).expect("bind echo socket");
         println!("ready");
@@ -89,6 +99,7 @@ fn echo_http() {
 
     let body = Bytes::from(std::env::var("DEPLOYED_BODY").expect("DEPLOYED_BODY"));
     let content_type = std::env::var("DEPLOYED_CONTENT_TYPE").expect("DEPLOYED_CONTENT_TYPE");
+    no_logging();
     runtime(2).block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -4,12 +4,14 @@
 //! a restart.
 //!
 //! Lines are written by one thread behind a bounded queue ([`pipe`]), so a
-//! request pays for formatting its audit line, not for writing it. Under a
+//! request pays for formatting its audit line, not for writing it; text
+//! lines are formatted by [`text`], the default format without its cost. Under a
 //! flood only served-request audit lines (target [`SERVED_TARGET`]) and
 //! debug/trace lines may be dropped, counted and reported; denials, errors
 //! and everything else wait briefly for room.
 
 pub mod pipe;
+mod text;
 
 use std::{io::IsTerminal, sync::OnceLock, time::Duration};
 
@@ -118,7 +120,12 @@ pub fn init(settings: &LogSettings) {
     let installed = match settings.format {
         LogFormat::Text => tracing_subscriber::registry()
             .with(filter)
-            .with(fmt::layer().with_ansi(ansi).with_writer(writer))
+            .with(
+                fmt::layer()
+                    .with_ansi(ansi)
+                    .event_format(text::TextFormat::default())
+                    .with_writer(writer),
+            )
             .try_init(),
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter)

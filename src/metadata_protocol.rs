@@ -2,6 +2,8 @@
 //! (PROTOCOLS.md §3), parsed once for both sides that speak it: the emulator,
 //! which plays Google's server, and the broker's metadata-compatible endpoint.
 
+use std::borrow::Cow;
+
 /// What `.../service-accounts/{account}/{leaf}` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leaf {
@@ -52,7 +54,7 @@ pub struct Query {
 impl Query {
     pub fn parse(query: Option<&str>) -> Self {
         let mut parsed = Query::default();
-        for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        for (name, value) in form_pairs(query.unwrap_or("")) {
             let slot = match name.as_ref() {
                 "audience" => &mut parsed.audience,
                 "format" => &mut parsed.format,
@@ -85,9 +87,93 @@ impl Query {
     }
 }
 
+/// `application/x-www-form-urlencoded` pairs, exactly as
+/// `url::form_urlencoded::parse` reads them (`&`-separated, empty pieces
+/// skipped, split at the first `=`, `+` as space, `%XX` decoded, invalid
+/// UTF-8 replaced), but borrowing every part that needs no decoding and
+/// decoding the others in one pass: this runs on every metadata request.
+pub fn form_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    query
+        .split('&')
+        .filter(|piece| !piece.is_empty())
+        .map(|piece| {
+            let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
+            (form_decode(name), form_decode(value))
+        })
+}
+
+fn form_decode(text: &str) -> Cow<'_, str> {
+    let bytes = text.as_bytes();
+    if !bytes.iter().any(|&b| b == b'+' || b == b'%') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let byte = match bytes[at] {
+            b'+' => b' ',
+            b'%' => match (
+                bytes.get(at + 1).and_then(|&h| hex_value(h)),
+                bytes.get(at + 2).and_then(|&l| hex_value(l)),
+            ) {
+                (Some(high), Some(low)) => {
+                    at += 2;
+                    high << 4 | low
+                }
+                _ => b'%',
+            },
+            other => other,
+        };
+        out.push(byte);
+        at += 1;
+    }
+    match String::from_utf8(out) {
+        Ok(text) => Cow::Owned(text),
+        Err(invalid) => Cow::Owned(String::from_utf8_lossy(invalid.as_bytes()).into_owned()),
+    }
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn form_pairs_read_as_form_urlencoded_does(
+            query in "([a-z=&+%]|%[0-9a-fA-F]{0,2}|%[89a-fA-F][0-9a-f]|é|[0-9G-Zg-z]){0,40}"
+        ) {
+            let ours: Vec<(String, String)> = form_pairs(&query)
+                .map(|(n, v)| (n.into_owned(), v.into_owned()))
+                .collect();
+            let theirs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+                .map(|(n, v)| (n.into_owned(), v.into_owned()))
+                .collect();
+            proptest::prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn form_pairs_borrow_what_needs_no_decoding() {
+        let pairs: Vec<_> = form_pairs("audience=https%3A%2F%2Fa+b&format=full&&x").collect();
+        assert_eq!(pairs[0].1, "https://a b");
+        assert!(matches!(
+            pairs[1],
+            (Cow::Borrowed("format"), Cow::Borrowed("full"))
+        ));
+        assert_eq!(pairs[2], (Cow::Borrowed("x"), Cow::Borrowed("")));
+        assert_eq!(pairs.len(), 3);
+        assert_eq!(form_pairs("a=%zz%4").next().unwrap().1, "%zz%4");
+        assert_eq!(form_pairs("a=%ff").next().unwrap().1, "\u{fffd}");
+    }
 
     #[test]
     fn accounts_and_leaves() {

@@ -14,7 +14,7 @@
 //! writes them as JSON strings. Never pass foreign text with `%`, which
 //! writes it raw in text format.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 /// Most bytes of foreign text kept in one field.
 pub const MAX_LOGGED_BYTES: usize = 256;
@@ -45,6 +45,17 @@ impl LogText {
     /// formatters quote and escape themselves.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// What [`LogText::new`] keeps of `text`, as a string field, borrowed
+    /// when nothing is cut (nearly always): the request path logs without
+    /// copying.
+    pub fn capped(text: &str) -> Cow<'_, str> {
+        if text.len() <= MAX_LOGGED_BYTES {
+            Cow::Borrowed(text)
+        } else {
+            Cow::Owned(Self::new(text).0)
+        }
     }
 }
 
@@ -104,5 +115,12 @@ mod tests {
         let cut = LogText::new(&text);
         assert!(cut.as_str().starts_with(&"a".repeat(255)));
         assert!(cut.as_str().ends_with("…[12 more bytes cut]"), "{cut}");
+        for text in ["", "short", &"a".repeat(256), &"a".repeat(257), &text] {
+            assert_eq!(LogText::capped(text), LogText::new(text).as_str());
+        }
+        assert!(matches!(
+            LogText::capped(&"a".repeat(256)),
+            Cow::Borrowed(_)
+        ));
     }
 }

@@ -42,17 +42,23 @@ pub(super) struct Audit {
 }
 
 impl Audit {
+    /// A token request by `peer`; takes the request's identity and
+    /// audience rather than copying them.
     pub(super) fn start(
         method: &'static str,
-        peer: &PeerCredentials,
-        req: &proto::GetIdTokenRequest,
+        peer: PeerCredentials,
+        req: &mut proto::GetIdTokenRequest,
     ) -> Self {
+        let mut identity = std::mem::take(&mut req.identity);
+        if identity.is_empty() {
+            identity.push_str(DEFAULT_IDENTITY);
+        }
         Audit {
             method,
             event: None,
-            peer: peer.clone(),
-            identity: identity_of(&req.identity).to_owned(),
-            audience: req.audience.clone(),
+            peer,
+            identity,
+            audience: std::mem::take(&mut req.audience),
             scopes: None,
             minted_as: None,
             decision: None,
@@ -143,15 +149,12 @@ impl Audit {
         };
         let metrics = crate::metrics::get();
         if self.event.is_none() {
-            metrics
-                .requests
-                .get_or_create(&crate::metrics::RequestLabels {
-                    method: self.method,
-                    identity: metric_identity,
-                    result,
-                    cache: self.outcome.map_or("none", CacheOutcome::as_str),
-                })
-                .inc();
+            crate::metrics::count_request(crate::metrics::RequestLabels {
+                method: self.method,
+                identity: metric_identity,
+                result,
+                cache: self.outcome.map_or("none", CacheOutcome::as_str),
+            });
         }
         if self.decision == Some(Decision::Denied) {
             metrics
@@ -162,12 +165,10 @@ impl Audit {
                 .inc();
         }
         let peer = &self.peer;
-        let peer_exe = peer.exe.as_deref().map(LogText::new);
-        let selectors = peer.selectors();
-        let identity = LogText::new(&self.identity);
-        let audience = LogText::new(&self.audience);
-        let scopes = self.scopes.as_deref().map(LogText::new);
-        let error = error.map(LogText::new);
+        let identity = LogText::capped(&self.identity);
+        let audience = LogText::capped(&self.audience);
+        let scopes = self.scopes.as_deref().map(LogText::capped);
+        let error = error.map(LogText::capped);
         let decision = self
             .decision
             .map(|d| if d.allowed() { "allowed" } else { "denied" });
@@ -182,11 +183,11 @@ impl Audit {
             peer_uid = peer.uid,
             peer_gid = peer.gid,
             peer_pid = peer.pid,
-            peer_exe = peer_exe.as_ref().map(LogText::as_str),
-            selectors = selectors.as_ref().map(LogText::as_str),
-            identity = identity.as_str(),
-            audience = audience.as_str(),
-            scopes = scopes.as_ref().map(LogText::as_str),
+            peer_exe = peer.exe_text(),
+            selectors = peer.selectors_text(),
+            identity = &*identity,
+            audience = &*audience,
+            scopes = scopes.as_deref(),
             minted_as = self.minted_as.as_deref(),
             event = self.event,
             decision,
@@ -195,7 +196,7 @@ impl Audit {
             latency_us,
             expire_time,
             result,
-            error = error.as_ref().map(LogText::as_str),
+            error = error.as_deref(),
             "{}",
             self.method
         ) };

@@ -75,9 +75,9 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<proto::IdToken>, Status> {
-        let (peer, wait, req) = parts(request);
+        let (peer, wait, mut req) = parts(request);
         let peer = peer.attested().await;
-        let mut audit = Audit::start("GetIdToken", &peer, &req);
+        let mut audit = Audit::start("GetIdToken", peer, &mut req);
         let result = self.get(&mut audit, req.min_valid_for, wait).await;
         audit.finish(result.as_ref());
         result.map(Response::new)
@@ -116,9 +116,9 @@ impl TokenBroker for BrokerService {
         &self,
         request: Request<proto::GetIdTokenRequest>,
     ) -> Result<Response<Self::WatchIdTokenStream>, Status> {
-        let (peer, wait, req) = parts(request);
+        let (peer, wait, mut req) = parts(request);
         let peer = peer.attested().await;
-        let mut audit = Audit::start("WatchIdToken", &peer, &req);
+        let mut audit = Audit::start("WatchIdToken", peer, &mut req);
         let result = self.watch(&mut audit, req.min_valid_for, wait).await;
         audit.finish(result.as_ref().map(|open| &open.first));
         Ok(Response::new(self.feed(audit, result?)))
@@ -187,13 +187,12 @@ impl TokenBroker for BrokerService {
                 last_error: info.last_error.unwrap_or_default(),
             })
             .collect();
-        let peer_exe = peer.exe.as_deref().map(LogText::new);
         tracing::info!(
             peer_uid = peer.uid,
             peer_gid = peer.gid,
             peer_pid = peer.pid,
-            peer_exe = peer_exe.as_ref().map(LogText::as_str),
-            selectors = peer.selectors().as_ref().map(LogText::as_str),
+            peer_exe = peer.exe_text(),
+            selectors = peer.selectors_text(),
             entries = tokens.len(),
             result = "OK",
             "ListTokens"

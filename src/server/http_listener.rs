@@ -10,7 +10,7 @@
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::Router;
+use axum::{response::Response, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, task::JoinSet};
 use tower::ServiceExt;
@@ -52,12 +52,44 @@ pub struct Connection {
     pub owner: Option<Result<PeerCredentials, Unresolved>>,
 }
 
-/// A listener's name (for logs), its router, its limits, and whether each
-/// peer's owning uid is resolved at accept.
-pub struct HttpListener {
+/// What a listener answers each request with.
+pub trait Answer: Clone + Send + Sync + 'static {
+    /// Called on a clone (a reference count) per request.
+    fn answer(
+        self,
+        request: hyper::Request<hyper::body::Incoming>,
+        connection: Arc<Connection>,
+    ) -> impl Future<Output = Response> + Send + 'static;
+}
+
+/// An axum router (telemetry): the [`Connection`] is in each request's
+/// extensions.
+impl Answer for Router {
+    fn answer(
+        self,
+        request: hyper::Request<hyper::body::Incoming>,
+        connection: Arc<Connection>,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        let mut request = request.map(axum::body::Body::new);
+        request
+            .extensions_mut()
+            .insert(Connection::clone(&connection));
+        async move {
+            match self.oneshot(request).await {
+                Ok(response) => response,
+                Err(infallible) => match infallible {},
+            }
+        }
+    }
+}
+
+/// A listener's name (for logs), what answers its requests (an axum
+/// router, or a plain function where routing layers cost too much), its
+/// limits, and whether each peer's owning uid is resolved at accept.
+pub struct HttpListener<A: Answer = Router> {
     pub name: &'static str,
     pub listener: TcpListener,
-    pub router: Router,
+    pub router: A,
     pub limits: ConnectionLimits,
     pub resolve_owner: bool,
     /// With `resolve_owner`: a peer with no socket on this host (another
@@ -65,7 +97,7 @@ pub struct HttpListener {
     pub pods: Option<Arc<PodDirectory>>,
 }
 
-impl HttpListener {
+impl<A: Answer> HttpListener<A> {
     /// Serves until `stop` resolves, then lets open requests finish.
     pub async fn serve(self, stop: impl Future<Output = ()>) {
         let HttpListener {
@@ -163,10 +195,10 @@ enum AcceptedPeer {
     MaybePod(Unresolved, Arc<PodDirectory>),
 }
 
-async fn serve_connection(
+async fn serve_connection<A: Answer>(
     stream: tokio::net::TcpStream,
     (peer, local, accepted, accepted_ticks): (SocketAddr, SocketAddr, AcceptedPeer, u64),
-    router: Router,
+    router: A,
     limits: ConnectionLimits,
     mut closing: tokio::sync::watch::Receiver<bool>,
     place: super::share::Place,
@@ -206,17 +238,15 @@ async fn serve_connection(
         AcceptedPeer::Unresolved(unresolved) => Some(Err(unresolved)),
         AcceptedPeer::Unasked => None,
     };
-    let connection = Connection { peer, local, owner };
+    let connection = Arc::new(Connection { peer, local, owner });
     let activity = Activity::new();
     let io = IdleTimeout::new(stream, activity.clone(), limits.idle_timeout);
     let service =
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             let busy = activity.begin();
-            let mut request = request.map(axum::body::Body::new);
-            request.extensions_mut().insert(connection.clone());
-            let router = router.clone();
+            let answering = router.clone().answer(request, Arc::clone(&connection));
             async move {
-                let response = router.oneshot(request).await?;
+                let response = answering.await;
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, Some(busy))))
             }
         });

@@ -54,6 +54,7 @@
 //! a rejection no retry can fix.
 
 use std::{
+    borrow::Cow,
     future::Future,
     net::SocketAddr,
     sync::{Arc, OnceLock},
@@ -61,16 +62,14 @@ use std::{
 };
 
 use axum::{
-    extract::{Extension, State},
     http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri},
-    response::{IntoResponse, Response},
-    Router,
+    response::Response,
 };
 use tokio::time::Instant;
 
 use super::{
     admission::{self, Refused},
-    http_listener::{Connection, ConnectionLimits, HttpListener},
+    http_listener::{Answer, Connection, ConnectionLimits, HttpListener},
     live::Live,
     metadata_paths::{
         self, refuse_wait_for_change, tree_route, InstanceValues, Tree, APPLICATION_TEXT,
@@ -102,6 +101,12 @@ const GOOGLE: HeaderValue = HeaderValue::from_static("Google");
 /// Error messages are the broker's own plain text.
 const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 const SERVICE_ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
+/// Headers a proxy adds; as constants, not parsed from text per request.
+const RELAYED: [HeaderName; 3] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+];
 
 /// The endpoint could not listen.
 #[derive(Debug, thiserror::Error)]
@@ -194,9 +199,6 @@ impl MetadataEndpoint {
     /// Serves on a background task until [`RunningEndpoint::stop`].
     pub fn spawn(self) -> RunningEndpoint {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let app = Router::new()
-            .fallback(handle)
-            .with_state(Arc::clone(&self.state));
         tracing::info!(
             addr = %self.addr,
             identity = %self.state.identity,
@@ -214,7 +216,7 @@ impl MetadataEndpoint {
         let listener = HttpListener {
             name: "metadata_endpoint",
             listener: self.listener,
-            router: app,
+            router: Endpoint(Arc::clone(&self.state)),
             limits: self.limits,
             resolve_owner: true,
             pods: self.pods,
@@ -397,61 +399,63 @@ const CLIENT_CLOSED: u16 = 499;
 /// answer, or on drop, when the client went away first and hyper dropped
 /// the handler mid-fetch. Every field a client or upstream wrote is capped
 /// and quoted ([`LogText`]).
-struct RequestLine {
+struct RequestLine<'a> {
     peer: SocketAddr,
     /// The uid owning the client's socket and its group, when resolved.
     peer_uid: Option<u32>,
     peer_gid: Option<u32>,
     peer_pid: Option<i32>,
-    peer_exe: Option<LogText>,
+    peer_exe: Option<&'a str>,
     /// The attested selectors, or why there are none.
-    selectors: Option<LogText>,
-    method: LogText,
-    path: LogText,
-    identity: LogText,
+    selectors: Option<&'a str>,
+    method: Cow<'a, str>,
+    path: Cow<'a, str>,
+    identity: Cow<'a, str>,
     outcome: Outcome,
     started: Instant,
     written: bool,
 }
 
-impl RequestLine {
+impl RequestLine<'_> {
     fn write(&mut self, status: u16, error: Option<&str>) {
         if self.written {
             return;
         }
         self.written = true;
         let latency_us = self.started.elapsed().as_micros() as u64;
-        let audience = self.outcome.audience.as_deref().map(LogText::new);
-        let scopes = self.outcome.scopes.as_deref().map(LogText::new);
-        let error = error.map(LogText::new);
+        let audience = self.outcome.audience.as_deref().map(LogText::capped);
+        let scopes = self.outcome.scopes.as_deref().map(LogText::capped);
+        let error = error.map(LogText::capped);
         let decision = self
             .outcome
             .decision
             .map(|d| if d.allowed() { "allowed" } else { "denied" });
         let rule = self.outcome.decision.map(Decision::rule);
+        let mut buffer = [0u8; 64];
+        let peer = addr_text(self.peer, &mut buffer);
         // Served lines have a target of their own: the only info lines a
         // full log queue may drop (logging::pipe).
         macro_rules! line {
             ($($target:tt)*) => { tracing::info!(
             $($target)*
-            peer = %self.peer,
+            peer = %peer,
             peer_uid = self.peer_uid,
             peer_gid = self.peer_gid,
             peer_pid = self.peer_pid,
-            peer_exe = self.peer_exe.as_ref().map(LogText::as_str),
-            selectors = self.selectors.as_ref().map(LogText::as_str),
-            method = self.method.as_str(),
-            path = self.path.as_str(),
-            identity = self.identity.as_str(),
-            audience = audience.as_ref().map(LogText::as_str),
-            scopes = scopes.as_ref().map(LogText::as_str),
+            peer_exe = self.peer_exe,
+            selectors = self.selectors,
+            method = &*self.method,
+            path = &*self.path,
+            identity = &*self.identity,
+            audience = audience.as_deref(),
+            scopes = scopes.as_deref(),
             minted_as = self.outcome.minted_as.as_deref(),
             decision,
             rule,
             cache = self.outcome.cache.map(CacheOutcome::as_str),
             latency_us,
             status,
-            error = error.as_ref().map(LogText::as_str),
+            error = error.as_deref(),
             "metadata endpoint"
         ) };
         }
@@ -463,7 +467,55 @@ impl RequestLine {
     }
 }
 
-impl Drop for RequestLine {
+/// `addr` as its `Display` writes it, in `buffer`: IPv4 (every loopback
+/// client but `::1`) by hand, since `core::fmt` spent about 1,300
+/// instructions per log line on it.
+fn addr_text(addr: SocketAddr, buffer: &mut [u8; 64]) -> &str {
+    use std::io::Write;
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let mut at = 0;
+            let mut push = |text: &[u8]| {
+                buffer[at..at + text.len()].copy_from_slice(text);
+                at += text.len();
+            };
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    push(b".");
+                }
+                push_decimal(&mut push, u32::from(octet));
+            }
+            push(b":");
+            push_decimal(&mut push, u32::from(v4.port()));
+            at
+        }
+        SocketAddr::V6(_) => {
+            let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+            // At most 55 bytes: `[` 39 for the address, `%` and 10 for the
+            // scope, `]:` and 5 for the port.
+            let _ = write!(cursor, "{addr}");
+            cursor.position() as usize
+        }
+    };
+    std::str::from_utf8(&buffer[..len]).unwrap_or("?")
+}
+
+fn push_decimal(push: &mut impl FnMut(&[u8]), value: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    push(&digits[at..]);
+}
+
+impl Drop for RequestLine<'_> {
     fn drop(&mut self) {
         self.write(
             CLIENT_CLOSED,
@@ -472,31 +524,48 @@ impl Drop for RequestLine {
     }
 }
 
+/// Every request goes straight to [`handle`]: an axum router's layers
+/// and extractors (which copy the headers) cost more per request than
+/// hyper's own work, and the endpoint routes by itself ([`route`]).
+#[derive(Clone)]
+struct Endpoint(Arc<EndpointState>);
+
+impl Answer for Endpoint {
+    async fn answer(
+        self,
+        request: hyper::Request<hyper::body::Incoming>,
+        connection: Arc<Connection>,
+    ) -> Response {
+        // The body is never read: every route is a GET.
+        let (request, _body) = request.into_parts();
+        handle(&self.0, &connection, &request).await
+    }
+}
+
 /// Every request: checks, routing, one log line.
 async fn handle(
-    State(state): State<Arc<EndpointState>>,
-    Extension(connection): Extension<Connection>,
-    method: Method,
-    headers: HeaderMap,
-    uri: Uri,
+    state: &EndpointState,
+    connection: &Connection,
+    request: &axum::http::request::Parts,
 ) -> Response {
+    let (method, headers, uri) = (&request.method, &request.headers, &request.uri);
     let resolved = connection.owner.as_ref().and_then(|o| o.as_ref().ok());
     let mut line = RequestLine {
         peer: connection.peer,
         peer_uid: resolved.and_then(|peer| peer.uid),
         peer_gid: resolved.and_then(|peer| peer.gid),
         peer_pid: resolved.and_then(|peer| peer.pid),
-        peer_exe: resolved.and_then(|peer| peer.exe.as_deref().map(LogText::new)),
-        selectors: resolved.and_then(PeerCredentials::selectors),
-        method: LogText::new(method.as_str()),
-        path: LogText::new(uri.path()),
-        identity: LogText::new(&state.identity),
+        peer_exe: resolved.and_then(PeerCredentials::exe_text),
+        selectors: resolved.and_then(PeerCredentials::selectors_text),
+        method: LogText::capped(method.as_str()),
+        path: LogText::capped(uri.path()),
+        identity: LogText::capped(&state.identity),
         outcome: Outcome::default(),
         started: Instant::now(),
         written: false,
     };
-    let result = match admit_connection(&connection, &headers, &uri) {
-        Ok(peer) => answer(&state, &peer, &method, &headers, &uri, &mut line.outcome).await,
+    let result = match admit_connection(connection, headers, uri) {
+        Ok(peer) => answer(state, &peer, method, headers, uri, &mut line.outcome).await,
         Err(refusal) => Err(refusal),
     };
     match result {
@@ -566,14 +635,14 @@ fn admit_connection(
     }
     // SSRF protection, as Google's server: a request relayed by a proxy (or
     // by a server-side fetch of an attacker's URL) must not get credentials.
-    for relayed in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+    for relayed in &RELAYED {
         if headers.contains_key(relayed) {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 format!(
                     "Request had a {} header and was rejected: the metadata endpoint does \
                      not accept proxied requests",
-                    header_title(relayed)
+                    header_title(relayed.as_str())
                 ),
             ));
         }
@@ -912,20 +981,36 @@ fn not_served(path: &str) -> Refusal {
 /// Every answer carries `Metadata-Flavor: Google`: clients use it to tell a
 /// metadata server from anything else on that address.
 pub(super) fn respond(status: StatusCode, content_type: HeaderValue, body: String) -> Response {
-    (
-        status,
-        [
-            (METADATA_FLAVOR, GOOGLE),
-            (header::CONTENT_TYPE, content_type),
-        ],
-        body,
-    )
-        .into_response()
+    // Built directly: the same response as `(status, headers, body)
+    // .into_response()`, headers in the same order, without its steps.
+    let mut response = Response::new(axum::body::Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(METADATA_FLAVOR, GOOGLE);
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_addresses_read_as_display_writes_them() {
+        for addr in [
+            "127.0.0.1:8181",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.2.30.107:9",
+            "[::1]:8181",
+            "[::ffff:127.0.0.1]:1",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut buffer = [0u8; 64];
+            assert_eq!(addr_text(addr, &mut buffer), addr.to_string());
+        }
+    }
 
     #[test]
     fn routes_parse() {

@@ -58,8 +58,11 @@ pub struct PeerCredentials {
     pub exe: Option<Arc<str>>,
     /// The connection's workload, once attested ([`PeerCredentials::attested`]).
     pub attestation: Option<Arc<Attestation>>,
+    /// The attested executable and selectors as log fields, made once per
+    /// connection rather than on every request's audit line.
+    texts: Option<Arc<PeerTexts>>,
     /// The attestation under way since accept.
-    pending: Option<watch::Receiver<Option<Arc<Attestation>>>>,
+    pending: Option<watch::Receiver<Option<Attested>>>,
     /// The connection's requests in progress, for its idle timeout.
     pub(crate) activity: Option<Arc<Activity>>,
     /// Set for a caller in another network namespace, attested by this
@@ -111,21 +114,29 @@ impl PeerCredentials {
     }
 
     /// With `attestation` done.
-    pub fn with_attestation(mut self, attestation: Attestation) -> Self {
-        self.pid = attestation.workload().map(|w| w.pid).or(self.pid);
-        self.exe = attestation
-            .workload()
-            .and_then(|w| w.exe.as_deref())
-            .map(Arc::from);
-        self.attestation = Some(Arc::new(attestation));
+    pub fn with_attestation(self, attestation: Attestation) -> Self {
+        self.with_attested(&Attested::new(attestation))
+    }
+
+    fn with_attested(mut self, attested: &Attested) -> Self {
+        self.pid = attested.pid.or(self.pid);
+        self.exe = attested.exe.clone();
+        self.attestation = Some(Arc::clone(&attested.attestation));
+        self.texts = Some(Arc::clone(&attested.texts));
         self
     }
 
     /// Waits (at most a few seconds) for the attestation started at accept.
+    /// Once it is done, each request shares it: nothing is copied or
+    /// formatted again.
     pub async fn attested(mut self) -> Self {
         let Some(mut pending) = self.pending.take() else {
             return self;
         };
+        let ready = pending.borrow().clone();
+        if let Some(attested) = ready {
+            return self.with_attested(&attested);
+        }
         let done = tokio::time::timeout(ATTEST_WAIT, async {
             pending
                 .wait_for(Option::is_some)
@@ -134,15 +145,16 @@ impl PeerCredentials {
                 .and_then(|done| done.clone())
         })
         .await;
-        let attestation = match done {
-            Ok(Some(done)) => Attestation::clone(&done),
-            Ok(None) => Attestation::Unconfirmed("the attestation task failed".into()),
-            Err(_) => Attestation::Unconfirmed(format!(
+        match done {
+            Ok(Some(attested)) => self.with_attested(&attested),
+            Ok(None) => self.with_attestation(Attestation::Unconfirmed(
+                "the attestation task failed".into(),
+            )),
+            Err(_) => self.with_attestation(Attestation::Unconfirmed(format!(
                 "reading /proc took longer than {}s",
                 ATTEST_WAIT.as_secs()
-            )),
-        };
-        self.with_attestation(attestation)
+            ))),
+        }
     }
 
     /// A caller from another network namespace, attested by its source
@@ -151,9 +163,9 @@ impl PeerCredentials {
     pub fn of_source_address(address: std::net::IpAddr, attestation: Attestation) -> Self {
         PeerCredentials {
             source_address: Some(address),
-            attestation: Some(Arc::new(attestation)),
             ..PeerCredentials::default()
         }
+        .with_attestation(attestation)
     }
 
     /// The identity policy decisions are made on; `None` when the peer is
@@ -187,9 +199,20 @@ impl PeerCredentials {
     /// The attested selectors (`gids=... unit=...`, or why there are none),
     /// for audit lines and denials; `None` before attestation.
     pub fn selectors(&self) -> Option<LogText> {
-        self.attestation
-            .as_deref()
-            .map(|a| LogText::new(&a.to_string()))
+        self.texts.as_ref().map(|t| t.selectors.clone())
+    }
+
+    /// [`PeerCredentials::selectors`] as a log field, without a copy.
+    pub fn selectors_text(&self) -> Option<&str> {
+        self.texts.as_ref().map(|t| t.selectors.as_str())
+    }
+
+    /// The attested executable as a log field (capped), without a copy.
+    pub fn exe_text(&self) -> Option<&str> {
+        self.texts
+            .as_ref()
+            .and_then(|t| t.exe.as_ref())
+            .map(LogText::as_str)
     }
 
     /// The credentials tonic attached to a request.
@@ -199,6 +222,38 @@ impl PeerCredentials {
             .get::<PeerCredentials>()
             .cloned()
             .unwrap_or_default()
+    }
+}
+
+/// A connection's finished attestation, shared by its requests.
+#[derive(Debug, Clone)]
+struct Attested {
+    pid: Option<i32>,
+    exe: Option<Arc<str>>,
+    attestation: Arc<Attestation>,
+    texts: Arc<PeerTexts>,
+}
+
+/// What every audit line of a connection logs about its peer.
+#[derive(Debug)]
+struct PeerTexts {
+    exe: Option<LogText>,
+    selectors: LogText,
+}
+
+impl Attested {
+    fn new(attestation: Attestation) -> Self {
+        let workload = attestation.workload();
+        let exe = workload.and_then(|w| w.exe.as_deref());
+        Attested {
+            pid: workload.map(|w| w.pid),
+            exe: exe.map(Arc::from),
+            texts: Arc::new(PeerTexts {
+                exe: exe.map(LogText::new),
+                selectors: LogText::new(&attestation.to_string()),
+            }),
+            attestation: Arc::new(attestation),
+        }
     }
 }
 
@@ -335,7 +390,7 @@ pub fn incoming(
                     // The pod its cgroup names, from the kubelet: async,
                     // bounded, and off the accept loop like the /proc read.
                     let attestation = attestation.with_pod(pods.as_deref(), POD_WAIT).await;
-                    let _ = done.send(Some(Arc::new(attestation)));
+                    let _ = done.send(Some(Attested::new(attestation)));
                 });
                 pending
             });
@@ -353,4 +408,39 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(accepted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_of_one_connection_share_its_attestation() {
+        let (done, pending) = watch::channel(None);
+        let connection = PeerCredentials {
+            uid: Some(1000),
+            pid: Some(7),
+            pending: Some(pending),
+            ..PeerCredentials::default()
+        };
+        done.send(Some(Attested::new(Attestation::Unconfirmed(
+            "the client exited".into(),
+        ))))
+        .unwrap();
+        let first = connection.clone().attested().await;
+        let second = connection.attested().await;
+        // Shared, not copied and formatted again per request.
+        assert!(Arc::ptr_eq(
+            first.attestation.as_ref().unwrap(),
+            second.attestation.as_ref().unwrap()
+        ));
+        let (a, b) = (
+            first.selectors_text().unwrap(),
+            second.selectors_text().unwrap(),
+        );
+        assert_eq!(a, "unattested (the client exited)");
+        assert!(std::ptr::eq(a, b));
+        assert_eq!(first.selectors().unwrap().as_str(), a);
+        assert_eq!((first.pid, first.exe_text()), (Some(7), None));
+    }
 }
