@@ -10,9 +10,8 @@ use std::{sync::Arc, time::Duration};
 
 use token_broker::{
     cache::{CacheKey, CacheOutcome, TokenCache},
-    clock::Clock,
     config::RefreshSettings,
-    emulator::{Emulator, EmulatorOptions, Faults},
+    emulator::{Emulator, Faults},
     source::{
         access::{AccessOf, AccessTokens, CLOUD_PLATFORM_SCOPE},
         IdTokenSource, ServiceAccountKey, ServiceAccountSource, SourceError,
@@ -26,13 +25,7 @@ struct Engine {
 }
 
 async fn engine() -> Engine {
-    let clock = Clock::tokio();
-    let emulator = Emulator::start(EmulatorOptions {
-        clock: clock.clone(),
-        ..EmulatorOptions::default()
-    })
-    .await
-    .unwrap();
+    let (clock, emulator) = crate::support::emulator_on_tokio_clock().await;
     let dir = crate::support::workdir();
     let email = "sa@proj.iam.gserviceaccount.com";
     let (path, _) = crate::support::key_file(dir.path(), "sa", email, &emulator, true);

@@ -10,7 +10,7 @@ use token_broker::{
     cache::{CacheError, CacheKey, CacheOutcome, TokenCache},
     clock::Clock,
     config::RefreshSettings,
-    emulator::{Emulator, EmulatorOptions, Faults},
+    emulator::{Emulator, Faults},
     source::{IdTokenSource, MetadataSource, ServiceAccountKey, ServiceAccountSource},
 };
 
@@ -23,13 +23,7 @@ struct Engine {
 }
 
 async fn engine(settings: RefreshSettings) -> Engine {
-    let clock = Clock::tokio();
-    let emulator = Emulator::start(EmulatorOptions {
-        clock: clock.clone(),
-        ..EmulatorOptions::default()
-    })
-    .await
-    .unwrap();
+    let (clock, emulator) = crate::support::emulator_on_tokio_clock().await;
     let source = MetadataSource::new(&emulator.metadata_host(), clock.clone()).unwrap();
     let cache = TokenCache::new(
         [(
@@ -458,13 +452,7 @@ async fn upstream_calls_per_identity_are_bounded() {
 
 #[tokio::test(start_paused = true)]
 async fn random_concurrent_requests_never_get_another_keys_token() {
-    let clock = Clock::tokio();
-    let emulator = Emulator::start(EmulatorOptions {
-        clock: clock.clone(),
-        ..EmulatorOptions::default()
-    })
-    .await
-    .unwrap();
+    let (clock, emulator) = crate::support::emulator_on_tokio_clock().await;
     let dir = crate::support::workdir();
     let mut sources: Vec<(String, Arc<dyn IdTokenSource>)> = vec![(
         "default".into(),

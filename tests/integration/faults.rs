@@ -21,7 +21,7 @@ use token_broker::{
     clock::Clock,
     config::{IdentitySettings, RefreshSettings},
     domain::SourceKind,
-    emulator::{Emulator, EmulatorOptions, Faults},
+    emulator::{Emulator, Faults},
     source::{build_source, FetchFuture, IdTokenSource},
 };
 use tokio::time::Instant;
@@ -49,13 +49,7 @@ async fn engine_with(
     settings: RefreshSettings,
     wrap: impl FnOnce(Arc<dyn IdTokenSource>) -> Arc<dyn IdTokenSource>,
 ) -> Engine {
-    let clock = Clock::tokio();
-    let emulator = Emulator::start(EmulatorOptions {
-        clock: clock.clone(),
-        ..EmulatorOptions::default()
-    })
-    .await
-    .unwrap();
+    let (clock, emulator) = crate::support::emulator_on_tokio_clock().await;
     let identity = IdentitySettings {
         metadata_host: Some(emulator.metadata_host()),
         ..IdentitySettings::new("default", SourceKind::Metadata)

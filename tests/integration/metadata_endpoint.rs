@@ -44,7 +44,7 @@ fn http() -> reqwest::Client {
 }
 
 /// GET `path` with `Metadata-Flavor: Google`: (status, headers, body).
-async fn get(base: &str, path: &str) -> (StatusCode, HeaderMap, String) {
+pub(crate) async fn get(base: &str, path: &str) -> (StatusCode, HeaderMap, String) {
     send(
         http()
             .get(format!("{base}{path}"))
@@ -66,7 +66,7 @@ async fn send(request: reqwest::RequestBuilder) -> (StatusCode, HeaderMap, Strin
     (status, headers, body)
 }
 
-fn content_type(headers: &HeaderMap) -> &str {
+pub(crate) fn content_type(headers: &HeaderMap) -> &str {
     headers
         .get("content-type")
         .map(|v| v.to_str().unwrap())

@@ -6,7 +6,7 @@
 //! from the key file or config, 404 with Google's page when unknown, and
 //! `?recursive=true`, `?alt=`, `?wait_for_change=` as Google's server.
 
-use reqwest::{header::HeaderMap, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 use token_broker::{
     emulator::{Emulator, DEFAULT_ACCOUNT_EMAIL},
@@ -14,7 +14,7 @@ use token_broker::{
 };
 
 use crate::{
-    metadata_endpoint::free_port,
+    metadata_endpoint::{content_type, free_port, get},
     support::{self, Broker},
 };
 
@@ -48,31 +48,6 @@ async fn broker(identities: String, endpoint_extra: &str, rest: &str) -> (Broker
     );
     let broker = Broker::start(move |socket| support::config_text(socket, &text), "info").await;
     (broker, format!("http://127.0.0.1:{port}"))
-}
-
-async fn get(base: &str, path: &str) -> (StatusCode, HeaderMap, String) {
-    let response = reqwest::Client::new()
-        .get(format!("{base}{path}"))
-        .header("Metadata-Flavor", "Google")
-        .send()
-        .await
-        .expect("endpoint answers");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response.text().await.unwrap();
-    assert_eq!(
-        headers.get("metadata-flavor").map(|v| v.as_bytes()),
-        Some(&b"Google"[..]),
-        "every answer carries Metadata-Flavor: Google ({status}: {body})"
-    );
-    (status, headers, body)
-}
-
-fn content_type(headers: &HeaderMap) -> &str {
-    headers
-        .get("content-type")
-        .map(|v| v.to_str().unwrap())
-        .unwrap_or("")
 }
 
 /// What the emulator's metadata server itself answers for `path`.

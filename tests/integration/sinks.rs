@@ -20,7 +20,7 @@ use token_broker::{
     clock::Clock,
     config::{IdentitySettings, RefreshSettings, SinkSettings},
     domain::SourceKind,
-    emulator::{Emulator, EmulatorOptions, Faults},
+    emulator::{Emulator, Faults},
     sink::SinkSet,
     source::build_source,
 };
@@ -73,13 +73,7 @@ async fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
 #[tokio::test(start_paused = true)]
 async fn the_file_is_a_whole_token_through_a_thousand_refreshes() {
     const REFRESHES: u64 = 1000;
-    let clock = Clock::tokio();
-    let emulator = Emulator::start(EmulatorOptions {
-        clock: clock.clone(),
-        ..EmulatorOptions::default()
-    })
-    .await
-    .unwrap();
+    let (clock, emulator) = crate::support::emulator_on_tokio_clock().await;
     let refresh = RefreshSettings {
         refresh_before_expiry: Duration::from_secs(45 * 60),
         jitter: Duration::from_secs(60),
@@ -155,13 +149,7 @@ async fn the_file_is_a_whole_token_through_a_thousand_refreshes() {
 /// removed when it expires, and comes back after the upstream recovers.
 #[tokio::test(start_paused = true)]
 async fn an_outage_keeps_the_file_until_expiry_then_removes_it() {
-    let clock = Clock::tokio();
-    let emulator = Emulator::start(EmulatorOptions {
-        clock: clock.clone(),
-        ..EmulatorOptions::default()
-    })
-    .await
-    .unwrap();
+    let (clock, emulator) = crate::support::emulator_on_tokio_clock().await;
     let refresh = RefreshSettings::default();
     let cache = cache_with(&emulator, &clock, refresh.clone()).await;
     let dir = support::workdir();
@@ -410,13 +398,7 @@ fn access_sink(path: &Path, extra: &str) -> SinkSettings {
 /// emulator's token endpoint (jwt-bearer with `scope`), where faults apply.
 #[tokio::test(start_paused = true)]
 async fn an_access_token_sink_is_written_refreshed_and_removed_at_expiry() {
-    let clock = Clock::tokio();
-    let emulator = Emulator::start(EmulatorOptions {
-        clock: clock.clone(),
-        ..EmulatorOptions::default()
-    })
-    .await
-    .unwrap();
+    let (clock, emulator) = crate::support::emulator_on_tokio_clock().await;
     let keys = support::workdir();
     let email = "files@sink-project.iam.gserviceaccount.com";
     let (key, _) = support::key_file(keys.path(), "files", email, &emulator, true);

@@ -31,6 +31,19 @@ pub async fn emulator() -> Emulator {
         .expect("emulator starts")
 }
 
+/// An emulator on tokio's clock, and that clock: in a `start_paused` test
+/// both the engine and the emulator's token lifetimes follow paused time.
+pub async fn emulator_on_tokio_clock() -> (token_broker::clock::Clock, Emulator) {
+    let clock = token_broker::clock::Clock::tokio();
+    let emulator = Emulator::start(EmulatorOptions {
+        clock: clock.clone(),
+        ..EmulatorOptions::default()
+    })
+    .await
+    .expect("emulator starts");
+    (clock, emulator)
+}
+
 /// A temporary directory for one test's files (config, keys, socket, log).
 pub fn workdir() -> tempfile::TempDir {
     tempfile::Builder::new()
