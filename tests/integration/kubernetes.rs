@@ -1101,6 +1101,53 @@ async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
     assert_eq!(emulator.stats().iam.total, 2, "nothing minted for it");
 }
 
+/// Python's gRPC (unmodified grpcio, the example's stubs) opening a
+/// `WatchAccessToken` stream for `identity`, run in `cgroup` (as root: the
+/// venv's interpreter lives under root's home, which other uids cannot
+/// reach; the pod is known by its cgroup whatever the uid): (exit code, the
+/// first token, stderr).
+async fn watch_access_in(
+    cgroup: &PodCgroup,
+    broker: &Broker,
+    identity: &str,
+) -> (i32, String, String) {
+    const WATCH: &str = r#"
+import sys, grpc
+sys.path.insert(0, sys.argv[2])
+from tokenbroker.v1 import token_broker_pb2, token_broker_pb2_grpc
+channel = grpc.insecure_channel(
+    "unix://" + sys.argv[1], options=[("grpc.default_authority", "localhost")]
+)
+stream = token_broker_pb2_grpc.TokenBrokerStub(channel).WatchAccessToken(
+    token_broker_pb2.GetAccessTokenRequest(identity=sys.argv[3]), timeout=30
+)
+try:
+    print(next(stream).token)
+except grpc.RpcError as e:
+    print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+    sys.exit(1)
+stream.cancel()
+"#;
+    let (python, stubs) = crate::clients::python_grpc().await;
+    let mut command = Command::new(python);
+    command
+        .arg("-c")
+        .arg(WATCH)
+        .arg(&broker.socket)
+        .arg(stubs)
+        .arg(identity)
+        .stdin(Stdio::null());
+    workloads::place(&mut command, Some(&cgroup.procs()), 0, 0, &[0], || Ok(()));
+    let out = tokio::task::spawn_blocking(move || command.output().expect("client runs"))
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Issue 14 point 4 for access tokens, over the socket: gRPC
 /// `GetAccessToken` (the CLI's `token --access`) from each pod's cgroup
 /// gets an access token of the Google account its service account's
@@ -1214,6 +1261,20 @@ async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(again.trim(), tokens[0]);
     assert_eq!(emulator.stats().iam_access, 2);
+    // A `WatchAccessToken` stream from the batch pod opens on the batch
+    // pod's own cached token (the key holds the account), not the api
+    // pod's, and mints nothing.
+    let (code, watched, stderr) = watch_access_in(&batch, &broker, "pods").await;
+    assert_eq!(code, 0, "{stderr}\n{}", broker.log());
+    assert_eq!(watched.trim(), tokens[1], "the batch pod's own token");
+    assert_eq!(emulator.stats().iam_access, 2);
+    let log = broker.log();
+    assert!(
+        log.lines().any(|l| l.contains("WatchAccessToken")
+            && l.contains("minted_as")
+            && l.contains(BATCH)),
+        "the watch's audit line names the account:\n{log}"
+    );
     // `status` shows the batch pod its own access entry, not the api pod's.
     let (code, listed, stderr) = cli_in(
         &batch,
