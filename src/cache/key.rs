@@ -141,7 +141,12 @@ impl fmt::Debug for CacheKey {
                 self.identity, account, self.target
             ),
             (TokenKind::IdToken, None) => write!(f, "({:?}, {:?})", self.identity, self.target),
-            (TokenKind::AccessToken(of), _) => {
+            (TokenKind::AccessToken(of), Some(account)) => write!(
+                f,
+                "({:?} as {:?}, {of:?} access, {:?})",
+                self.identity, account, self.target
+            ),
+            (TokenKind::AccessToken(of), None) => {
                 write!(f, "({:?}, {of:?} access, {:?})", self.identity, self.target)
             }
         }
@@ -168,6 +173,23 @@ mod tests {
         assert_ne!(a, plain);
         assert_eq!(a, plain.minted_as("a@p.iam.gserviceaccount.com"));
         assert_eq!(a.account(), Some("a@p.iam.gserviceaccount.com"));
+    }
+
+    #[test]
+    fn per_workload_access_keys_include_the_account_in_equality_hash_and_order() {
+        use std::collections::{BTreeSet, HashSet};
+        let plain = CacheKey::access("wi", AccessOf::Identity, "s1 s2").unwrap();
+        let a = plain.clone().minted_as("a@p.iam.gserviceaccount.com");
+        let b = plain.clone().minted_as("b@p.iam.gserviceaccount.com");
+        assert_ne!(a, b);
+        assert_ne!(a, plain);
+        assert_eq!(a.scopes(), Some("s1 s2"));
+        assert_eq!(b.account(), Some("b@p.iam.gserviceaccount.com"));
+        let hashed: HashSet<_> = [&a, &b, &plain].into_iter().cloned().collect();
+        assert_eq!(hashed.len(), 3);
+        let ordered: BTreeSet<_> = [&a, &b, &plain].into_iter().cloned().collect();
+        assert_eq!(ordered.len(), 3);
+        assert!(format!("{a:?}").contains("a@p.iam.gserviceaccount.com"));
     }
 
     #[test]

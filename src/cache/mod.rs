@@ -1062,7 +1062,11 @@ impl TokenCache {
                             ),
                         });
                     };
-                    fetcher.fetch_access(key.audience()).await.map(Held::Access)
+                    match key.account() {
+                        Some(account) => fetcher.fetch_access_as(account, key.audience()).await,
+                        None => fetcher.fetch_access(key.audience()).await,
+                    }
+                    .map(Held::Access)
                 }
             }
         };

@@ -504,6 +504,15 @@ mod tests {
                 400,
                 "at most 3600s",
             ),
+            // generateAccessToken needs its own grant: the default
+            // account may mint HOP's ID tokens, not its access tokens.
+            (
+                Some(bearer.clone()),
+                format!("{HOP}:generateAccessToken"),
+                serde_json::json!({"scope": ["s"]}),
+                403,
+                "Permission 'iam.serviceAccounts.getAccessToken' denied",
+            ),
             (
                 Some(bearer.clone()),
                 format!("{TARGET}:signBlob"),
@@ -565,7 +574,8 @@ mod tests {
         assert_eq!(call(&emulator, Some(&bearer), &path, body).await.0, 200);
         let stats = emulator.stats();
         assert_eq!(stats.metadata_token, 3);
-        assert_eq!(stats.iam_access, 2);
+        // Two granted, one denied (HOP's access token, no grant).
+        assert_eq!(stats.iam_access, 3);
         assert_eq!(stats.iam.succeeded, 2);
     }
 }

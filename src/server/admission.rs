@@ -12,7 +12,6 @@ use crate::{
     cache::{AdmitError, CacheError, CacheKey, TokenCache},
     domain::LogText,
     policy::Decision,
-    source::access::AccessOf,
 };
 
 /// Why a request was not admitted. Each door turns it into its own answer
@@ -102,35 +101,20 @@ pub fn admit_key(
     spend_for_new_key(cache, live, peer, key, min_valid)
 }
 
-/// Admits `peer`'s request for an access token of `identity` for `scopes`
-/// (space-separated, any order): the scope set is checked, every scope must
-/// be granted by one rule, and a new key spends from the same per-uid
-/// budget as a new audience.
+/// Admits `peer`'s request for the access-token `key` with `min_valid`
+/// ([`super::workload_account::access_key_for`] built it: the scope set
+/// checked and, for a per-workload identity, minted as the caller's
+/// account): every scope must be granted by one rule, and a new key spends
+/// from the same per-uid budget as a new audience.
 pub fn admit_access(
     cache: &TokenCache,
     live: &Live,
     peer: &PeerCredentials,
-    identity: &str,
-    scopes: &str,
+    key: CacheKey,
     min_valid: Duration,
     decision: &mut Option<Decision>,
 ) -> Result<CacheKey, Refused> {
-    let key = CacheKey::access(identity, AccessOf::Identity, scopes)
-        .map_err(CacheError::InvalidScopes)?;
     grant_access(cache, live, peer, &key, decision)?;
-    if cache
-        .source(identity)
-        .and_then(|s| s.account_from())
-        .is_some()
-    {
-        return Err(Refused::NoWorkloadAccount {
-            message: format!(
-                "identity {} mints ID tokens as each calling pod's annotated account \
-                 (service_account_from); access tokens of such an identity are not served",
-                LogText::new(identity)
-            ),
-        });
-    }
     spend_for_new_key(cache, live, peer, key, min_valid)
 }
 

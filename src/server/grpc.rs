@@ -293,7 +293,7 @@ impl BrokerService {
         wait: Duration,
     ) -> Result<proto::AccessToken, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
-        let key = self.admit_access(audit, requested, min_valid)?;
+        let key = self.admit_access(audit, requested, min_valid).await?;
         let lookup = tokio::time::timeout(wait, self.cache.get_access(&key, min_valid))
             .await
             .map_err(|_| deadline_exceeded(key.identity(), wait))?
@@ -310,7 +310,7 @@ impl BrokerService {
         wait: Duration,
     ) -> Result<OpenWatch<watch_stream::AccessTokens>, Status> {
         let min_valid = min_valid(min_valid_for, self.cache.max_min_valid())?;
-        let key = self.admit_access(audit, requested, min_valid)?;
+        let key = self.admit_access(audit, requested, min_valid).await?;
         let slot = self
             .streams
             .take(audit.peer.uid)
@@ -329,8 +329,9 @@ impl BrokerService {
     }
 
     /// [`BrokerService::admit`] for an access token: the scopes as sent are
-    /// checked, then the set against the policy and the rate limit.
-    fn admit_access(
+    /// checked, then the set against the policy and the rate limit (for a
+    /// per-workload identity, minted as the caller's account).
+    async fn admit_access(
         &self,
         audit: &mut Audit,
         requested: &[String],
@@ -349,17 +350,27 @@ impl BrokerService {
         }
         audit.known = self.cache.knows(&audit.identity);
         let scopes = audit.scopes.clone().unwrap_or_default();
-        let key = admission::admit_access(
+        let key = workload_account::access_key_for(
             &self.cache,
             &self.live,
+            self.pods.as_deref(),
             &audit.peer,
             &audit.identity,
             &scopes,
+            &mut audit.decision,
+        )
+        .await
+        .map_err(|refused| refused_status(&refused))?;
+        audit.minted_as = key.account().map(str::to_owned);
+        admission::admit_access(
+            &self.cache,
+            &self.live,
+            &audit.peer,
+            key,
             min_valid,
             &mut audit.decision,
         )
-        .map_err(|refused| refused_status(&refused))?;
-        Ok(key)
+        .map_err(|refused| refused_status(&refused))
     }
 
     async fn watch(

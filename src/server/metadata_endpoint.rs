@@ -148,7 +148,7 @@ pub(super) struct EndpointState {
     /// `project/...`, `instance/...`, `universe/...` values.
     pub(super) instance_values: InstanceValues,
     /// The node's pods, for a per-workload identity's callers' accounts.
-    pods: Option<Arc<PodDirectory>>,
+    pub(super) pods: Option<Arc<PodDirectory>>,
 }
 
 impl MetadataEndpoint {
@@ -386,7 +386,7 @@ pub(super) struct Outcome {
     /// An access token's scopes, space-separated.
     pub(super) scopes: Option<String>,
     /// The account a per-workload identity minted as for this caller.
-    minted_as: Option<String>,
+    pub(super) minted_as: Option<String>,
     pub(super) cache: Option<CacheOutcome>,
     pub(super) decision: Option<Decision>,
 }

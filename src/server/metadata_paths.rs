@@ -33,6 +33,7 @@ use super::{
     admission,
     metadata_endpoint::{respond, timed_out, upstream_failure, EndpointState, Outcome, Refusal},
     peer::PeerCredentials,
+    workload_account,
 };
 use crate::{
     config::MetadataEndpointSettings,
@@ -568,15 +569,27 @@ pub(super) async fn access_token(
 ) -> Result<Response, Refusal> {
     let scopes = requested_scopes(query.scopes.as_deref())?;
     outcome.scopes = Some(scopes.clone());
-    let key = admission::admit_access(
+    let key = workload_account::access_key_for(
         &state.cache,
         &state.live,
+        state.pods.as_deref(),
         peer,
         &state.identity,
         &scopes,
-        Duration::ZERO,
         &mut outcome.decision,
     )
+    .await
+    .and_then(|key| {
+        outcome.minted_as = key.account().map(str::to_owned);
+        admission::admit_access(
+            &state.cache,
+            &state.live,
+            peer,
+            key,
+            Duration::ZERO,
+            &mut outcome.decision,
+        )
+    })
     .map_err(|refused| state.refused(refused))?;
     let lookup = tokio::time::timeout(
         super::metadata_endpoint::MAX_WAIT,

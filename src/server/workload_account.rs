@@ -4,6 +4,9 @@
 //! account of the caller's attested pod, read from the API server through
 //! the pod directory (cached there for `kubernetes.annotations_ttl`).
 //!
+//! Both token kinds use it: an ID token for an audience and an access
+//! token for a scope set are each minted as the caller's account.
+//!
 //! Asked only after the policy granted the identity, so a denied caller
 //! never makes the broker read the API server. The result goes into the
 //! cache key ([`crate::cache::CacheKey::minted_as`]): two pods whose
@@ -21,6 +24,7 @@ use crate::{
     domain::LogText,
     kubernetes::PodDirectory,
     policy::Decision,
+    source::access::AccessOf,
 };
 
 /// The ID-token key for `peer`'s request of (`identity`, `audience`): for
@@ -47,6 +51,38 @@ pub async fn key_for(
     // The policy first: a caller it denies never makes the broker read the
     // API server.
     admission::grant(cache, live, peer, identity, audience, decision)?;
+    Ok(match resolve(cache, pods, peer, identity).await? {
+        Some(account) => key.minted_as(&account),
+        None => key,
+    })
+}
+
+/// The access-token key for `peer`'s request of `identity`'s token for
+/// `scopes` (space-separated, any order): the scope set checked and, for a
+/// per-workload identity, once the policy granted the identity and every
+/// scope, minted as the caller's account. Not yet admitted: pass it to
+/// [`admission::admit_access`].
+pub async fn access_key_for(
+    cache: &TokenCache,
+    live: &Live,
+    pods: Option<&PodDirectory>,
+    peer: &PeerCredentials,
+    identity: &str,
+    scopes: &str,
+    decision: &mut Option<Decision>,
+) -> Result<CacheKey, Refused> {
+    let key = CacheKey::access(identity, AccessOf::Identity, scopes)
+        .map_err(CacheError::InvalidScopes)?;
+    if cache
+        .source(identity)
+        .and_then(|s| s.account_from())
+        .is_none()
+    {
+        return Ok(key);
+    }
+    // The policy first, as for ID tokens: a caller it denies never makes
+    // the broker read the API server.
+    admission::grant_access(cache, live, peer, &key, decision)?;
     Ok(match resolve(cache, pods, peer, identity).await? {
         Some(account) => key.minted_as(&account),
         None => key,

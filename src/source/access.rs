@@ -33,6 +33,23 @@ pub type AccessFuture<'a> =
 pub trait AccessFetcher: Send + Sync + 'static {
     /// `scopes` is space-separated.
     fn fetch_access<'a>(&'a self, scopes: &'a str) -> AccessFuture<'a>;
+
+    /// An access token minted as `account` (a per-workload identity's
+    /// account resolved for the caller, [`crate::cache::CacheKey::account`]).
+    /// Only an impersonation target can; every other fetcher refuses.
+    fn fetch_access_as<'a>(&'a self, account: &'a str, scopes: &'a str) -> AccessFuture<'a> {
+        let _ = scopes;
+        Box::pin(async move {
+            Err(SourceError::Rejected {
+                upstream: "the identity's token source".into(),
+                status: 400,
+                message: format!(
+                    "this source mints access tokens as its own account and cannot mint as {}",
+                    crate::domain::LogText::new(account)
+                ),
+            })
+        })
+    }
 }
 
 /// Which access token of an identity.

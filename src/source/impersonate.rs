@@ -536,4 +536,14 @@ impl AccessFetcher for Target {
                 .await
         })
     }
+
+    fn fetch_access_as<'a>(&'a self, account: &'a str, scopes: &'a str) -> AccessFuture<'a> {
+        Box::pin(async move {
+            // As for ID tokens: the base's one cached access token is the
+            // bearer for every account; only the IAM call's target changes.
+            self.iam
+                .generate_access_token(&self.bearer()?, account, &self.delegates, scopes)
+                .await
+        })
+    }
 }

@@ -267,8 +267,9 @@ async fn unmodified_google_auth_gets_a_verified_token_from_the_metadata_endpoint
     assert_eq!(emulator.stats().identity.by_audience[audience], 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_python_client_fetches_watches_and_reports_errors() {
+/// The Python gRPC venv and the stubs `examples/python/generate_stubs.py`
+/// makes: (python, stubs directory).
+pub(crate) async fn python_grpc() -> (PathBuf, PathBuf) {
     let python = tokio::task::spawn_blocking(|| {
         python_venv(
             "python-grpc",
@@ -285,6 +286,12 @@ async fn the_python_client_fetches_watches_and_reports_errors() {
         .env("TOKEN_BROKER_STUBS_DIR", &stubs);
     let (code, _, stderr) = run(generate).await;
     assert_eq!(code, 0, "stub generation failed: {stderr}");
+    (python, stubs)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_client_fetches_watches_and_reports_errors() {
+    let (python, stubs) = python_grpc().await;
 
     let emulator = support::emulator().await;
     let broker = grpc_broker(&emulator).await;

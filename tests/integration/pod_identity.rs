@@ -439,6 +439,130 @@ async fn each_pod_gets_the_account_its_service_account_annotation_names() {
     assert_eq!(email, WEB_ACCOUNT, "{}", broker.log());
 }
 
+/// An unmodified google-auth's Compute Engine credentials, told only where
+/// the metadata server is: `refresh()` (which reads the account's info and
+/// then asks `.../service-accounts/EMAIL/token`), printing JSON (`token`,
+/// `email`, or `error`).
+const ACCESS_CLIENT: &str = r#"
+import json
+import google.auth.transport.requests as requests
+from google.auth import compute_engine
+out = {}
+try:
+    credentials = compute_engine.Credentials()
+    credentials.refresh(requests.Request())
+    out["token"] = credentials.token
+    out["email"] = credentials.service_account_email
+except Exception as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"#;
+
+/// Runs [`ACCESS_CLIENT`] inside `pod`'s network namespace against
+/// `endpoint`.
+async fn google_auth_access_in(
+    pod: &PodNetwork,
+    python: &Path,
+    endpoint: &str,
+) -> serde_json::Value {
+    let mut command = pod.command(python);
+    command
+        .arg("-c")
+        .arg(ACCESS_CLIENT)
+        .env("GCE_METADATA_HOST", endpoint)
+        .env("GCE_METADATA_IP", endpoint);
+    let (code, stdout, stderr) = run(command).await;
+    assert_eq!(code, 0, "the client crashed:\n{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"))
+}
+
+/// Point 4 for access tokens (what GKE Workload Identity is mostly used
+/// for): through the metadata endpoint, an unmodified google-auth's
+/// `compute_engine.Credentials().refresh()` in each pod gets an access
+/// token of the account its service account's annotation names (the
+/// emulator's tokeninfo says whose), both minted with the node's one base
+/// token; a pod annotated with an account the node may not mint access
+/// tokens for gets Google's refusal, naming the permission.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_pod_gets_an_access_token_of_its_annotated_account() {
+    let Some(pods) = pod_networks(3) else { return };
+    let [api, web, ungranted] = &pods[..] else {
+        unreachable!()
+    };
+    let python = tokio::task::spawn_blocking(google_auth).await.unwrap();
+    let emulator = support::emulator().await;
+    for account in [API_ACCOUNT, WEB_ACCOUNT, UNGRANTED] {
+        emulator.create_service_account(account);
+    }
+    emulator.grant(DEFAULT_ACCOUNT_EMAIL, API_ACCOUNT, Permission::AccessToken);
+    emulator.grant(DEFAULT_ACCOUNT_EMAIL, WEB_ACCOUNT, Permission::AccessToken);
+    // ID tokens of UNGRANTED, not its access tokens: the grants are apart.
+    emulator.grant(DEFAULT_ACCOUNT_EMAIL, UNGRANTED, Permission::OpenIdToken);
+    let cluster = Cluster::start().await;
+    cluster.set_pods(vec![
+        PodSpec::new("payments", "api-1", "api-sa").ip(api.pod_ip),
+        PodSpec::new("web", "web-1", "web-sa").ip(web.pod_ip),
+        PodSpec::new("batch", "job-1", "job-sa").ip(ungranted.pod_ip),
+    ]);
+    cluster.annotate("payments", "api-sa", Some(API_ACCOUNT));
+    cluster.annotate("web", "web-sa", Some(WEB_ACCOUNT));
+    cluster.annotate("batch", "job-sa", Some(UNGRANTED));
+    let port = free_port_on(api.host_ip);
+    let endpoint = format!("{}:{port}", api.host_ip);
+    let identity = format!(
+        "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"node\"\n\
+         service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
+         [[policy]]\nk8s_namespaces = [\"payments\", \"web\", \"batch\"]\n\
+         identities = [\"pods\"]\naudiences = [\"{AUDIENCE}\"]\n\
+         scopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n",
+        emulator.base_url()
+    );
+    let listen = endpoint.clone();
+    let broker = Broker::start(
+        |socket| config(socket, &emulator, &cluster, &listen, "pods", &identity),
+        "info",
+    )
+    .await;
+
+    let mut tokens = Vec::new();
+    for (pod, account) in [(api, API_ACCOUNT), (web, WEB_ACCOUNT)] {
+        let got = google_auth_access_in(pod, &python, &endpoint).await;
+        let token = got["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{got}\n{}", broker.log()))
+            .to_owned();
+        broker.served.lock().unwrap().push(token.clone());
+        let info = support::tokeninfo(&emulator, &token)
+            .await
+            .expect("the emulator issued it");
+        assert_eq!(info["email"], account, "{info}");
+        assert_eq!(got["email"], account, "{got}");
+        tokens.push(token);
+    }
+    assert_ne!(tokens[0], tokens[1], "two accounts, two tokens");
+    let stats = emulator.stats();
+    assert_eq!(stats.iam_access, 2, "one generateAccessToken per account");
+    assert_eq!(stats.metadata_token, 1, "one base access token for both");
+    let log = broker.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/token") && l.contains("minted_as") && l.contains(API_ACCOUNT)),
+        "the request line names the account minted as:\n{log}"
+    );
+
+    // Google's refusal for an account the node may not impersonate for
+    // access tokens: 502, naming the permission, checked upstream.
+    let url =
+        format!("http://{endpoint}/computeMetadata/v1/instance/service-accounts/default/token");
+    let (status, body) = curl_in(ungranted, &url, None).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains(UNGRANTED) && body.contains("iam.serviceAccounts.getAccessToken"),
+        "{body}"
+    );
+    assert_eq!(emulator.stats().iam_access, 3);
+}
+
 /// A pod floods the endpoint with connections: it keeps its share
 /// (`max_connections_per_uid`, counted per source address for pods), its
 /// next connection is closed at accept, and another pod is still served.
