@@ -627,8 +627,14 @@ pub fn redact_jwts(text: &str) -> String {
 /// version or an IPv4 address.
 pub const MIN_JWS_LEN: usize = 16;
 
+/// Shortest first segment of a real JWS or JWE: its protected header must
+/// hold `alg`, and `{"alg":""}` alone encodes as 14 base64url characters.
+const MIN_HEADER_LEN: usize = 14;
+
 /// Three or more segments, the first two non-empty (the third is empty for
-/// an unsigned `alg: none` token, and there are five in a JWE).
+/// an unsigned `alg: none` token, and there are five in a JWE); but not a
+/// Google permission or method name (`iam.serviceAccounts.getAccessToken`),
+/// which operators need to read in a refusal and no token can be.
 fn is_jws_shaped(word: &str) -> bool {
     let word = word.trim_start_matches('.');
     let segments: Vec<&str> = word.split('.').collect();
@@ -636,6 +642,19 @@ fn is_jws_shaped(word: &str) -> bool {
         && segments.len() >= 3
         && !segments[0].is_empty()
         && !segments[1].is_empty()
+        && !is_permission_name(&segments)
+}
+
+/// `service.resource.verb`: three segments of letters only, the first
+/// lower case and shorter than any JWS header ([`MIN_HEADER_LEN`]), so no
+/// compact JWS (three segments, header first) or JWE (five) has this shape.
+fn is_permission_name(segments: &[&str]) -> bool {
+    segments.len() == 3
+        && segments[0].len() < MIN_HEADER_LEN
+        && segments[0].starts_with(|c: char| c.is_ascii_lowercase())
+        && segments
+            .iter()
+            .all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphabetic()))
 }
 
 #[cfg(test)]
@@ -670,5 +689,37 @@ mod redact_tests {
             "version 1.2.3 at 10.0.0.1 (a.b.c)"
         );
         assert_eq!(redact_jwts("invalid_grant: bad"), "invalid_grant: bad");
+        // Google's permission names stay readable in a refusal.
+        let refusal = "Permission 'iam.serviceAccounts.getAccessToken' denied on resource";
+        assert_eq!(redact_jwts(refusal), refusal);
+        assert_eq!(
+            redact_jwts("missing storage.objects.getIamPolicy"),
+            "missing storage.objects.getIamPolicy"
+        );
+        // A token whose header is shorter than any real one is still
+        // redacted when it is not letters only.
+        assert_eq!(
+            redact_jwts("got eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.sig-nat_ure0"),
+            "got [redacted-jws]"
+        );
+        assert_eq!(redact_jwts("x abc.defghijklmnop1.qrs"), "x [redacted-jws]");
+    }
+
+    /// No real compact JWS (its header holds at least `alg`) is let
+    /// through as a permission name, whatever its letters.
+    #[test]
+    fn every_minimal_header_is_redacted() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        for header in [
+            r#"{"alg":""}"#,
+            r#"{"alg":"none"}"#,
+            r#"{"alg":"RS256","typ":"JWT"}"#,
+            " {\"alg\":\"x\"}",
+            "\n{\"alg\":\"x\"}",
+        ] {
+            let token = format!("{}.{}.abc", b64.encode(header), b64.encode(r#"{"a":1}"#));
+            assert_eq!(redact_jwts(&token), "[redacted-jws]", "{header}");
+        }
     }
 }
