@@ -63,6 +63,8 @@ pub(crate) struct IamCredentials {
     upstream: String,
     clock: Clock,
     identity: &'static str,
+    /// The `lifetime` asked of `generateAccessToken`.
+    access_lifetime: Duration,
 }
 
 /// What the broker asks IAM for.
@@ -86,7 +88,15 @@ impl IamCredentials {
             base,
             clock,
             identity: crate::metrics::identity_label(identity),
+            access_lifetime: ACCESS_TOKEN_LIFETIME,
         })
+    }
+
+    /// Asks `generateAccessToken` for tokens living `lifetime` (an
+    /// `external_account` file's `token_lifetime_seconds`) instead of an hour.
+    pub(crate) fn with_access_lifetime(mut self, lifetime: Duration) -> Self {
+        self.access_lifetime = lifetime;
+        self
     }
 
     pub(crate) fn upstream(&self) -> &str {
@@ -193,7 +203,7 @@ impl IamCredentials {
             }),
             Mint::AccessToken { scopes } => serde_json::json!({
                 "scope": scopes.split(' ').collect::<Vec<_>>(),
-                "lifetime": format!("{}s", ACCESS_TOKEN_LIFETIME.as_secs()),
+                "lifetime": format!("{}s", self.access_lifetime.as_secs()),
                 "delegates": delegates,
             }),
         };

@@ -537,6 +537,18 @@ async fn check_config_explains_unusable_credential_files() {
             serde_json::json!({ "credential_source": { "environment_id": "aws2" } }),
             "aws version \"2\" is not supported",
         ),
+        (
+            serde_json::json!({ "service_account_impersonation": { "token_lifetime_seconds": 0 } }),
+            "`service_account_impersonation.token_lifetime_seconds` must be a whole number of seconds from 1 to 43200",
+        ),
+        (
+            serde_json::json!({ "service_account_impersonation": { "token_lifetime_seconds": "1h" } }),
+            "`service_account_impersonation.token_lifetime_seconds` must be",
+        ),
+        (
+            serde_json::json!({ "service_account_impersonation": 3600 }),
+            "`service_account_impersonation` is not an object",
+        ),
     ];
     for (extra, expected) in cases {
         let creds = f.credential_file(source.clone(), extra.clone());
@@ -988,4 +1000,54 @@ async fn an_external_account_serves_the_accounts_access_token() {
         !stdout.contains("cloud-platform"),
         "the federated token is internal: {stdout}"
     );
+}
+
+/// `service_account_impersonation.token_lifetime_seconds` (what `gcloud ...
+/// create-cred-config --service-account-token-lifetime-seconds` writes) is
+/// the lifetime asked of generateAccessToken, as google-auth asks it: the
+/// account's access tokens live 30 minutes here, not the default hour.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_files_token_lifetime_is_asked_of_generate_access_token() {
+    let f = Federation::start().await;
+    f.allow("workload-a");
+    f.emulator.grant(
+        &f.provider.principal("workload-a"),
+        ACCOUNT,
+        Permission::AccessToken,
+    );
+    let token_file = f.dir.path().join("subject.jwt");
+    std::fs::write(&token_file, f.subject_token("workload-a")).unwrap();
+    let creds = f.credential_file(
+        serde_json::json!({ "file": token_file, "format": { "type": "text" } }),
+        serde_json::json!({ "service_account_impersonation": { "token_lifetime_seconds": 1800 } }),
+    );
+    let identities = format!(
+        "{}\n[[policy]]\nuids = [{}]\nidentities = [\"federated\"]\naudiences = [\"*\"]\nscopes = [\"*\"]\n",
+        identity(&creds),
+        nix::unistd::getuid().as_raw()
+    );
+    let broker = Broker::start(|s| support::config_text(s, &identities), "info").await;
+    let access = broker
+        .client()
+        .await
+        .get_access_token(token_broker::proto::GetAccessTokenRequest {
+            identity: "federated".into(),
+            scopes: vec![],
+            min_valid_for: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    broker.served.lock().unwrap().push(access.token.clone());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let lives = access.expire_time.expect("expire_time").seconds - now;
+    assert!(
+        (1700..=1800).contains(&lives),
+        "the access token lives {lives}s, not the file's 1800s"
+    );
+    let (principal, _) = f.emulator.access_token_info(&access.token).unwrap();
+    assert_eq!(principal, ACCOUNT);
 }

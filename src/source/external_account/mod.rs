@@ -105,6 +105,9 @@ pub struct ExternalAccountFile {
     /// The origin of `service_account_impersonation_url`.
     pub(crate) iam_origin: String,
     pub(crate) workforce_pool_user_project: Option<String>,
+    /// `service_account_impersonation.token_lifetime_seconds`: how long the
+    /// impersonated access tokens live (Google's default: an hour).
+    pub(crate) token_lifetime: Option<std::time::Duration>,
     pub(crate) client_auth: Option<(String, crate::token::Secret)>,
     pub(crate) source: CredentialSource,
 }
@@ -183,6 +186,7 @@ impl ExternalAccountFile {
             impersonation,
             "service_account_impersonation_url",
         )?;
+        let token_lifetime = token_lifetime(fields.get("service_account_impersonation"))?;
         let client_auth = match (fields.get("client_id"), fields.get("client_secret")) {
             (Some(Value::String(id)), Some(Value::String(secret))) => {
                 Some((id.clone(), crate::token::Secret::new(secret.clone())))
@@ -201,6 +205,7 @@ impl ExternalAccountFile {
             service_account,
             iam_origin,
             workforce_pool_user_project,
+            token_lifetime,
             client_auth,
             source,
         })
@@ -214,6 +219,30 @@ impl ExternalAccountFile {
     /// The default IAM Credentials base URL: the impersonation URL's origin.
     pub fn iam_origin(&self) -> &str {
         &self.iam_origin
+    }
+}
+
+/// Longest `token_lifetime_seconds` IAM grants (12 hours, where the
+/// organization allows more than one).
+const MAX_TOKEN_LIFETIME_SECS: u64 = 43_200;
+
+/// `service_account_impersonation: {"token_lifetime_seconds": N}`, as
+/// google-auth reads it: absent or null, the default hour.
+fn token_lifetime(field: Option<&Value>) -> Result<Option<std::time::Duration>, String> {
+    let seconds = match field {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(fields)) => match fields.get("token_lifetime_seconds") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(value) => value.as_u64(),
+        },
+        Some(_) => return Err("field `service_account_impersonation` is not an object".into()),
+    };
+    match seconds {
+        Some(secs @ 1..=MAX_TOKEN_LIFETIME_SECS) => Ok(Some(std::time::Duration::from_secs(secs))),
+        _ => Err(format!(
+            "field `service_account_impersonation.token_lifetime_seconds` must be a whole \
+             number of seconds from 1 to {MAX_TOKEN_LIFETIME_SECS}"
+        )),
     }
 }
 
@@ -369,11 +398,14 @@ impl ExternalAccountSource {
         clock: Clock,
     ) -> Result<Self, String> {
         let exchange = sts::Exchange::new(identity, file.clone(), clock.clone())?;
-        let iam = IamCredentials::new(
+        let mut iam = IamCredentials::new(
             iam_endpoint.unwrap_or(&file.iam_origin),
             identity,
             clock.clone(),
         )?;
+        if let Some(lifetime) = file.token_lifetime {
+            iam = iam.with_access_lifetime(lifetime);
+        }
         let chain = Chain {
             identity: identity.to_owned(),
             federated_hop: format!("STS at {} ({})", file.token_url, file.source.describe()),
