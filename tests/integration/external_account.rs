@@ -934,6 +934,28 @@ async fn credential_files_and_executables_others_can_change_are_refused() {
         err.contains("executable.command") && err.contains("writable by group or others"),
         "{err}"
     );
+
+    // A subject-token file anyone may rewrite: the exchange is refused,
+    // naming the file, and nothing is sent to STS.
+    f.allow("workload-a");
+    std::fs::write(&token_file, f.subject_token("workload-a")).unwrap();
+    support::set_mode(&token_file, 0o666);
+    let creds = f.credential_file(
+        serde_json::json!({ "file": token_file, "format": { "type": "text" } }),
+        serde_json::json!({}),
+    );
+    let identities = identity(&creds);
+    let broker = Broker::start(|s| support::config_text(s, &identities), "info").await;
+    let status = broker
+        .get("federated", "https://svc.example.com")
+        .await
+        .expect_err("a subject token others can write was used");
+    assert!(
+        status.message().contains("subject token file")
+            && status.message().contains("writable by group or others"),
+        "{status:?}"
+    );
+    assert_eq!(f.emulator.stats().sts.total, 0, "nothing reached STS");
 }
 
 /// Issue 15.1: an external_account identity's access token is the

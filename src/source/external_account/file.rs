@@ -1,5 +1,6 @@
 //! `credential_source.file`: the subject token is read from a file at every
-//! exchange, since Kubernetes and other platforms rotate it in place.
+//! exchange, since Kubernetes and other platforms rotate it in place; the
+//! file must be one only root or the broker's user can change.
 
 use std::path::PathBuf;
 
@@ -16,7 +17,12 @@ pub(crate) struct FileSource {
 impl FileSource {
     pub(crate) async fn read(&self) -> Result<String, SubjectError> {
         let from = format!("subject token file {}", self.path.display());
-        let file = tokio::fs::File::open(&self.path)
+        // Whoever could replace the file could have the broker exchange
+        // their token for the account's (checked at every read: the file
+        // and the directories above it are rotated in place).
+        let real =
+            super::trusted_file(&self.path).map_err(|m| SubjectError::permanent(&from, m))?;
+        let file = tokio::fs::File::open(&real)
             .await
             .map_err(|e| SubjectError::permanent(&from, format!("cannot be read: {e}")))?;
         let mut text = String::new();
