@@ -207,6 +207,16 @@ impl Policy {
         self.rules.is_empty()
     }
 
+    /// May `caller` have some token of `identity` (any audience or scope)?
+    /// Asked before work done for the identity's sake alone, such as
+    /// reading a per-workload identity's account for its `email`.
+    pub fn serves_identity(&self, caller: Option<Caller<'_>>, identity: &str) -> bool {
+        if self.rules.is_empty() {
+            return true;
+        }
+        caller.is_some_and(|caller| self.rules.iter().any(|rule| rule.serves(&caller, identity)))
+    }
+
     /// May `caller` have a token for (`identity`, `audience`)?
     pub fn decide(&self, caller: Option<Caller<'_>>, identity: &str, audience: &str) -> Decision {
         if self.rules.is_empty() {
@@ -477,6 +487,35 @@ mod tests {
 
     fn pattern(text: &str) -> AudiencePattern {
         AudiencePattern::parse(text).unwrap()
+    }
+
+    #[test]
+    fn an_identity_is_served_when_some_rule_grants_it_to_the_caller() {
+        let caller = |uid| {
+            Some(Caller {
+                uid: Some(uid),
+                gid: None,
+                workload: None,
+            })
+        };
+        assert!(Policy::default().serves_identity(caller(7), "any"));
+        let policy = Policy::compile(&[RuleSettings {
+            uids: vec![Principal::Id(1000)],
+            gids: vec![],
+            exe: vec![],
+            systemd_units: vec![],
+            k8s_namespaces: vec![],
+            k8s_service_accounts: vec![],
+            k8s_pod_labels: vec![],
+            identities: vec!["pods".into()],
+            audiences: vec!["https://a.example.com".into()],
+            scopes: vec![],
+        }])
+        .unwrap();
+        assert!(policy.serves_identity(caller(1000), "pods"));
+        assert!(!policy.serves_identity(caller(1000), "other"));
+        assert!(!policy.serves_identity(caller(1001), "pods"));
+        assert!(!policy.serves_identity(None, "pods"));
     }
 
     #[test]

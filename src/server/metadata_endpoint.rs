@@ -784,6 +784,29 @@ impl EndpointState {
     /// The served account's email for `peer`: a per-workload identity's is
     /// the caller's own (its pod's annotation), any other the identity's.
     pub(super) async fn account_email(&self, peer: &PeerCredentials) -> Result<String, Refusal> {
+        // A per-workload identity's account is read from the API server:
+        // only for a caller the policy lets use the identity at all.
+        let per_workload = self
+            .cache
+            .source(&self.identity)
+            .and_then(|source| source.account_from())
+            .is_some();
+        if per_workload
+            && !self
+                .live
+                .policy()
+                .serves_identity(peer.caller(), &self.identity)
+        {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} may not use identity {} (caller: {})",
+                    peer.sharer(),
+                    LogText::new(&self.identity),
+                    peer.selectors_text().unwrap_or("unattested")
+                ),
+            ));
+        }
         match workload_account::resolve(&self.cache, self.pods.as_deref(), peer, &self.identity)
             .await
         {
