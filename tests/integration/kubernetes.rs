@@ -22,7 +22,10 @@ use std::{
 use nix::sys::signal::Signal;
 use token_broker::{
     config::KubernetesSettings,
-    emulator::kubelet::{Kubelet, KubeletOptions, StandInPod, RECORDED_POD_LIST},
+    emulator::{
+        kubelet::{Kubelet, KubeletOptions, StandInPod, RECORDED_POD_LIST},
+        Emulator, Permission,
+    },
     kubernetes::{parse_pod_list, PodDirectory, PodLookupError},
     proto::GetIdTokenRequest,
 };
@@ -132,12 +135,7 @@ fn stand_in_pod(namespace: &str, name: &str, uid: &str, account: &str, cid: &str
 
 /// A broker with `[kubernetes]` pointed at `kubelet` (plus `extra` keys)
 /// and `rules`.
-async fn broker_with(
-    emulator: &token_broker::emulator::Emulator,
-    kubelet: &Kubelet,
-    extra: &str,
-    rules: &str,
-) -> Broker {
+async fn broker_with(emulator: &Emulator, kubelet: &Kubelet, extra: &str, rules: &str) -> Broker {
     workloads::broker_with(
         emulator,
         format!(
@@ -148,16 +146,9 @@ async fn broker_with(
     .await
 }
 
-/// `token-broker token` for `audience`, run as WEB in `cgroup`: (exit
-/// code, stdout, stderr).
-fn token_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> (i32, String, String) {
-    let mut command = support::base_command(&[
-        "token",
-        "--socket",
-        broker.socket.to_str().unwrap(),
-        "--audience",
-        audience,
-    ]);
+/// The CLI with `args`, run as WEB in `cgroup`: (exit code, stdout, stderr).
+fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
+    let mut command = support::base_command(args);
     workloads::place(
         &mut command,
         Some(&cgroup.procs()),
@@ -172,6 +163,44 @@ fn token_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> (i32, String
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `token-broker token` for `audience`, run as WEB in `cgroup`: (exit
+/// code, stdout, stderr).
+fn token_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> (i32, String, String) {
+    let socket = broker.socket.to_str().unwrap();
+    cli_in(
+        cgroup,
+        &["token", "--socket", socket, "--audience", audience],
+    )
+}
+
+/// `token-broker token --identity IDENTITY` for `audience`, run as WEB in
+/// `cgroup`: (exit code, stdout, stderr).
+fn token_as(
+    broker: &Broker,
+    cgroup: &PodCgroup,
+    identity: &str,
+    audience: &str,
+) -> (i32, String, String) {
+    let socket = broker.socket.to_str().unwrap();
+    let args = [
+        "token",
+        "--socket",
+        socket,
+        "--identity",
+        identity,
+        "--audience",
+        audience,
+    ];
+    cli_in(cgroup, &args)
+}
+
+/// `token-broker status --json`, run as WEB in `cgroup`: what a pod is
+/// shown of the broker's entries.
+fn status_in(broker: &Broker, cgroup: &PodCgroup) -> (i32, String, String) {
+    let socket = broker.socket.to_str().unwrap();
+    cli_in(cgroup, &["status", "--socket", socket, "--json"])
 }
 
 const AUDIENCE: &str = "https://payments.example.com";
@@ -923,45 +952,95 @@ fn a_full_nodes_pod_list_parses_quickly() {
     assert!(each < Duration::from_millis(500), "{each:?}");
 }
 
-/// `token-broker token --identity IDENTITY` for `audience`, run as WEB in
-/// `cgroup`: (exit code, stdout, stderr).
-fn token_as(
-    broker: &Broker,
-    cgroup: &PodCgroup,
-    identity: &str,
-    audience: &str,
-) -> (i32, String, String) {
-    cli_in(
-        cgroup,
-        &[
-            "token",
-            "--socket",
-            broker.socket.to_str().unwrap(),
-            "--identity",
-            identity,
-            "--audience",
-            audience,
-        ],
-    )
+const API_ACCOUNT: &str = "payments-api@apps.iam.gserviceaccount.com";
+const BATCH_ACCOUNT: &str = "batch@apps.iam.gserviceaccount.com";
+
+/// Per-workload identity on one node: three pods, each in a cgroup of its
+/// own, whose service accounts' annotations name Google accounts, and a
+/// broker serving them identity `pods` (impersonating, from `default`, the
+/// account the annotation names) in namespaces `payments` and `batch`.
+struct AnnotatedPods {
+    broker: Broker,
+    kubelet: Kubelet,
+    emulator: Emulator,
+    /// `payments/api-1` (systemd driver), service account `api-sa`
+    /// annotated with [`API_ACCOUNT`].
+    api: PodCgroup,
+    /// `batch/job-1` (cgroupfs driver), service account `job-sa` annotated
+    /// with [`BATCH_ACCOUNT`].
+    batch: PodCgroup,
+    /// The test's own third pod in `batch` (systemd driver).
+    third: PodCgroup,
 }
 
-/// The CLI with `args`, run as WEB in `cgroup`: (exit code, stdout, stderr).
-fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
-    let mut command = support::base_command(args);
-    workloads::place(
-        &mut command,
-        Some(&cgroup.procs()),
-        WEB,
-        WEB,
-        &[WEB],
-        || Ok(()),
-    );
-    let out = command.output().expect("client runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// The third pod of [`AnnotatedPods`]: its name, its service account, and
+/// the account that service account's annotation names (`None`: it has
+/// no annotation).
+type ThirdPod<'a> = (&'a str, &'a str, Option<&'a str>);
+
+impl AnnotatedPods {
+    /// The pods get IDs from `seed`, `seed + 1` and `seed + 2`; the node
+    /// holds `grants`; the `pods` rule grants `scopes`, and `more_rules`
+    /// follow it. `None` where the kernel will not have the cgroups.
+    async fn start(
+        seed: u32,
+        third: ThirdPod<'_>,
+        grants: &[(&str, Permission)],
+        scopes: &str,
+        more_rules: &str,
+    ) -> Option<AnnotatedPods> {
+        let (third_name, third_account, third_annotation) = third;
+        let ((api_uid, api_cid), (batch_uid, batch_cid), (third_uid, third_cid)) =
+            (ids(seed), ids(seed + 1), ids(seed + 2));
+        let api = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid)?;
+        let batch = PodCgroup::container(Driver::Cgroupfs, &batch_uid, &batch_cid)?;
+        let third = PodCgroup::container(Driver::Systemd, &third_uid, &third_cid)?;
+        let emulator = support::emulator_granting_the_node(grants).await;
+        let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
+        kubelet.add_pod(&stand_in_pod(
+            "payments", "api-1", &api_uid, "api-sa", &api_cid,
+        ));
+        kubelet.add_pod(&stand_in_pod(
+            "batch", "job-1", &batch_uid, "job-sa", &batch_cid,
+        ));
+        kubelet.add_pod(&stand_in_pod(
+            "batch",
+            third_name,
+            &third_uid,
+            third_account,
+            &third_cid,
+        ));
+        let annotated = |account: Option<&str>| {
+            account
+                .map(|account| {
+                    (
+                        "iam.gke.io/gcp-service-account".to_owned(),
+                        account.to_owned(),
+                    )
+                })
+                .into_iter()
+                .collect()
+        };
+        kubelet.set_service_account("payments", "api-sa", annotated(Some(API_ACCOUNT)));
+        kubelet.set_service_account("batch", "job-sa", annotated(Some(BATCH_ACCOUNT)));
+        kubelet.set_service_account("batch", third_account, annotated(third_annotation));
+        let rules = format!(
+            "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"default\"\n\
+             service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
+             [[policy]]\nk8s_namespaces = [\"payments\", \"batch\"]\nidentities = [\"pods\"]\n\
+             audiences = [\"{AUDIENCE}\"]\nscopes = [\"{scopes}\"]\n{more_rules}",
+            emulator.base_url()
+        );
+        let broker = broker_with(&emulator, &kubelet, "", &rules).await;
+        Some(AnnotatedPods {
+            broker,
+            kubelet,
+            emulator,
+            api,
+            batch,
+            third,
+        })
+    }
 }
 
 /// Issue 14 point 4 over the socket: one per-workload identity
@@ -971,57 +1050,30 @@ fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
 /// each); a service account without the annotation is refused, naming it.
 #[tokio::test(flavor = "multi_thread")]
 async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
-    const API: &str = "payments-api@apps.iam.gserviceaccount.com";
-    const BATCH: &str = "batch@apps.iam.gserviceaccount.com";
-    let annotated = |account: &str| {
-        BTreeMap::from([(
-            "iam.gke.io/gcp-service-account".to_owned(),
-            account.to_owned(),
-        )])
-    };
-    let ((api_uid, api_cid), (batch_uid, batch_cid), (bare_uid, bare_cid)) =
-        (ids(30), ids(31), ids(32));
-    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
-        return;
-    };
-    let Some(batch) = PodCgroup::container(Driver::Cgroupfs, &batch_uid, &batch_cid) else {
-        return;
-    };
-    let Some(bare) = PodCgroup::container(Driver::Systemd, &bare_uid, &bare_cid) else {
-        return;
-    };
-    let emulator = support::emulator().await;
-    for account in [API, BATCH] {
-        emulator.create_service_account(account);
-        emulator.grant(
-            token_broker::emulator::DEFAULT_ACCOUNT_EMAIL,
-            account,
-            token_broker::emulator::Permission::OpenIdToken,
-        );
-    }
-    let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
-    kubelet.add_pod(&stand_in_pod(
-        "payments", "api-1", &api_uid, "api-sa", &api_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "batch", "job-1", &batch_uid, "job-sa", &batch_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "batch", "shell-1", &bare_uid, "default", &bare_cid,
-    ));
-    kubelet.set_service_account("payments", "api-sa", annotated(API));
-    kubelet.set_service_account("batch", "job-sa", annotated(BATCH));
-    kubelet.set_service_account("batch", "default", BTreeMap::new());
-    let rules = format!(
-        "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"default\"\n\
-         service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
-         [[policy]]\nk8s_namespaces = [\"payments\", \"batch\"]\nidentities = [\"pods\"]\n\
-         audiences = [\"{AUDIENCE}\"]\nscopes = [\"*\"]\n\
-         [[policy]]\nk8s_service_accounts = [\"payments/api-sa\"]\nidentities = [\"default\"]\n\
+    const API: &str = API_ACCOUNT;
+    const BATCH: &str = BATCH_ACCOUNT;
+    let Some(AnnotatedPods {
+        broker,
+        kubelet,
+        emulator,
+        api,
+        batch,
+        third: bare,
+    }) = AnnotatedPods::start(
+        30,
+        ("shell-1", "default", None),
+        &[
+            (API, Permission::OpenIdToken),
+            (BATCH, Permission::OpenIdToken),
+        ],
+        "*",
+        "[[policy]]\nk8s_service_accounts = [\"payments/api-sa\"]\nidentities = [\"default\"]\n\
          scopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n",
-        emulator.base_url()
-    );
-    let broker = broker_with(&emulator, &kubelet, "", &rules).await;
+    )
+    .await
+    else {
+        return;
+    };
 
     let mut tokens = Vec::new();
     for (cgroup, account) in [(&api, API), (&batch, BATCH)] {
@@ -1045,15 +1097,7 @@ async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
     assert_eq!(stats.metadata_token, 1, "one base access token for both");
     // `status` shows a pod its own entry of the per-workload identity, not
     // the other pod's (whose audience it names).
-    let (code, listed, stderr) = cli_in(
-        &api,
-        &[
-            "status",
-            "--socket",
-            broker.socket.to_str().unwrap(),
-            "--json",
-        ],
-    );
+    let (code, listed, stderr) = status_in(&broker, &api);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(listed.matches("\"pods\"").count(), 1, "{listed}");
     // Asked again, each pod gets its own token back from the cache.
@@ -1157,65 +1201,34 @@ stream.cancel()
 /// permission; a pod lists only its own entry.
 #[tokio::test(flavor = "multi_thread")]
 async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
-    const API: &str = "payments-api@apps.iam.gserviceaccount.com";
-    const BATCH: &str = "batch@apps.iam.gserviceaccount.com";
+    const API: &str = API_ACCOUNT;
+    const BATCH: &str = BATCH_ACCOUNT;
     const UNGRANTED: &str = "ungranted@apps.iam.gserviceaccount.com";
     const CLOUD: &str = "https://www.googleapis.com/auth/cloud-platform";
-    let annotated = |account: &str| {
-        BTreeMap::from([(
-            "iam.gke.io/gcp-service-account".to_owned(),
-            account.to_owned(),
-        )])
-    };
-    let ((api_uid, api_cid), (batch_uid, batch_cid), (job_uid, job_cid)) =
-        (ids(33), ids(34), ids(35));
-    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+    let Some(AnnotatedPods {
+        broker,
+        emulator,
+        api,
+        batch,
+        third: job,
+        // Held: the pods' kubelet serves until the test ends.
+        kubelet: _kubelet,
+    }) = AnnotatedPods::start(
+        33,
+        ("cron-1", "cron-sa", Some(UNGRANTED)),
+        &[
+            (API, Permission::AccessToken),
+            (BATCH, Permission::AccessToken),
+            // The node may mint UNGRANTED's ID tokens, not its access tokens.
+            (UNGRANTED, Permission::OpenIdToken),
+        ],
+        CLOUD,
+        "",
+    )
+    .await
+    else {
         return;
     };
-    let Some(batch) = PodCgroup::container(Driver::Cgroupfs, &batch_uid, &batch_cid) else {
-        return;
-    };
-    let Some(job) = PodCgroup::container(Driver::Systemd, &job_uid, &job_cid) else {
-        return;
-    };
-    let emulator = support::emulator().await;
-    for account in [API, BATCH, UNGRANTED] {
-        emulator.create_service_account(account);
-    }
-    for account in [API, BATCH] {
-        emulator.grant(
-            token_broker::emulator::DEFAULT_ACCOUNT_EMAIL,
-            account,
-            token_broker::emulator::Permission::AccessToken,
-        );
-    }
-    // The node may mint UNGRANTED's ID tokens, not its access tokens.
-    emulator.grant(
-        token_broker::emulator::DEFAULT_ACCOUNT_EMAIL,
-        UNGRANTED,
-        token_broker::emulator::Permission::OpenIdToken,
-    );
-    let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
-    kubelet.add_pod(&stand_in_pod(
-        "payments", "api-1", &api_uid, "api-sa", &api_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "batch", "job-1", &batch_uid, "job-sa", &batch_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "batch", "cron-1", &job_uid, "cron-sa", &job_cid,
-    ));
-    kubelet.set_service_account("payments", "api-sa", annotated(API));
-    kubelet.set_service_account("batch", "job-sa", annotated(BATCH));
-    kubelet.set_service_account("batch", "cron-sa", annotated(UNGRANTED));
-    let rules = format!(
-        "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"default\"\n\
-         service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
-         [[policy]]\nk8s_namespaces = [\"payments\", \"batch\"]\nidentities = [\"pods\"]\n\
-         audiences = [\"{AUDIENCE}\"]\nscopes = [\"{CLOUD}\"]\n",
-        emulator.base_url()
-    );
-    let broker = broker_with(&emulator, &kubelet, "", &rules).await;
     let access = |cgroup| {
         cli_in(
             cgroup,
@@ -1276,15 +1289,7 @@ async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
         "the watch's audit line names the account:\n{log}"
     );
     // `status` shows the batch pod its own access entry, not the api pod's.
-    let (code, listed, stderr) = cli_in(
-        &batch,
-        &[
-            "status",
-            "--socket",
-            broker.socket.to_str().unwrap(),
-            "--json",
-        ],
-    );
+    let (code, listed, stderr) = status_in(&broker, &batch);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(listed.matches("\"pods\"").count(), 1, "{listed}");
 

@@ -17,7 +17,10 @@ use std::{
 
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use token_broker::{
-    emulator::{write_key_file, Emulator, EmulatorOptions, ServiceAccountRegistration},
+    emulator::{
+        write_key_file, Emulator, EmulatorOptions, Permission, ServiceAccountRegistration,
+        DEFAULT_ACCOUNT_EMAIL,
+    },
     proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest},
 };
 use tonic::transport::Channel;
@@ -29,6 +32,20 @@ pub async fn emulator() -> Emulator {
     Emulator::start(EmulatorOptions::default())
         .await
         .expect("emulator starts")
+}
+
+/// Starts an emulator holding the service accounts of `grants`, each of
+/// which the node's own account (the metadata server's default, what a
+/// per-workload identity impersonates from) is granted its permission on.
+pub async fn emulator_granting_the_node(grants: &[(&str, Permission)]) -> Emulator {
+    let emulator = emulator().await;
+    for (account, _) in grants {
+        emulator.create_service_account(account);
+    }
+    for (account, permission) in grants {
+        emulator.grant(DEFAULT_ACCOUNT_EMAIL, account, *permission);
+    }
+    emulator
 }
 
 /// An emulator on tokio's clock, and that clock: in a `start_paused` test
