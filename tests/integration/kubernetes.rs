@@ -12,7 +12,6 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Mutex,
@@ -27,9 +26,7 @@ use token_broker::{
         Emulator, Permission,
     },
     kubernetes::{parse_pod_list, PodDirectory, PodLookupError},
-    proto::GetIdTokenRequest,
 };
-use tonic::Code;
 
 use crate::{
     support::{self, Broker},
@@ -636,87 +633,13 @@ async fn a_pods_recycled_pid_is_not_attributed_to_the_process_that_connected() {
 
     // Stopped, the broker accepts and attests nothing until told.
     support::signal(&broker.child, Signal::SIGSTOP);
-    let ours = workloads::unix_socket();
-    let raw = ours.as_raw_fd();
-    let (addr, len) = workloads::sockaddr_un(&broker.socket);
-    // The client, in the worker pod, connects and exits at once.
-    let mut client = Command::new("true");
-    workloads::place(
-        &mut client,
-        Some(&other.procs()),
-        WEB,
-        WEB,
-        &[WEB],
-        move || {
-            // SAFETY: addr outlives the call; raw is open in the child.
-            let result =
-                unsafe { libc::connect(raw, (&addr as *const libc::sockaddr_un).cast(), len) };
-            if result < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        },
-    );
-    let mut client = client.spawn().expect("client runs");
-    let gone = client.id() as i32;
-    assert!(client.wait().unwrap().success(), "the client connected");
-    // Its pid goes to a process in the api pod, where possible.
-    let mut sleeper = None;
-    for _ in 0..50 {
-        if std::fs::write("/proc/sys/kernel/ns_last_pid", (gone - 1).to_string()).is_err() {
-            break;
-        }
-        let mut command = Command::new("sleep");
-        command.arg("60").stdin(Stdio::null());
-        workloads::place(
-            &mut command,
-            Some(&allowed.procs()),
-            WEB,
-            WEB,
-            &[WEB],
-            || Ok(()),
-        );
-        let Ok(mut child) = command.spawn() else {
-            break;
-        };
-        if child.id() as i32 == gone {
-            sleeper = Some(child);
-            break;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    match &sleeper {
-        Some(_) => eprintln!("pid {gone} was given to a process in the api pod"),
-        None => eprintln!(
-            "the kernel did not let this test reuse pid {gone}; checking only that the \
-             exited client gets no pod"
-        ),
-    }
-    support::signal(&broker.child, Signal::SIGCONT);
-    let mut client = workloads::client_on(ours).await;
-    let status = match client
-        .get_id_token(GetIdTokenRequest {
-            identity: String::new(),
-            audience: AUDIENCE.into(),
-            min_valid_for: None,
-        })
-        .await
-    {
-        Ok(_) => panic!("the exited client's connection was admitted as the api pod"),
-        Err(status) => status,
-    };
-    if let Some(mut child) = sleeper {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(
-        status
-            .message()
-            .contains("caller: unattested (the client exited"),
-        "{status:?}"
-    );
+    // The client, in the worker pod, connects and exits at once; its pid
+    // goes to a process in the api pod, where possible.
+    let (ours, gone) = workloads::connect_from_a_client_that_exits(&broker.socket, &other.procs());
+    let sleeper = workloads::give_pid_to_a_sleeper_in(&allowed.procs(), gone, "the api pod");
+    let status =
+        workloads::refusal_of_the_exited_client(&broker, ours, sleeper, AUDIENCE, "the api pod")
+            .await;
     assert!(!status.message().contains("api-sa"), "{status:?}");
 }
 

@@ -349,6 +349,100 @@ fn spawn_sleeper_at(procs: &Path, want: i32) -> Option<std::process::Child> {
     command.spawn().ok()
 }
 
+/// The first half of the pid-reuse race: a client, run as WEB in `procs`'
+/// cgroup, connects our socket to the broker at `socket` (the kernel
+/// records its pid and uid) and exits at once. Our end of the connection
+/// and the client's pid, reaped and free again.
+pub(crate) fn connect_from_a_client_that_exits(socket: &Path, procs: &Path) -> (OwnedFd, i32) {
+    let ours = unix_socket();
+    let raw = ours.as_raw_fd();
+    let (addr, len) = sockaddr_un(socket);
+    let mut client = Command::new("true");
+    place(&mut client, Some(procs), WEB, WEB, &[WEB], move || {
+        // SAFETY: addr outlives the call; raw is open in the child.
+        let result = unsafe { libc::connect(raw, (&addr as *const libc::sockaddr_un).cast(), len) };
+        if result < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    });
+    let mut client = client.spawn().expect("client runs");
+    let gone = client.id() as i32;
+    assert!(client.wait().unwrap().success(), "the client connected");
+    (ours, gone)
+}
+
+/// The second half: pid `gone` goes to a `sleep` as WEB in `procs`'
+/// cgroup (`owner`, which the rule grants), where the kernel lets the
+/// test choose the next pid; the sleeper, if it got the pid.
+pub(crate) fn give_pid_to_a_sleeper_in(
+    procs: &Path,
+    gone: i32,
+    owner: &str,
+) -> Option<std::process::Child> {
+    let mut sleeper = None;
+    for _ in 0..50 {
+        match spawn_sleeper_at(procs, gone) {
+            Some(child) if child.id() as i32 == gone => {
+                sleeper = Some(child);
+                break;
+            }
+            Some(mut child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            None => break,
+        }
+    }
+    match &sleeper {
+        Some(_) => eprintln!("pid {gone} was given to a process in {owner}"),
+        None => eprintln!(
+            "the kernel did not let this test reuse pid {gone} (ns_last_pid); \
+             checking only that the exited client is not attested as {owner}"
+        ),
+    }
+    sleeper
+}
+
+/// The race's end: the broker, stopped since the client connected, goes
+/// on, and the exited client's connection `ours` asks for `audience`. It
+/// must be refused as unattested (the client exited), whoever holds its
+/// pid now; the refusal, for the test's own checks. Ends the sleeper.
+pub(crate) async fn refusal_of_the_exited_client(
+    broker: &Broker,
+    ours: OwnedFd,
+    sleeper: Option<std::process::Child>,
+    audience: &str,
+    owner: &str,
+) -> tonic::Status {
+    support::signal(&broker.child, Signal::SIGCONT);
+    let mut client = client_on(ours).await;
+    let status = match client
+        .get_id_token(GetIdTokenRequest {
+            identity: String::new(),
+            audience: audience.into(),
+            min_valid_for: None,
+        })
+        .await
+    {
+        // Not the response itself: it would print the token.
+        Ok(_) => panic!("the exited client's connection was admitted as {owner}"),
+        Err(status) => status,
+    };
+    if let Some(mut child) = sleeper {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("caller: unattested (the client exited"),
+        "{status:?}"
+    );
+    status
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_owners() {
     let Some(cgroups) = TestCgroups::create(&["demo.service", "other.service"]) else {
@@ -367,81 +461,14 @@ async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_ow
 
     // Stopped, the broker accepts and attests nothing until told.
     support::signal(&broker.child, Signal::SIGSTOP);
-    let ours = unix_socket();
-    let raw = ours.as_raw_fd();
-    let (addr, len) = sockaddr_un(&broker.socket);
-    // The client: as WEB in other.service, it connects our socket to the
-    // broker (the kernel records its pid and uid) and exits at once.
-    let mut client = Command::new("true");
-    place(
-        &mut client,
-        Some(&cgroups.procs("other.service")),
-        WEB,
-        WEB,
-        &[WEB],
-        move || {
-            // SAFETY: addr outlives the call; raw is open in the child.
-            let result =
-                unsafe { libc::connect(raw, (&addr as *const libc::sockaddr_un).cast(), len) };
-            if result < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        },
-    );
-    let mut client = client.spawn().expect("client runs");
-    let gone = client.id() as i32;
-    assert!(client.wait().unwrap().success(), "the client connected");
-
+    // The client: as WEB in other.service, it connects and exits.
+    let (ours, gone) =
+        connect_from_a_client_that_exits(&broker.socket, &cgroups.procs("other.service"));
     // Its pid, reaped, goes to a process as the same uid in the unit the
     // rule grants, where the kernel lets the test choose the next pid.
-    let mut sleeper = None;
-    for _ in 0..50 {
-        match spawn_sleeper_at(&cgroups.procs("demo.service"), gone) {
-            Some(child) if child.id() as i32 == gone => {
-                sleeper = Some(child);
-                break;
-            }
-            Some(mut child) => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            None => break,
-        }
-    }
-    match &sleeper {
-        Some(_) => eprintln!("pid {gone} was given to a process in demo.service"),
-        None => eprintln!(
-            "the kernel did not let this test reuse pid {gone} (ns_last_pid); \
-             checking only that the exited client gets no selectors"
-        ),
-    }
-    support::signal(&broker.child, Signal::SIGCONT);
-
-    let mut client = client_on(ours).await;
-    let status = match client
-        .get_id_token(GetIdTokenRequest {
-            identity: String::new(),
-            audience: audience.into(),
-            min_valid_for: None,
-        })
-        .await
-    {
-        // Not the response itself: it would print the token.
-        Ok(_) => panic!("the exited client's connection was admitted as its pid's next owner"),
-        Err(status) => status,
-    };
-    if let Some(mut child) = sleeper {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(
-        status
-            .message()
-            .contains("caller: unattested (the client exited"),
-        "{status:?}"
-    );
+    let sleeper = give_pid_to_a_sleeper_in(&cgroups.procs("demo.service"), gone, "demo.service");
+    let status =
+        refusal_of_the_exited_client(&broker, ours, sleeper, audience, "demo.service").await;
     assert!(!status.message().contains("demo.service"), "{status:?}");
     let log = broker
         .wait_for_log("the denial's audit line", |log| {
