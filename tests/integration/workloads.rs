@@ -17,7 +17,10 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
-use token_broker::proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest};
+use token_broker::{
+    emulator::Emulator,
+    proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest},
+};
 use tonic::Code;
 
 use crate::support::{self, Broker};
@@ -143,10 +146,7 @@ pub(crate) fn place(
 }
 
 /// A broker whose socket every uid may open, with `rules` as its policy.
-pub(crate) async fn broker_with(
-    emulator: &token_broker::emulator::Emulator,
-    rules: String,
-) -> Broker {
+pub(crate) async fn broker_with(emulator: &Emulator, rules: String) -> Broker {
     let identity = support::metadata_identity("default", emulator);
     Broker::start(
         move |socket| {
@@ -188,6 +188,26 @@ fn token_from(
     )
 }
 
+/// The audience [`demo_service_broker`]'s rule grants.
+const DEMO_AUDIENCE: &str = "https://demo.example.com";
+
+/// The units `demo.service` and `other.service`, and a broker whose one
+/// rule grants WEB [`DEMO_AUDIENCE`] in `demo.service` only, with `more`
+/// config after it. `None` where the cgroups cannot be made.
+async fn demo_service_broker(more: &str) -> Option<(TestCgroups, Emulator, Broker)> {
+    let cgroups = TestCgroups::create(&["demo.service", "other.service"])?;
+    let emulator = support::emulator().await;
+    let broker = broker_with(
+        &emulator,
+        format!(
+            "[[policy]]\nuids = [{WEB}]\nsystemd_units = [\"demo.service\"]\n\
+             identities = [\"default\"]\naudiences = [\"{DEMO_AUDIENCE}\"]\n{more}"
+        ),
+    )
+    .await;
+    Some((cgroups, emulator, broker))
+}
+
 pub(crate) fn audit_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
     log.lines()
         .filter(|l| l.contains("GetIdToken") && l.contains(needle))
@@ -196,19 +216,10 @@ pub(crate) fn audit_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_systemd_units_rule_admits_its_unit_and_refuses_the_same_uid_outside_it() {
-    let Some(cgroups) = TestCgroups::create(&["demo.service", "other.service"]) else {
+    let Some((cgroups, emulator, broker)) = demo_service_broker("").await else {
         return;
     };
-    let emulator = support::emulator().await;
-    let audience = "https://demo.example.com";
-    let broker = broker_with(
-        &emulator,
-        format!(
-            "[[policy]]\nuids = [{WEB}]\nsystemd_units = [\"demo.service\"]\n\
-             identities = [\"default\"]\naudiences = [\"{audience}\"]\n"
-        ),
-    )
-    .await;
+    let audience = DEMO_AUDIENCE;
     let web = (WEB, WEB, &[WEB][..]);
 
     let (code, token, stderr) = token_from(&broker, &cgroups, Some("demo.service"), web, audience);
@@ -445,19 +456,10 @@ pub(crate) async fn refusal_of_the_exited_client(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_owners() {
-    let Some(cgroups) = TestCgroups::create(&["demo.service", "other.service"]) else {
+    let Some((cgroups, _emulator, broker)) = demo_service_broker("").await else {
         return;
     };
-    let emulator = support::emulator().await;
-    let audience = "https://demo.example.com";
-    let broker = broker_with(
-        &emulator,
-        format!(
-            "[[policy]]\nuids = [{WEB}]\nsystemd_units = [\"demo.service\"]\n\
-             identities = [\"default\"]\naudiences = [\"{audience}\"]\n"
-        ),
-    )
-    .await;
+    let audience = DEMO_AUDIENCE;
 
     // Stopped, the broker accepts and attests nothing until told.
     support::signal(&broker.child, Signal::SIGSTOP);
@@ -518,21 +520,15 @@ pub fn curl_in(procs: &Path, url: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_metadata_endpoint_finds_the_process_behind_a_tcp_connection() {
-    let Some(cgroups) = TestCgroups::create(&["demo.service", "other.service"]) else {
+    let port = support::free_port();
+    let Some((cgroups, emulator, broker)) = demo_service_broker(&format!(
+        "\n[metadata_endpoint]\nlisten = \"127.0.0.1:{port}\"\n"
+    ))
+    .await
+    else {
         return;
     };
-    let emulator = support::emulator().await;
-    let audience = "https://demo.example.com";
-    let port = support::free_port();
-    let broker = broker_with(
-        &emulator,
-        format!(
-            "[[policy]]\nuids = [{WEB}]\nsystemd_units = [\"demo.service\"]\n\
-             identities = [\"default\"]\naudiences = [\"{audience}\"]\n\n\
-             [metadata_endpoint]\nlisten = \"127.0.0.1:{port}\"\n"
-        ),
-    )
-    .await;
+    let audience = DEMO_AUDIENCE;
     let url = format!(
         "http://127.0.0.1:{port}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}"
     );
