@@ -130,6 +130,17 @@ fn stand_in_pod(namespace: &str, name: &str, uid: &str, account: &str, cid: &str
     }
 }
 
+/// The kubelet stand-in serving the recorded pod list (the `payments`
+/// pods [`payments_rule`] is written for).
+async fn recorded_kubelet() -> Kubelet {
+    Kubelet::start(KubeletOptions {
+        recorded_pods: true,
+        ..KubeletOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// A broker with `[kubernetes]` pointed at `kubelet` (plus `extra` keys)
 /// and `rules`.
 async fn broker_with(emulator: &Emulator, kubelet: &Kubelet, extra: &str, rules: &str) -> Broker {
@@ -143,8 +154,8 @@ async fn broker_with(emulator: &Emulator, kubelet: &Kubelet, extra: &str, rules:
     .await
 }
 
-/// The CLI with `args`, run as WEB in `cgroup`: (exit code, stdout, stderr).
-fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
+/// The CLI with `args`, to run as WEB in `cgroup`.
+fn command_in(cgroup: &PodCgroup, args: &[&str]) -> Command {
     let mut command = support::base_command(args);
     workloads::place(
         &mut command,
@@ -154,6 +165,25 @@ fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
         &[WEB],
         || Ok(()),
     );
+    command
+}
+
+/// `token-broker token` for `audience`, to run as WEB in `cgroup`.
+fn token_command_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> Command {
+    let socket = broker.socket.to_str().unwrap();
+    command_in(
+        cgroup,
+        &["token", "--socket", socket, "--audience", audience],
+    )
+}
+
+/// The CLI with `args`, run as WEB in `cgroup`: (exit code, stdout, stderr).
+fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
+    output(command_in(cgroup, args))
+}
+
+/// Runs `command` to its end: (exit code, stdout, stderr).
+fn output(mut command: Command) -> (i32, String, String) {
     let out = command.output().expect("client runs");
     (
         out.status.code().unwrap_or(-1),
@@ -165,11 +195,7 @@ fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
 /// `token-broker token` for `audience`, run as WEB in `cgroup`: (exit
 /// code, stdout, stderr).
 fn token_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> (i32, String, String) {
-    let socket = broker.socket.to_str().unwrap();
-    cli_in(
-        cgroup,
-        &["token", "--socket", socket, "--audience", audience],
-    )
+    output(token_command_in(broker, cgroup, audience))
 }
 
 /// `token-broker token --identity IDENTITY` for `audience`, run as WEB in
@@ -234,12 +260,7 @@ async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_no
         return;
     };
     let emulator = support::emulator().await;
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
+    let kubelet = recorded_kubelet().await;
     kubelet.add_pod(&stand_in_pod(
         "payments",
         "api-7f9c8d6b5-k2m4x",
@@ -332,12 +353,7 @@ async fn a_pod_on_loopback_is_known_at_the_metadata_endpoint() {
         return;
     };
     let emulator = support::emulator().await;
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
+    let kubelet = recorded_kubelet().await;
     kubelet.add_pod(&stand_in_pod(
         "payments",
         "api-7f9c8d6b5-h7j9k",
@@ -397,12 +413,7 @@ async fn a_container_that_connects_before_the_kubelet_lists_it_is_admitted() {
         return;
     };
     let emulator = support::emulator().await;
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
+    let kubelet = recorded_kubelet().await;
     let broker = broker_with(
         &emulator,
         &kubelet,
@@ -411,22 +422,7 @@ async fn a_container_that_connects_before_the_kubelet_lists_it_is_admitted() {
     )
     .await;
 
-    let mut command = support::base_command(&[
-        "token",
-        "--socket",
-        broker.socket.to_str().unwrap(),
-        "--audience",
-        AUDIENCE,
-    ]);
-    workloads::place(
-        &mut command,
-        Some(&cgroup.procs()),
-        WEB,
-        WEB,
-        &[WEB],
-        || Ok(()),
-    );
-    let client = command
+    let client = token_command_in(&broker, &cgroup, AUDIENCE)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -489,33 +485,13 @@ async fn a_flood_of_unknown_pod_uids_costs_a_bounded_number_of_kubelet_fetches()
         cgroups.push(cgroup);
     }
     let emulator = support::emulator().await;
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
+    let kubelet = recorded_kubelet().await;
     let broker = broker_with(&emulator, &kubelet, "", &payments_rule()).await;
     let started = Instant::now();
     let clients: Vec<_> = cgroups
         .iter()
         .map(|cgroup| {
-            let mut command = support::base_command(&[
-                "token",
-                "--socket",
-                broker.socket.to_str().unwrap(),
-                "--audience",
-                AUDIENCE,
-            ]);
-            workloads::place(
-                &mut command,
-                Some(&cgroup.procs()),
-                WEB,
-                WEB,
-                &[WEB],
-                || Ok(()),
-            );
-            command
+            token_command_in(&broker, cgroup, AUDIENCE)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -780,12 +756,7 @@ async fn over_tls_only_the_cluster_ca_and_the_current_token_are_accepted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_or_slow_kubelet_answers_are_refused_with_a_clear_error() {
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
+    let kubelet = recorded_kubelet().await;
     let dir = support::workdir();
     let settings = settings_for(&kubelet, dir.path(), "");
     let env = Default::default();
