@@ -1142,10 +1142,7 @@ async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
         let (code, token, stderr) = access(cgroup);
         assert_eq!(code, 0, "{account}: {stderr}\n{}", broker.log());
         let token = token.trim().to_owned();
-        broker.served.lock().unwrap().push(token.clone());
-        let info = support::tokeninfo(&emulator, &token)
-            .await
-            .expect("the emulator issued it");
+        let info = broker.served_access_token_info(&emulator, &token).await;
         assert_eq!(info["email"], account, "{info}");
         assert_eq!(info["scope"], CLOUD, "{info}");
         tokens.push(token);

@@ -104,10 +104,7 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
     assert_eq!(fields, ["access_token", "expires_in", "token_type"]);
     assert_eq!(answer["token_type"], "Bearer");
     let token = answer["access_token"].as_str().unwrap().to_owned();
-    broker.served.lock().unwrap().push(token.clone());
-    let info = support::tokeninfo(&emulator, &token)
-        .await
-        .expect("a token the emulator issued");
+    let info = broker.served_access_token_info(&emulator, &token).await;
     assert_eq!(info["scope"], CLOUD);
     assert_eq!(info["email"], DEFAULT_ACCOUNT_EMAIL);
 
@@ -145,8 +142,9 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let scoped: serde_json::Value = serde_json::from_str(&body).unwrap();
     let scoped_token = scoped["access_token"].as_str().unwrap().to_owned();
-    broker.served.lock().unwrap().push(scoped_token.clone());
-    let info = support::tokeninfo(&emulator, &scoped_token).await.unwrap();
+    let info = broker
+        .served_access_token_info(&emulator, &scoped_token)
+        .await;
     assert_eq!(info["scope"], format!("{CLOUD} {STORAGE_RO}"));
     assert_eq!(emulator.stats().metadata_token, 2, "one call per scope set");
 

@@ -582,10 +582,7 @@ async fn each_pod_gets_an_access_token_of_its_annotated_account() {
             .as_str()
             .unwrap_or_else(|| panic!("{got}\n{}", broker.log()))
             .to_owned();
-        broker.served.lock().unwrap().push(token.clone());
-        let info = support::tokeninfo(&emulator, &token)
-            .await
-            .expect("the emulator issued it");
+        let info = broker.served_access_token_info(&emulator, &token).await;
         assert_eq!(info["email"], account, "{info}");
         assert_eq!(got["email"], account, "{got}");
         tokens.push(token);

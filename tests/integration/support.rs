@@ -271,6 +271,21 @@ impl Broker {
             .inspect(|token| self.served.lock().unwrap().push(token.token.clone()))
     }
 
+    /// The emulator's tokeninfo for `token`, an access token this broker
+    /// served another way than [`Broker::get`] (the CLI, the metadata
+    /// endpoint, a sink); recorded as served, so the drop check proves it
+    /// never reached the log. Panics unless the emulator issued it.
+    pub async fn served_access_token_info(
+        &self,
+        emulator: &Emulator,
+        token: &str,
+    ) -> serde_json::Value {
+        self.served.lock().unwrap().push(token.to_owned());
+        tokeninfo(emulator, token)
+            .await
+            .unwrap_or_else(|| panic!("not an access token the emulator issued"))
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         // The daemon writes its log from a thread behind a queue, so a line
