@@ -8,10 +8,7 @@
 
 use reqwest::StatusCode;
 use serde_json::json;
-use token_broker::{
-    emulator::{Emulator, DEFAULT_ACCOUNT_EMAIL},
-    proto::GetAccessTokenRequest,
-};
+use token_broker::emulator::{Emulator, DEFAULT_ACCOUNT_EMAIL};
 
 use crate::{
     metadata_endpoint::{content_type, free_port, get},
@@ -110,17 +107,7 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
 
     // expires_in counts down to the cached token's own expiry: gRPC gets
     // the very same token, and its expire_time agrees within a second or two.
-    let grpc = broker
-        .client()
-        .await
-        .get_access_token(GetAccessTokenRequest {
-            identity: "default".into(),
-            scopes: vec![],
-            min_valid_for: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let grpc = broker.get_access("default", &[]).await.unwrap();
     assert_eq!(grpc.token, token, "one cache for both doors");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -21,7 +21,10 @@ use token_broker::{
         write_key_file, Emulator, EmulatorOptions, Permission, ServiceAccountRegistration,
         DEFAULT_ACCOUNT_EMAIL,
     },
-    proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest},
+    proto::{
+        token_broker_client::TokenBrokerClient, AccessToken, GetAccessTokenRequest,
+        GetIdTokenRequest,
+    },
 };
 use tonic::transport::Channel;
 
@@ -264,6 +267,25 @@ impl Broker {
             .get_id_token(GetIdTokenRequest {
                 audience: audience.into(),
                 identity: identity.into(),
+                min_valid_for: None,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .inspect(|token| self.served.lock().unwrap().push(token.token.clone()))
+    }
+
+    /// `GetAccessToken` for `identity` and `scopes` on a new connection;
+    /// every token it returns is recorded as served.
+    pub async fn get_access(
+        &self,
+        identity: &str,
+        scopes: &[&str],
+    ) -> Result<AccessToken, tonic::Status> {
+        self.client()
+            .await
+            .get_access_token(GetAccessTokenRequest {
+                identity: identity.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 min_valid_for: None,
             })
             .await
