@@ -116,6 +116,15 @@ fn ids(seed: u32) -> (String, String) {
     )
 }
 
+/// A new pod's container cgroup, named as `driver` names it, with IDs
+/// from `seed`: the cgroup, the pod UID and the container ID. `None`,
+/// saying why, where the kernel will not have it.
+fn pod_container(seed: u32, driver: Driver) -> Option<(PodCgroup, String, String)> {
+    let (uid, cid) = ids(seed);
+    let cgroup = PodCgroup::container(driver, &uid, &cid)?;
+    Some((cgroup, uid, cid))
+}
+
 fn stand_in_pod(namespace: &str, name: &str, uid: &str, account: &str, cid: &str) -> StandInPod {
     StandInPod {
         namespace: namespace.into(),
@@ -237,11 +246,10 @@ fn payments_rule() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_not() {
-    let ((api_uid, api_cid), (worker_uid, worker_cid)) = (ids(1), ids(2));
-    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+    let Some((api, api_uid, api_cid)) = pod_container(1, Driver::Systemd) else {
         return;
     };
-    let Some(worker) = PodCgroup::container(Driver::Cgroupfs, &worker_uid, &worker_cid) else {
+    let Some((worker, worker_uid, worker_cid)) = pod_container(2, Driver::Cgroupfs) else {
         return;
     };
     // The api pod's container ID, in a pod-shaped tree below an ordinary
@@ -345,11 +353,10 @@ async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_no
 /// looked up as for a Unix-socket client, so `k8s_*` rules apply there too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_on_loopback_is_known_at_the_metadata_endpoint() {
-    let ((api_uid, api_cid), (worker_uid, worker_cid)) = (ids(11), ids(12));
-    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+    let Some((api, api_uid, api_cid)) = pod_container(11, Driver::Systemd) else {
         return;
     };
-    let Some(worker) = PodCgroup::container(Driver::Cgroupfs, &worker_uid, &worker_cid) else {
+    let Some((worker, worker_uid, worker_cid)) = pod_container(12, Driver::Cgroupfs) else {
         return;
     };
     let emulator = support::emulator().await;
@@ -408,8 +415,7 @@ async fn a_pod_on_loopback_is_known_at_the_metadata_endpoint() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_that_connects_before_the_kubelet_lists_it_is_admitted() {
-    let (uid, cid) = ids(4);
-    let Some(cgroup) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+    let Some((cgroup, uid, cid)) = pod_container(4, Driver::Systemd) else {
         return;
     };
     let emulator = support::emulator().await;
@@ -478,8 +484,7 @@ async fn a_flood_of_unknown_pod_uids_costs_a_bounded_number_of_kubelet_fetches()
     const CLIENTS: u32 = 40;
     let mut cgroups = Vec::new();
     for i in 0..CLIENTS {
-        let (uid, cid) = ids(100 + i);
-        let Some(cgroup) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+        let Some((cgroup, _, _)) = pod_container(100 + i, Driver::Systemd) else {
             return;
         };
         cgroups.push(cgroup);
@@ -528,8 +533,7 @@ async fn a_flood_of_unknown_pod_uids_costs_a_bounded_number_of_kubelet_fetches()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kubelet_that_is_down_leaves_uid_rules_working_and_k8s_rules_refusing() {
-    let (uid, cid) = ids(5);
-    let Some(cgroup) = PodCgroup::container(Driver::Cgroupfs, &uid, &cid) else {
+    let Some((cgroup, uid, cid)) = pod_container(5, Driver::Cgroupfs) else {
         return;
     };
     let emulator = support::emulator().await;
@@ -582,11 +586,10 @@ async fn a_kubelet_that_is_down_leaves_uid_rules_working_and_k8s_rules_refusing(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pods_recycled_pid_is_not_attributed_to_the_process_that_connected() {
-    let ((allowed_uid, allowed_cid), (other_uid, other_cid)) = (ids(6), ids(7));
-    let Some(allowed) = PodCgroup::container(Driver::Systemd, &allowed_uid, &allowed_cid) else {
+    let Some((allowed, allowed_uid, allowed_cid)) = pod_container(6, Driver::Systemd) else {
         return;
     };
-    let Some(other) = PodCgroup::container(Driver::Systemd, &other_uid, &other_cid) else {
+    let Some((other, other_uid, other_cid)) = pod_container(7, Driver::Systemd) else {
         return;
     };
     let emulator = support::emulator().await;
@@ -884,11 +887,9 @@ impl AnnotatedPods {
         more_rules: &str,
     ) -> Option<AnnotatedPods> {
         let (third_name, third_account, third_annotation) = third;
-        let ((api_uid, api_cid), (batch_uid, batch_cid), (third_uid, third_cid)) =
-            (ids(seed), ids(seed + 1), ids(seed + 2));
-        let api = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid)?;
-        let batch = PodCgroup::container(Driver::Cgroupfs, &batch_uid, &batch_cid)?;
-        let third = PodCgroup::container(Driver::Systemd, &third_uid, &third_cid)?;
+        let (api, api_uid, api_cid) = pod_container(seed, Driver::Systemd)?;
+        let (batch, batch_uid, batch_cid) = pod_container(seed + 1, Driver::Cgroupfs)?;
+        let (third, third_uid, third_cid) = pod_container(seed + 2, Driver::Systemd)?;
         let emulator = support::emulator_granting_the_node(grants).await;
         let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
         kubelet.add_pod(&stand_in_pod(
@@ -1208,8 +1209,7 @@ async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
 /// (`/../../../kubepods-burstable.slice/...`), is still found and attested.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_without_host_pid_reads_its_peers_through_the_hosts_proc() {
-    let (uid, cid) = ids(10);
-    let Some(client) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+    let Some((client, uid, cid)) = pod_container(10, Driver::Systemd) else {
         return;
     };
     let (broker_uid, broker_cid) = ids(11);
