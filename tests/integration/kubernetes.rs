@@ -150,6 +150,15 @@ async fn recorded_kubelet() -> Kubelet {
     .unwrap()
 }
 
+/// Lists on `kubelet` the two `payments` pods [`payments_rule`] tells
+/// apart: an api pod (service account `api-sa`) and a worker pod
+/// (`worker-sa`), each given as (name, pod UID, container ID).
+fn add_api_and_worker_pods(kubelet: &Kubelet, api: (&str, &str, &str), worker: (&str, &str, &str)) {
+    for ((name, uid, cid), account) in [(api, "api-sa"), (worker, "worker-sa")] {
+        kubelet.add_pod(&stand_in_pod("payments", name, uid, account, cid));
+    }
+}
+
 /// A broker with `[kubernetes]` pointed at `kubelet` (plus `extra` keys)
 /// and `rules`.
 async fn broker_with(emulator: &Emulator, kubelet: &Kubelet, extra: &str, rules: &str) -> Broker {
@@ -269,20 +278,11 @@ async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_no
     };
     let emulator = support::emulator().await;
     let kubelet = recorded_kubelet().await;
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "api-7f9c8d6b5-k2m4x",
-        &api_uid,
-        "api-sa",
-        &api_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "worker-5d8c7b9f4-q8z2n",
-        &worker_uid,
-        "worker-sa",
-        &worker_cid,
-    ));
+    add_api_and_worker_pods(
+        &kubelet,
+        ("api-7f9c8d6b5-k2m4x", &api_uid, &api_cid),
+        ("worker-5d8c7b9f4-q8z2n", &worker_uid, &worker_cid),
+    );
     let broker = broker_with(
         &emulator,
         &kubelet,
@@ -361,20 +361,11 @@ async fn a_pod_on_loopback_is_known_at_the_metadata_endpoint() {
     };
     let emulator = support::emulator().await;
     let kubelet = recorded_kubelet().await;
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "api-7f9c8d6b5-h7j9k",
-        &api_uid,
-        "api-sa",
-        &api_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "worker-5d8c7b9f4-w3e5r",
-        &worker_uid,
-        "worker-sa",
-        &worker_cid,
-    ));
+    add_api_and_worker_pods(
+        &kubelet,
+        ("api-7f9c8d6b5-h7j9k", &api_uid, &api_cid),
+        ("worker-5d8c7b9f4-w3e5r", &worker_uid, &worker_cid),
+    );
     let port = support::free_port();
     let broker = broker_with(
         &emulator,
@@ -594,20 +585,11 @@ async fn a_pods_recycled_pid_is_not_attributed_to_the_process_that_connected() {
     };
     let emulator = support::emulator().await;
     let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "api-7f9c8d6b5-p1d00",
-        &allowed_uid,
-        "api-sa",
-        &allowed_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "worker-5d8c7b9f4-p1d01",
-        &other_uid,
-        "worker-sa",
-        &other_cid,
-    ));
+    add_api_and_worker_pods(
+        &kubelet,
+        ("api-7f9c8d6b5-p1d00", &allowed_uid, &allowed_cid),
+        ("worker-5d8c7b9f4-p1d01", &other_uid, &other_cid),
+    );
     let broker = broker_with(&emulator, &kubelet, "", &payments_rule()).await;
 
     // Stopped, the broker accepts and attests nothing until told.
