@@ -49,15 +49,7 @@ async fn broker(identities: String, endpoint_extra: &str, rest: &str) -> (Broker
 
 /// What the emulator's metadata server itself answers for `path`.
 async fn upstream_value(emulator: &Emulator, path: &str) -> String {
-    reqwest::Client::new()
-        .get(format!("{}{path}", emulator.base_url()))
-        .header("Metadata-Flavor", "Google")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    support::metadata_text(&format!("{}{path}", emulator.base_url())).await
 }
 
 /// The lines of the log about `path` on the metadata endpoint, once at

@@ -454,6 +454,21 @@ pub async fn verify(emulator: &Emulator, token: &str, audience: &str) -> serde_j
         .claims
 }
 
+/// The body of a GET of `url` with `Metadata-Flavor: Google`, as a
+/// metadata client asks it (of the broker's endpoint or the emulator's
+/// metadata server), whatever the status.
+pub async fn metadata_text(url: &str) -> String {
+    reqwest::Client::new()
+        .get(url)
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Introspects an access token at the emulator's tokeninfo endpoint over
 /// HTTP: its claims (`email`, `scope`, `expires_in`), or `None` when the
 /// emulator says it is no valid token of its own.
