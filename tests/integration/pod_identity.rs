@@ -91,6 +91,18 @@ struct ClientRun {
     wall: Duration,
 }
 
+/// The token in a client's `answer`, recorded as `broker`'s served (so the
+/// drop check proves it never reached the log); panics, showing the answer
+/// and the broker's log, where the client got none.
+fn served_token(answer: &serde_json::Value, broker: &Broker) -> String {
+    let token = answer["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}\n{}", broker.log()))
+        .to_owned();
+    broker.served.lock().unwrap().push(token.clone());
+    token
+}
+
 /// Runs [`CLIENT`] inside `pod`'s network namespace against `endpoint`.
 async fn google_auth_in(
     pod: &PodNetwork,
@@ -223,11 +235,7 @@ async fn pods_are_told_apart_by_their_address_on_the_node() {
 
     // The pod's own token, verified against the emulator's keys.
     let first = google_auth_in(api, &python, &endpoint, AUDIENCE).await;
-    let token = first.answer["token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{}\n{}", first.answer, broker.log()))
-        .to_owned();
-    broker.served.lock().unwrap().push(token.clone());
+    let token = served_token(&first.answer, &broker);
     let claims = support::verify(&emulator, &token, AUDIENCE).await;
     assert_eq!(claims["email"], DEFAULT_ACCOUNT_EMAIL);
     assert_eq!(first.answer["email"], DEFAULT_ACCOUNT_EMAIL);
@@ -432,11 +440,7 @@ async fn each_pod_gets_the_account_its_service_account_annotation_names() {
     // Two pods, two accounts, one audience: two tokens, each its own.
     for (pod, account) in [(api, API_ACCOUNT), (web, WEB_ACCOUNT)] {
         let got = google_auth_in(pod, &python, &endpoint, AUDIENCE).await;
-        let token = got.answer["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{}\n{}", got.answer, broker.log()))
-            .to_owned();
-        broker.served.lock().unwrap().push(token.clone());
+        let token = served_token(&got.answer, &broker);
         let claims = support::verify(&emulator, &token, AUDIENCE).await;
         assert_eq!(claims["email"], account, "{pod_ip}", pod_ip = pod.pod_ip);
         // .../default/email answers the caller's own account.
@@ -578,10 +582,7 @@ async fn each_pod_gets_an_access_token_of_its_annotated_account() {
     let mut tokens = Vec::new();
     for (pod, account) in [(api, API_ACCOUNT), (web, WEB_ACCOUNT)] {
         let got = google_auth_access_in(pod, &python, &endpoint).await;
-        let token = got["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{got}\n{}", broker.log()))
-            .to_owned();
+        let token = served_token(&got, &broker);
         let info = broker.served_access_token_info(&emulator, &token).await;
         assert_eq!(info["email"], account, "{info}");
         assert_eq!(got["email"], account, "{got}");
