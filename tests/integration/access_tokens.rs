@@ -37,24 +37,6 @@ fn config(socket: &Path, emulator: &Emulator, policy: &str) -> String {
     support::config_text(socket, &identities)
 }
 
-async fn get_access(
-    broker: &Broker,
-    identity: &str,
-    scopes: &[&str],
-) -> Result<AccessToken, tonic::Status> {
-    broker
-        .client()
-        .await
-        .get_access_token(GetAccessTokenRequest {
-            identity: identity.into(),
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            min_valid_for: None,
-        })
-        .await
-        .map(tonic::Response::into_inner)
-        .inspect(|token| broker.served.lock().unwrap().push(token.token.clone()))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn access_tokens_are_off_until_a_rule_grants_their_scopes() {
     let emulator = support::emulator().await;
@@ -64,7 +46,7 @@ async fn access_tokens_are_off_until_a_rule_grants_their_scopes() {
         .get("default", "https://a.example.com")
         .await
         .unwrap();
-    let denied = get_access(&broker, "default", &[]).await.unwrap_err();
+    let denied = broker.get_access("default", &[]).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     assert!(
         denied.message().contains("access tokens are off until"),
@@ -83,7 +65,7 @@ async fn access_tokens_are_off_until_a_rule_grants_their_scopes() {
         .get("default", "https://a.example.com")
         .await
         .unwrap();
-    let denied = get_access(&broker, "default", &[CLOUD]).await.unwrap_err();
+    let denied = broker.get_access("default", &[CLOUD]).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     assert_eq!(emulator.stats().metadata_token, 0);
     let log = broker.log();
@@ -115,7 +97,7 @@ async fn a_granted_access_token_is_cached_per_scope_set_and_audited() {
                 } else {
                     &[CLOUD, STORAGE_RO]
                 };
-                get_access(&broker, "default", scopes).await.unwrap()
+                broker.get_access("default", scopes).await.unwrap()
             })
         })
         .collect();
@@ -149,22 +131,22 @@ async fn a_granted_access_token_is_cached_per_scope_set_and_audited() {
     assert!(support::tokeninfo(&emulator, "ya29.forged").await.is_none());
 
     // Empty scopes mean cloud-platform: another key, another call.
-    let cloud = get_access(&broker, "default", &[]).await.unwrap();
+    let cloud = broker.get_access("default", &[]).await.unwrap();
     assert_eq!(cloud.scopes, [CLOUD]);
     assert_ne!(cloud.token, first.token);
     assert_eq!(emulator.stats().metadata_token, 2);
 
     // A scope no rule grants, alone or beside granted ones: refused, no call.
     for scopes in [&[GMAIL][..], &[CLOUD, GMAIL][..]] {
-        let denied = get_access(&broker, "default", scopes).await.unwrap_err();
+        let denied = broker.get_access("default", scopes).await.unwrap_err();
         assert_eq!(denied.code(), Code::PermissionDenied, "{scopes:?}");
     }
     // Malformed scopes are INVALID_ARGUMENT.
     for scopes in [&[""][..], &["a b"][..]] {
-        let bad = get_access(&broker, "default", scopes).await.unwrap_err();
+        let bad = broker.get_access("default", scopes).await.unwrap_err();
         assert_eq!(bad.code(), Code::InvalidArgument, "{scopes:?}: {bad:?}");
     }
-    let unknown = get_access(&broker, "nobody", &[CLOUD]).await.unwrap_err();
+    let unknown = broker.get_access("nobody", &[CLOUD]).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     assert_eq!(emulator.stats().metadata_token, 2);
 
@@ -246,7 +228,7 @@ async fn an_impersonated_identity_mints_access_tokens_with_generate_access_token
 
     // Without the grant, Google's refusal is FAILED_PRECONDITION naming the
     // missing permission.
-    let refused = get_access(&broker, "deployer", &[CLOUD]).await.unwrap_err();
+    let refused = broker.get_access("deployer", &[CLOUD]).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(
         refused
@@ -258,9 +240,7 @@ async fn an_impersonated_identity_mints_access_tokens_with_generate_access_token
 
     emulator.grant(DEFAULT_ACCOUNT_EMAIL, TARGET, Permission::AccessToken);
     // The refusal backs the key off; a new scope set is a new key.
-    let token = get_access(&broker, "deployer", &[STORAGE_RO])
-        .await
-        .unwrap();
+    let token = broker.get_access("deployer", &[STORAGE_RO]).await.unwrap();
     let (principal, scopes) = emulator.access_token_info(&token.token).unwrap();
     assert_eq!(principal, TARGET, "the impersonated account's token");
     assert_eq!(scopes, [STORAGE_RO]);

@@ -197,6 +197,29 @@ pub(crate) fn clean_command(program: &Path) -> tokio::process::Command {
     command
 }
 
+/// Runs `command`, an unmodified Google client library's program, told
+/// only where the metadata server is (`host`, as `GCE_METADATA_HOST` and
+/// `GCE_METADATA_IP`), and asserts that `library` succeeded (showing the
+/// broker's log where not): its stdout.
+pub(crate) async fn run_told_the_metadata_host(
+    mut command: tokio::process::Command,
+    host: &str,
+    library: &str,
+    broker: &Broker,
+) -> String {
+    command
+        .env("GCE_METADATA_HOST", host)
+        .env("GCE_METADATA_IP", host);
+    let (code, stdout, stderr) = run(command).await;
+    assert_eq!(
+        code,
+        0,
+        "{library} failed:\n{stderr}\nbroker log:\n{}",
+        broker.log()
+    );
+    stdout
+}
+
 fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
     stdout
         .lines()
@@ -234,17 +257,9 @@ async fn unmodified_google_auth_gets_a_verified_token_from_the_metadata_endpoint
         .arg(examples().join("python/metadata_id_token.py"))
         .arg(audience)
         .arg("--certs-url")
-        .arg(format!("{}/oauth2/v1/certs", emulator.base_url()))
-        // All google-auth is told: where the metadata server is.
-        .env("GCE_METADATA_HOST", host)
-        .env("GCE_METADATA_IP", host);
-    let (code, stdout, stderr) = run(command).await;
-    assert_eq!(
-        code,
-        0,
-        "google-auth failed:\n{stderr}\nbroker log:\n{}",
-        broker.log()
-    );
+        .arg(format!("{}/oauth2/v1/certs", emulator.base_url()));
+    // All google-auth is told: where the metadata server is.
+    let stdout = run_told_the_metadata_host(command, host, "google-auth", &broker).await;
     let claims: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(claims["aud"], audience);
     assert_eq!(claims["email"], DEFAULT_ACCOUNT_EMAIL);
@@ -252,17 +267,10 @@ async fn unmodified_google_auth_gets_a_verified_token_from_the_metadata_endpoint
 
     // It came from the broker's cache: gRPC gets the very same token.
     let from_grpc = broker.get("default", audience).await.unwrap();
-    let from_http = reqwest::Client::new()
-        .get(format!(
-            "{base}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}"
-        ))
-        .header("Metadata-Flavor", "Google")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let from_http = support::metadata_text(&format!(
+        "{base}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}"
+    ))
+    .await;
     assert_eq!(from_grpc.token, from_http);
     assert_eq!(emulator.stats().identity.by_audience[audience], 1);
 }

@@ -76,6 +76,24 @@ impl Federation {
         );
     }
 
+    /// A credential file reading `subject`'s token from a text file, with
+    /// `extra` fields, for a subject allowed both ID tokens and access
+    /// tokens of [`ACCOUNT`].
+    fn access_token_credential_file(&self, subject: &str, extra: serde_json::Value) -> PathBuf {
+        self.allow(subject);
+        self.emulator.grant(
+            &self.provider.principal(subject),
+            ACCOUNT,
+            Permission::AccessToken,
+        );
+        let token_file = self.dir.path().join("subject.jwt");
+        std::fs::write(&token_file, self.subject_token(subject)).unwrap();
+        self.credential_file(
+            serde_json::json!({ "file": token_file, "format": { "type": "text" } }),
+            extra,
+        )
+    }
+
     /// A credential file as `gcloud iam workload-identity-pools
     /// create-cred-config` writes it, with `credential_source` and extra fields.
     fn credential_file(&self, source: serde_json::Value, extra: serde_json::Value) -> PathBuf {
@@ -965,18 +983,7 @@ async fn credential_files_and_executables_others_can_change_are_refused() {
 async fn an_external_account_serves_the_accounts_access_token() {
     const STORAGE_RO: &str = "https://www.googleapis.com/auth/devstorage.read_only";
     let f = Federation::start().await;
-    f.allow("workload-a");
-    f.emulator.grant(
-        &f.provider.principal("workload-a"),
-        ACCOUNT,
-        Permission::AccessToken,
-    );
-    let token_file = f.dir.path().join("subject.jwt");
-    std::fs::write(&token_file, f.subject_token("workload-a")).unwrap();
-    let creds = f.credential_file(
-        serde_json::json!({ "file": token_file, "format": { "type": "text" } }),
-        serde_json::json!({}),
-    );
+    let creds = f.access_token_credential_file("workload-a", serde_json::json!({}));
     let identities = format!(
         "{}\n[[policy]]\nuids = [{}]\nidentities = [\"federated\"]\naudiences = [\"*\"]\nscopes = [\"{STORAGE_RO}\"]\n",
         identity(&creds),
@@ -987,18 +994,7 @@ async fn an_external_account_serves_the_accounts_access_token() {
         .get("federated", "https://svc.example.com")
         .await
         .unwrap();
-    let access = broker
-        .client()
-        .await
-        .get_access_token(token_broker::proto::GetAccessTokenRequest {
-            identity: "federated".into(),
-            scopes: vec![STORAGE_RO.into()],
-            min_valid_for: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    broker.served.lock().unwrap().push(access.token.clone());
+    let access = broker.get_access("federated", &[STORAGE_RO]).await.unwrap();
     let (principal, scopes) = f.emulator.access_token_info(&access.token).unwrap();
     assert_eq!(principal, ACCOUNT, "the impersonated account's token");
     assert_eq!(scopes, [STORAGE_RO]);
@@ -1031,16 +1027,8 @@ async fn an_external_account_serves_the_accounts_access_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_files_token_lifetime_is_asked_of_generate_access_token() {
     let f = Federation::start().await;
-    f.allow("workload-a");
-    f.emulator.grant(
-        &f.provider.principal("workload-a"),
-        ACCOUNT,
-        Permission::AccessToken,
-    );
-    let token_file = f.dir.path().join("subject.jwt");
-    std::fs::write(&token_file, f.subject_token("workload-a")).unwrap();
-    let creds = f.credential_file(
-        serde_json::json!({ "file": token_file, "format": { "type": "text" } }),
+    let creds = f.access_token_credential_file(
+        "workload-a",
         serde_json::json!({ "service_account_impersonation": { "token_lifetime_seconds": 1800 } }),
     );
     let identities = format!(
@@ -1049,18 +1037,7 @@ async fn the_files_token_lifetime_is_asked_of_generate_access_token() {
         nix::unistd::getuid().as_raw()
     );
     let broker = Broker::start(|s| support::config_text(s, &identities), "info").await;
-    let access = broker
-        .client()
-        .await
-        .get_access_token(token_broker::proto::GetAccessTokenRequest {
-            identity: "federated".into(),
-            scopes: vec![],
-            min_valid_for: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    broker.served.lock().unwrap().push(access.token.clone());
+    let access = broker.get_access("federated", &[]).await.unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

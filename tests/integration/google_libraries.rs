@@ -20,7 +20,8 @@ use token_broker::emulator::{Emulator, DEFAULT_ACCOUNT_EMAIL};
 
 use crate::{
     clients::{
-        announce, clean_command, exclusive_lock, python_venv, run, run_setup_step, venvs, which,
+        announce, clean_command, exclusive_lock, python_venv, run, run_setup_step,
+        run_told_the_metadata_host, venvs, which,
     },
     metadata_endpoint::broker_with_endpoint,
     support::{self, Broker},
@@ -44,18 +45,11 @@ fn granting_rule() -> String {
 
 /// The project id the emulated metadata server reports.
 async fn emulator_project(emulator: &Emulator) -> String {
-    reqwest::Client::new()
-        .get(format!(
-            "{}/computeMetadata/v1/project/project-id",
-            emulator.base_url()
-        ))
-        .header("Metadata-Flavor", "Google")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    support::metadata_text(&format!(
+        "{}/computeMetadata/v1/project/project-id",
+        emulator.base_url()
+    ))
+    .await
 }
 
 /// The program's one JSON line (other output, e.g. Maven's, is skipped).
@@ -115,16 +109,8 @@ async fn python_google_auth_gets_project_access_and_id_tokens() {
     let mut command = clean_command(&python);
     command
         .arg(clients().join("python/google_auth_client.py"))
-        .args([audience, STORAGE_RO])
-        .env("GCE_METADATA_HOST", host)
-        .env("GCE_METADATA_IP", host);
-    let (code, stdout, stderr) = run(command).await;
-    assert_eq!(
-        code,
-        0,
-        "google-auth failed:\n{stderr}\nbroker log:\n{}",
-        broker.log()
-    );
+        .args([audience, STORAGE_RO]);
+    let stdout = run_told_the_metadata_host(command, host, "google-auth", &broker).await;
     let result = result_line(&stdout);
     assert_eq!(
         result["credentials"],
@@ -172,18 +158,8 @@ async fn node_google_auth_library_gets_project_access_and_id_tokens() {
     let host = base.trim_start_matches("http://");
     let audience = "https://node-google-auth.example.com";
     let mut command = clean_command(&node);
-    command
-        .arg(dir.join("google_auth_client.js"))
-        .arg(audience)
-        .env("GCE_METADATA_HOST", host)
-        .env("GCE_METADATA_IP", host);
-    let (code, stdout, stderr) = run(command).await;
-    assert_eq!(
-        code,
-        0,
-        "google-auth-library failed:\n{stderr}\nbroker log:\n{}",
-        broker.log()
-    );
+    command.arg(dir.join("google_auth_client.js")).arg(audience);
+    let stdout = run_told_the_metadata_host(command, host, "google-auth-library", &broker).await;
     let result = result_line(&stdout);
     assert_eq!(result["client"], "Compute");
     // Node asks project/project-id before anything else.

@@ -12,7 +12,6 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Mutex,
@@ -22,11 +21,12 @@ use std::{
 use nix::sys::signal::Signal;
 use token_broker::{
     config::KubernetesSettings,
-    emulator::kubelet::{Kubelet, KubeletOptions, StandInPod, RECORDED_POD_LIST},
+    emulator::{
+        kubelet::{Kubelet, KubeletOptions, StandInPod, RECORDED_POD_LIST},
+        Emulator, Permission,
+    },
     kubernetes::{parse_pod_list, PodDirectory, PodLookupError},
-    proto::GetIdTokenRequest,
 };
-use tonic::Code;
 
 use crate::{
     support::{self, Broker},
@@ -116,6 +116,15 @@ fn ids(seed: u32) -> (String, String) {
     )
 }
 
+/// A new pod's container cgroup, named as `driver` names it, with IDs
+/// from `seed`: the cgroup, the pod UID and the container ID. `None`,
+/// saying why, where the kernel will not have it.
+fn pod_container(seed: u32, driver: Driver) -> Option<(PodCgroup, String, String)> {
+    let (uid, cid) = ids(seed);
+    let cgroup = PodCgroup::container(driver, &uid, &cid)?;
+    Some((cgroup, uid, cid))
+}
+
 fn stand_in_pod(namespace: &str, name: &str, uid: &str, account: &str, cid: &str) -> StandInPod {
     StandInPod {
         namespace: namespace.into(),
@@ -130,14 +139,29 @@ fn stand_in_pod(namespace: &str, name: &str, uid: &str, account: &str, cid: &str
     }
 }
 
+/// The kubelet stand-in serving the recorded pod list (the `payments`
+/// pods [`payments_rule`] is written for).
+async fn recorded_kubelet() -> Kubelet {
+    Kubelet::start(KubeletOptions {
+        recorded_pods: true,
+        ..KubeletOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Lists on `kubelet` the two `payments` pods [`payments_rule`] tells
+/// apart: an api pod (service account `api-sa`) and a worker pod
+/// (`worker-sa`), each given as (name, pod UID, container ID).
+fn add_api_and_worker_pods(kubelet: &Kubelet, api: (&str, &str, &str), worker: (&str, &str, &str)) {
+    for ((name, uid, cid), account) in [(api, "api-sa"), (worker, "worker-sa")] {
+        kubelet.add_pod(&stand_in_pod("payments", name, uid, account, cid));
+    }
+}
+
 /// A broker with `[kubernetes]` pointed at `kubelet` (plus `extra` keys)
 /// and `rules`.
-async fn broker_with(
-    emulator: &token_broker::emulator::Emulator,
-    kubelet: &Kubelet,
-    extra: &str,
-    rules: &str,
-) -> Broker {
+async fn broker_with(emulator: &Emulator, kubelet: &Kubelet, extra: &str, rules: &str) -> Broker {
     workloads::broker_with(
         emulator,
         format!(
@@ -148,16 +172,9 @@ async fn broker_with(
     .await
 }
 
-/// `token-broker token` for `audience`, run as WEB in `cgroup`: (exit
-/// code, stdout, stderr).
-fn token_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> (i32, String, String) {
-    let mut command = support::base_command(&[
-        "token",
-        "--socket",
-        broker.socket.to_str().unwrap(),
-        "--audience",
-        audience,
-    ]);
+/// The CLI with `args`, to run as WEB in `cgroup`.
+fn command_in(cgroup: &PodCgroup, args: &[&str]) -> Command {
+    let mut command = support::base_command(args);
     workloads::place(
         &mut command,
         Some(&cgroup.procs()),
@@ -166,12 +183,65 @@ fn token_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> (i32, String
         &[WEB],
         || Ok(()),
     );
+    command
+}
+
+/// `token-broker token` for `audience`, to run as WEB in `cgroup`.
+fn token_command_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> Command {
+    let socket = broker.socket.to_str().unwrap();
+    command_in(
+        cgroup,
+        &["token", "--socket", socket, "--audience", audience],
+    )
+}
+
+/// The CLI with `args`, run as WEB in `cgroup`: (exit code, stdout, stderr).
+fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
+    output(command_in(cgroup, args))
+}
+
+/// Runs `command` to its end: (exit code, stdout, stderr).
+fn output(mut command: Command) -> (i32, String, String) {
     let out = command.output().expect("client runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `token-broker token` for `audience`, run as WEB in `cgroup`: (exit
+/// code, stdout, stderr).
+fn token_in(broker: &Broker, cgroup: &PodCgroup, audience: &str) -> (i32, String, String) {
+    output(token_command_in(broker, cgroup, audience))
+}
+
+/// `token-broker token --identity IDENTITY` for `audience`, run as WEB in
+/// `cgroup`: (exit code, stdout, stderr).
+fn token_as(
+    broker: &Broker,
+    cgroup: &PodCgroup,
+    identity: &str,
+    audience: &str,
+) -> (i32, String, String) {
+    let socket = broker.socket.to_str().unwrap();
+    let args = [
+        "token",
+        "--socket",
+        socket,
+        "--identity",
+        identity,
+        "--audience",
+        audience,
+    ];
+    cli_in(cgroup, &args)
+}
+
+/// `token-broker status --json`, run as WEB in `cgroup`: what a pod is
+/// shown of the broker's entries.
+fn status_in(broker: &Broker, cgroup: &PodCgroup) -> (i32, String, String) {
+    let socket = broker.socket.to_str().unwrap();
+    cli_in(cgroup, &["status", "--socket", socket, "--json"])
 }
 
 const AUDIENCE: &str = "https://payments.example.com";
@@ -185,11 +255,10 @@ fn payments_rule() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_not() {
-    let ((api_uid, api_cid), (worker_uid, worker_cid)) = (ids(1), ids(2));
-    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+    let Some((api, api_uid, api_cid)) = pod_container(1, Driver::Systemd) else {
         return;
     };
-    let Some(worker) = PodCgroup::container(Driver::Cgroupfs, &worker_uid, &worker_cid) else {
+    let Some((worker, worker_uid, worker_cid)) = pod_container(2, Driver::Cgroupfs) else {
         return;
     };
     // The api pod's container ID, in a pod-shaped tree below an ordinary
@@ -208,26 +277,12 @@ async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_no
         return;
     };
     let emulator = support::emulator().await;
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "api-7f9c8d6b5-k2m4x",
-        &api_uid,
-        "api-sa",
-        &api_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "worker-5d8c7b9f4-q8z2n",
-        &worker_uid,
-        "worker-sa",
-        &worker_cid,
-    ));
+    let kubelet = recorded_kubelet().await;
+    add_api_and_worker_pods(
+        &kubelet,
+        ("api-7f9c8d6b5-k2m4x", &api_uid, &api_cid),
+        ("worker-5d8c7b9f4-q8z2n", &worker_uid, &worker_cid),
+    );
     let broker = broker_with(
         &emulator,
         &kubelet,
@@ -298,34 +353,19 @@ async fn a_pod_is_known_by_its_service_account_and_another_on_the_same_uid_is_no
 /// looked up as for a Unix-socket client, so `k8s_*` rules apply there too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_on_loopback_is_known_at_the_metadata_endpoint() {
-    let ((api_uid, api_cid), (worker_uid, worker_cid)) = (ids(11), ids(12));
-    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+    let Some((api, api_uid, api_cid)) = pod_container(11, Driver::Systemd) else {
         return;
     };
-    let Some(worker) = PodCgroup::container(Driver::Cgroupfs, &worker_uid, &worker_cid) else {
+    let Some((worker, worker_uid, worker_cid)) = pod_container(12, Driver::Cgroupfs) else {
         return;
     };
     let emulator = support::emulator().await;
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "api-7f9c8d6b5-h7j9k",
-        &api_uid,
-        "api-sa",
-        &api_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "worker-5d8c7b9f4-w3e5r",
-        &worker_uid,
-        "worker-sa",
-        &worker_cid,
-    ));
+    let kubelet = recorded_kubelet().await;
+    add_api_and_worker_pods(
+        &kubelet,
+        ("api-7f9c8d6b5-h7j9k", &api_uid, &api_cid),
+        ("worker-5d8c7b9f4-w3e5r", &worker_uid, &worker_cid),
+    );
     let port = support::free_port();
     let broker = broker_with(
         &emulator,
@@ -366,17 +406,11 @@ async fn a_pod_on_loopback_is_known_at_the_metadata_endpoint() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_that_connects_before_the_kubelet_lists_it_is_admitted() {
-    let (uid, cid) = ids(4);
-    let Some(cgroup) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+    let Some((cgroup, uid, cid)) = pod_container(4, Driver::Systemd) else {
         return;
     };
     let emulator = support::emulator().await;
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
+    let kubelet = recorded_kubelet().await;
     let broker = broker_with(
         &emulator,
         &kubelet,
@@ -385,22 +419,7 @@ async fn a_container_that_connects_before_the_kubelet_lists_it_is_admitted() {
     )
     .await;
 
-    let mut command = support::base_command(&[
-        "token",
-        "--socket",
-        broker.socket.to_str().unwrap(),
-        "--audience",
-        AUDIENCE,
-    ]);
-    workloads::place(
-        &mut command,
-        Some(&cgroup.procs()),
-        WEB,
-        WEB,
-        &[WEB],
-        || Ok(()),
-    );
-    let client = command
+    let client = token_command_in(&broker, &cgroup, AUDIENCE)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -456,40 +475,19 @@ async fn a_flood_of_unknown_pod_uids_costs_a_bounded_number_of_kubelet_fetches()
     const CLIENTS: u32 = 40;
     let mut cgroups = Vec::new();
     for i in 0..CLIENTS {
-        let (uid, cid) = ids(100 + i);
-        let Some(cgroup) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+        let Some((cgroup, _, _)) = pod_container(100 + i, Driver::Systemd) else {
             return;
         };
         cgroups.push(cgroup);
     }
     let emulator = support::emulator().await;
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
+    let kubelet = recorded_kubelet().await;
     let broker = broker_with(&emulator, &kubelet, "", &payments_rule()).await;
     let started = Instant::now();
     let clients: Vec<_> = cgroups
         .iter()
         .map(|cgroup| {
-            let mut command = support::base_command(&[
-                "token",
-                "--socket",
-                broker.socket.to_str().unwrap(),
-                "--audience",
-                AUDIENCE,
-            ]);
-            workloads::place(
-                &mut command,
-                Some(&cgroup.procs()),
-                WEB,
-                WEB,
-                &[WEB],
-                || Ok(()),
-            );
-            command
+            token_command_in(&broker, cgroup, AUDIENCE)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -526,8 +524,7 @@ async fn a_flood_of_unknown_pod_uids_costs_a_bounded_number_of_kubelet_fetches()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kubelet_that_is_down_leaves_uid_rules_working_and_k8s_rules_refusing() {
-    let (uid, cid) = ids(5);
-    let Some(cgroup) = PodCgroup::container(Driver::Cgroupfs, &uid, &cid) else {
+    let Some((cgroup, uid, cid)) = pod_container(5, Driver::Cgroupfs) else {
         return;
     };
     let emulator = support::emulator().await;
@@ -580,114 +577,30 @@ async fn a_kubelet_that_is_down_leaves_uid_rules_working_and_k8s_rules_refusing(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pods_recycled_pid_is_not_attributed_to_the_process_that_connected() {
-    let ((allowed_uid, allowed_cid), (other_uid, other_cid)) = (ids(6), ids(7));
-    let Some(allowed) = PodCgroup::container(Driver::Systemd, &allowed_uid, &allowed_cid) else {
+    let Some((allowed, allowed_uid, allowed_cid)) = pod_container(6, Driver::Systemd) else {
         return;
     };
-    let Some(other) = PodCgroup::container(Driver::Systemd, &other_uid, &other_cid) else {
+    let Some((other, other_uid, other_cid)) = pod_container(7, Driver::Systemd) else {
         return;
     };
     let emulator = support::emulator().await;
     let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "api-7f9c8d6b5-p1d00",
-        &allowed_uid,
-        "api-sa",
-        &allowed_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "payments",
-        "worker-5d8c7b9f4-p1d01",
-        &other_uid,
-        "worker-sa",
-        &other_cid,
-    ));
+    add_api_and_worker_pods(
+        &kubelet,
+        ("api-7f9c8d6b5-p1d00", &allowed_uid, &allowed_cid),
+        ("worker-5d8c7b9f4-p1d01", &other_uid, &other_cid),
+    );
     let broker = broker_with(&emulator, &kubelet, "", &payments_rule()).await;
 
     // Stopped, the broker accepts and attests nothing until told.
     support::signal(&broker.child, Signal::SIGSTOP);
-    let ours = workloads::unix_socket();
-    let raw = ours.as_raw_fd();
-    let (addr, len) = workloads::sockaddr_un(&broker.socket);
-    // The client, in the worker pod, connects and exits at once.
-    let mut client = Command::new("true");
-    workloads::place(
-        &mut client,
-        Some(&other.procs()),
-        WEB,
-        WEB,
-        &[WEB],
-        move || {
-            // SAFETY: addr outlives the call; raw is open in the child.
-            let result =
-                unsafe { libc::connect(raw, (&addr as *const libc::sockaddr_un).cast(), len) };
-            if result < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        },
-    );
-    let mut client = client.spawn().expect("client runs");
-    let gone = client.id() as i32;
-    assert!(client.wait().unwrap().success(), "the client connected");
-    // Its pid goes to a process in the api pod, where possible.
-    let mut sleeper = None;
-    for _ in 0..50 {
-        if std::fs::write("/proc/sys/kernel/ns_last_pid", (gone - 1).to_string()).is_err() {
-            break;
-        }
-        let mut command = Command::new("sleep");
-        command.arg("60").stdin(Stdio::null());
-        workloads::place(
-            &mut command,
-            Some(&allowed.procs()),
-            WEB,
-            WEB,
-            &[WEB],
-            || Ok(()),
-        );
-        let Ok(mut child) = command.spawn() else {
-            break;
-        };
-        if child.id() as i32 == gone {
-            sleeper = Some(child);
-            break;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    match &sleeper {
-        Some(_) => eprintln!("pid {gone} was given to a process in the api pod"),
-        None => eprintln!(
-            "the kernel did not let this test reuse pid {gone}; checking only that the \
-             exited client gets no pod"
-        ),
-    }
-    support::signal(&broker.child, Signal::SIGCONT);
-    let mut client = workloads::client_on(ours).await;
-    let status = match client
-        .get_id_token(GetIdTokenRequest {
-            identity: String::new(),
-            audience: AUDIENCE.into(),
-            min_valid_for: None,
-        })
-        .await
-    {
-        Ok(_) => panic!("the exited client's connection was admitted as the api pod"),
-        Err(status) => status,
-    };
-    if let Some(mut child) = sleeper {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(
-        status
-            .message()
-            .contains("caller: unattested (the client exited"),
-        "{status:?}"
-    );
+    // The client, in the worker pod, connects and exits at once; its pid
+    // goes to a process in the api pod, where possible.
+    let (ours, gone) = workloads::connect_from_a_client_that_exits(&broker.socket, &other.procs());
+    let sleeper = workloads::give_pid_to_a_sleeper_in(&allowed.procs(), gone, "the api pod");
+    let status =
+        workloads::refusal_of_the_exited_client(&broker, ours, sleeper, AUDIENCE, "the api pod")
+            .await;
     assert!(!status.message().contains("api-sa"), "{status:?}");
 }
 
@@ -828,12 +741,7 @@ async fn over_tls_only_the_cluster_ca_and_the_current_token_are_accepted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_or_slow_kubelet_answers_are_refused_with_a_clear_error() {
-    let kubelet = Kubelet::start(KubeletOptions {
-        recorded_pods: true,
-        ..KubeletOptions::default()
-    })
-    .await
-    .unwrap();
+    let kubelet = recorded_kubelet().await;
     let dir = support::workdir();
     let settings = settings_for(&kubelet, dir.path(), "");
     let env = Default::default();
@@ -923,45 +831,93 @@ fn a_full_nodes_pod_list_parses_quickly() {
     assert!(each < Duration::from_millis(500), "{each:?}");
 }
 
-/// `token-broker token --identity IDENTITY` for `audience`, run as WEB in
-/// `cgroup`: (exit code, stdout, stderr).
-fn token_as(
-    broker: &Broker,
-    cgroup: &PodCgroup,
-    identity: &str,
-    audience: &str,
-) -> (i32, String, String) {
-    cli_in(
-        cgroup,
-        &[
-            "token",
-            "--socket",
-            broker.socket.to_str().unwrap(),
-            "--identity",
-            identity,
-            "--audience",
-            audience,
-        ],
-    )
+const API_ACCOUNT: &str = "payments-api@apps.iam.gserviceaccount.com";
+const BATCH_ACCOUNT: &str = "batch@apps.iam.gserviceaccount.com";
+
+/// Per-workload identity on one node: three pods, each in a cgroup of its
+/// own, whose service accounts' annotations name Google accounts, and a
+/// broker serving them identity `pods` (impersonating, from `default`, the
+/// account the annotation names) in namespaces `payments` and `batch`.
+struct AnnotatedPods {
+    broker: Broker,
+    kubelet: Kubelet,
+    emulator: Emulator,
+    /// `payments/api-1` (systemd driver), service account `api-sa`
+    /// annotated with [`API_ACCOUNT`].
+    api: PodCgroup,
+    /// `batch/job-1` (cgroupfs driver), service account `job-sa` annotated
+    /// with [`BATCH_ACCOUNT`].
+    batch: PodCgroup,
+    /// The test's own third pod in `batch` (systemd driver).
+    third: PodCgroup,
 }
 
-/// The CLI with `args`, run as WEB in `cgroup`: (exit code, stdout, stderr).
-fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
-    let mut command = support::base_command(args);
-    workloads::place(
-        &mut command,
-        Some(&cgroup.procs()),
-        WEB,
-        WEB,
-        &[WEB],
-        || Ok(()),
-    );
-    let out = command.output().expect("client runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// The third pod of [`AnnotatedPods`]: its name, its service account, and
+/// the account that service account's annotation names (`None`: it has
+/// no annotation).
+type ThirdPod<'a> = (&'a str, &'a str, Option<&'a str>);
+
+impl AnnotatedPods {
+    /// The pods get IDs from `seed`, `seed + 1` and `seed + 2`; the node
+    /// holds `grants`; the `pods` rule grants `scopes`, and `more_rules`
+    /// follow it. `None` where the kernel will not have the cgroups.
+    async fn start(
+        seed: u32,
+        third: ThirdPod<'_>,
+        grants: &[(&str, Permission)],
+        scopes: &str,
+        more_rules: &str,
+    ) -> Option<AnnotatedPods> {
+        let (third_name, third_account, third_annotation) = third;
+        let (api, api_uid, api_cid) = pod_container(seed, Driver::Systemd)?;
+        let (batch, batch_uid, batch_cid) = pod_container(seed + 1, Driver::Cgroupfs)?;
+        let (third, third_uid, third_cid) = pod_container(seed + 2, Driver::Systemd)?;
+        let emulator = support::emulator_granting_the_node(grants).await;
+        let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
+        kubelet.add_pod(&stand_in_pod(
+            "payments", "api-1", &api_uid, "api-sa", &api_cid,
+        ));
+        kubelet.add_pod(&stand_in_pod(
+            "batch", "job-1", &batch_uid, "job-sa", &batch_cid,
+        ));
+        kubelet.add_pod(&stand_in_pod(
+            "batch",
+            third_name,
+            &third_uid,
+            third_account,
+            &third_cid,
+        ));
+        let annotated = |account: Option<&str>| {
+            account
+                .map(|account| {
+                    (
+                        "iam.gke.io/gcp-service-account".to_owned(),
+                        account.to_owned(),
+                    )
+                })
+                .into_iter()
+                .collect()
+        };
+        kubelet.set_service_account("payments", "api-sa", annotated(Some(API_ACCOUNT)));
+        kubelet.set_service_account("batch", "job-sa", annotated(Some(BATCH_ACCOUNT)));
+        kubelet.set_service_account("batch", third_account, annotated(third_annotation));
+        let rules = format!(
+            "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"default\"\n\
+             service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
+             [[policy]]\nk8s_namespaces = [\"payments\", \"batch\"]\nidentities = [\"pods\"]\n\
+             audiences = [\"{AUDIENCE}\"]\nscopes = [\"{scopes}\"]\n{more_rules}",
+            emulator.base_url()
+        );
+        let broker = broker_with(&emulator, &kubelet, "", &rules).await;
+        Some(AnnotatedPods {
+            broker,
+            kubelet,
+            emulator,
+            api,
+            batch,
+            third,
+        })
+    }
 }
 
 /// Issue 14 point 4 over the socket: one per-workload identity
@@ -971,57 +927,30 @@ fn cli_in(cgroup: &PodCgroup, args: &[&str]) -> (i32, String, String) {
 /// each); a service account without the annotation is refused, naming it.
 #[tokio::test(flavor = "multi_thread")]
 async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
-    const API: &str = "payments-api@apps.iam.gserviceaccount.com";
-    const BATCH: &str = "batch@apps.iam.gserviceaccount.com";
-    let annotated = |account: &str| {
-        BTreeMap::from([(
-            "iam.gke.io/gcp-service-account".to_owned(),
-            account.to_owned(),
-        )])
-    };
-    let ((api_uid, api_cid), (batch_uid, batch_cid), (bare_uid, bare_cid)) =
-        (ids(30), ids(31), ids(32));
-    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
-        return;
-    };
-    let Some(batch) = PodCgroup::container(Driver::Cgroupfs, &batch_uid, &batch_cid) else {
-        return;
-    };
-    let Some(bare) = PodCgroup::container(Driver::Systemd, &bare_uid, &bare_cid) else {
-        return;
-    };
-    let emulator = support::emulator().await;
-    for account in [API, BATCH] {
-        emulator.create_service_account(account);
-        emulator.grant(
-            token_broker::emulator::DEFAULT_ACCOUNT_EMAIL,
-            account,
-            token_broker::emulator::Permission::OpenIdToken,
-        );
-    }
-    let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
-    kubelet.add_pod(&stand_in_pod(
-        "payments", "api-1", &api_uid, "api-sa", &api_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "batch", "job-1", &batch_uid, "job-sa", &batch_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "batch", "shell-1", &bare_uid, "default", &bare_cid,
-    ));
-    kubelet.set_service_account("payments", "api-sa", annotated(API));
-    kubelet.set_service_account("batch", "job-sa", annotated(BATCH));
-    kubelet.set_service_account("batch", "default", BTreeMap::new());
-    let rules = format!(
-        "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"default\"\n\
-         service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
-         [[policy]]\nk8s_namespaces = [\"payments\", \"batch\"]\nidentities = [\"pods\"]\n\
-         audiences = [\"{AUDIENCE}\"]\nscopes = [\"*\"]\n\
-         [[policy]]\nk8s_service_accounts = [\"payments/api-sa\"]\nidentities = [\"default\"]\n\
+    const API: &str = API_ACCOUNT;
+    const BATCH: &str = BATCH_ACCOUNT;
+    let Some(AnnotatedPods {
+        broker,
+        kubelet,
+        emulator,
+        api,
+        batch,
+        third: bare,
+    }) = AnnotatedPods::start(
+        30,
+        ("shell-1", "default", None),
+        &[
+            (API, Permission::OpenIdToken),
+            (BATCH, Permission::OpenIdToken),
+        ],
+        "*",
+        "[[policy]]\nk8s_service_accounts = [\"payments/api-sa\"]\nidentities = [\"default\"]\n\
          scopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n",
-        emulator.base_url()
-    );
-    let broker = broker_with(&emulator, &kubelet, "", &rules).await;
+    )
+    .await
+    else {
+        return;
+    };
 
     let mut tokens = Vec::new();
     for (cgroup, account) in [(&api, API), (&batch, BATCH)] {
@@ -1045,15 +974,7 @@ async fn over_the_socket_each_pod_gets_the_account_its_annotation_names() {
     assert_eq!(stats.metadata_token, 1, "one base access token for both");
     // `status` shows a pod its own entry of the per-workload identity, not
     // the other pod's (whose audience it names).
-    let (code, listed, stderr) = cli_in(
-        &api,
-        &[
-            "status",
-            "--socket",
-            broker.socket.to_str().unwrap(),
-            "--json",
-        ],
-    );
+    let (code, listed, stderr) = status_in(&broker, &api);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(listed.matches("\"pods\"").count(), 1, "{listed}");
     // Asked again, each pod gets its own token back from the cache.
@@ -1157,65 +1078,34 @@ stream.cancel()
 /// permission; a pod lists only its own entry.
 #[tokio::test(flavor = "multi_thread")]
 async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
-    const API: &str = "payments-api@apps.iam.gserviceaccount.com";
-    const BATCH: &str = "batch@apps.iam.gserviceaccount.com";
+    const API: &str = API_ACCOUNT;
+    const BATCH: &str = BATCH_ACCOUNT;
     const UNGRANTED: &str = "ungranted@apps.iam.gserviceaccount.com";
     const CLOUD: &str = "https://www.googleapis.com/auth/cloud-platform";
-    let annotated = |account: &str| {
-        BTreeMap::from([(
-            "iam.gke.io/gcp-service-account".to_owned(),
-            account.to_owned(),
-        )])
-    };
-    let ((api_uid, api_cid), (batch_uid, batch_cid), (job_uid, job_cid)) =
-        (ids(33), ids(34), ids(35));
-    let Some(api) = PodCgroup::container(Driver::Systemd, &api_uid, &api_cid) else {
+    let Some(AnnotatedPods {
+        broker,
+        emulator,
+        api,
+        batch,
+        third: job,
+        // Held: the pods' kubelet serves until the test ends.
+        kubelet: _kubelet,
+    }) = AnnotatedPods::start(
+        33,
+        ("cron-1", "cron-sa", Some(UNGRANTED)),
+        &[
+            (API, Permission::AccessToken),
+            (BATCH, Permission::AccessToken),
+            // The node may mint UNGRANTED's ID tokens, not its access tokens.
+            (UNGRANTED, Permission::OpenIdToken),
+        ],
+        CLOUD,
+        "",
+    )
+    .await
+    else {
         return;
     };
-    let Some(batch) = PodCgroup::container(Driver::Cgroupfs, &batch_uid, &batch_cid) else {
-        return;
-    };
-    let Some(job) = PodCgroup::container(Driver::Systemd, &job_uid, &job_cid) else {
-        return;
-    };
-    let emulator = support::emulator().await;
-    for account in [API, BATCH, UNGRANTED] {
-        emulator.create_service_account(account);
-    }
-    for account in [API, BATCH] {
-        emulator.grant(
-            token_broker::emulator::DEFAULT_ACCOUNT_EMAIL,
-            account,
-            token_broker::emulator::Permission::AccessToken,
-        );
-    }
-    // The node may mint UNGRANTED's ID tokens, not its access tokens.
-    emulator.grant(
-        token_broker::emulator::DEFAULT_ACCOUNT_EMAIL,
-        UNGRANTED,
-        token_broker::emulator::Permission::OpenIdToken,
-    );
-    let kubelet = Kubelet::start(KubeletOptions::default()).await.unwrap();
-    kubelet.add_pod(&stand_in_pod(
-        "payments", "api-1", &api_uid, "api-sa", &api_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "batch", "job-1", &batch_uid, "job-sa", &batch_cid,
-    ));
-    kubelet.add_pod(&stand_in_pod(
-        "batch", "cron-1", &job_uid, "cron-sa", &job_cid,
-    ));
-    kubelet.set_service_account("payments", "api-sa", annotated(API));
-    kubelet.set_service_account("batch", "job-sa", annotated(BATCH));
-    kubelet.set_service_account("batch", "cron-sa", annotated(UNGRANTED));
-    let rules = format!(
-        "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"default\"\n\
-         service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
-         [[policy]]\nk8s_namespaces = [\"payments\", \"batch\"]\nidentities = [\"pods\"]\n\
-         audiences = [\"{AUDIENCE}\"]\nscopes = [\"{CLOUD}\"]\n",
-        emulator.base_url()
-    );
-    let broker = broker_with(&emulator, &kubelet, "", &rules).await;
     let access = |cgroup| {
         cli_in(
             cgroup,
@@ -1235,10 +1125,7 @@ async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
         let (code, token, stderr) = access(cgroup);
         assert_eq!(code, 0, "{account}: {stderr}\n{}", broker.log());
         let token = token.trim().to_owned();
-        broker.served.lock().unwrap().push(token.clone());
-        let info = support::tokeninfo(&emulator, &token)
-            .await
-            .expect("the emulator issued it");
+        let info = broker.served_access_token_info(&emulator, &token).await;
         assert_eq!(info["email"], account, "{info}");
         assert_eq!(info["scope"], CLOUD, "{info}");
         tokens.push(token);
@@ -1276,15 +1163,7 @@ async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
         "the watch's audit line names the account:\n{log}"
     );
     // `status` shows the batch pod its own access entry, not the api pod's.
-    let (code, listed, stderr) = cli_in(
-        &batch,
-        &[
-            "status",
-            "--socket",
-            broker.socket.to_str().unwrap(),
-            "--json",
-        ],
-    );
+    let (code, listed, stderr) = status_in(&broker, &batch);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(listed.matches("\"pods\"").count(), 1, "{listed}");
 
@@ -1312,8 +1191,7 @@ async fn over_the_socket_each_pod_gets_an_access_token_of_its_own_account() {
 /// (`/../../../kubepods-burstable.slice/...`), is still found and attested.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_without_host_pid_reads_its_peers_through_the_hosts_proc() {
-    let (uid, cid) = ids(10);
-    let Some(client) = PodCgroup::container(Driver::Systemd, &uid, &cid) else {
+    let Some((client, uid, cid)) = pod_container(10, Driver::Systemd) else {
         return;
     };
     let (broker_uid, broker_cid) = ids(11);

@@ -59,6 +59,22 @@ filter = "warn"
     )
 }
 
+/// A broker serving [`config`] (the same arguments), logging at the
+/// default level.
+async fn start_broker(
+    emulator: &Emulator,
+    port: u16,
+    refresh: &str,
+    limits: &str,
+    identities: &str,
+) -> Broker {
+    Broker::start(
+        |socket| config(socket, emulator, port, refresh, limits, identities),
+        "",
+    )
+    .await
+}
+
 fn request(audience: &str, min_valid_for: Option<u64>) -> GetIdTokenRequest {
     GetIdTokenRequest {
         audience: audience.into(),
@@ -106,17 +122,11 @@ async fn refused_new_audiences_leave_nothing_behind() {
     const CLIENTS: usize = 4;
     let emulator = support::emulator().await;
     let port = support::free_port();
-    let broker = Broker::start(
-        |socket| {
-            config(
-                socket,
-                &emulator,
-                port,
-                "",
-                "new_audiences_per_minute = 1\nnew_audience_burst = 1",
-                "",
-            )
-        },
+    let broker = start_broker(
+        &emulator,
+        port,
+        "",
+        "new_audiences_per_minute = 1\nnew_audience_burst = 1",
         "",
     )
     .await;
@@ -191,17 +201,11 @@ async fn a_cached_audience_costs_at_most_one_and_a_half_kb_beyond_its_token() {
     const CLIENTS: usize = 4;
     let emulator = support::emulator().await;
     let port = support::free_port();
-    let broker = Broker::start(
-        |socket| {
-            config(
-                socket,
-                &emulator,
-                port,
-                "",
-                "new_audiences_per_minute = 1000000\nnew_audience_burst = 1000000",
-                "",
-            )
-        },
+    let broker = start_broker(
+        &emulator,
+        port,
+        "",
+        "new_audiences_per_minute = 1000000\nnew_audience_burst = 1000000",
         "",
     )
     .await;
@@ -278,17 +282,11 @@ async fn concurrent_new_audiences_never_exceed_max_entries() {
     const AUDIENCES: usize = 2_000;
     let emulator = support::emulator().await;
     let port = support::free_port();
-    let broker = Broker::start(
-        |socket| {
-            config(
-                socket,
-                &emulator,
-                port,
-                &format!("max_entries = {MAX}"),
-                "new_audiences_per_minute = 1000000\nnew_audience_burst = 1000000",
-                "",
-            )
-        },
+    let broker = start_broker(
+        &emulator,
+        port,
+        &format!("max_entries = {MAX}"),
+        "new_audiences_per_minute = 1000000\nnew_audience_burst = 1000000",
         "",
     )
     .await;
@@ -379,18 +377,12 @@ async fn a_huge_upstream_answer_is_refused_and_not_cached() {
         &emulator,
         true,
     );
-    let broker = Broker::start(
-        |socket| {
-            config(
-                socket,
-                &emulator,
-                port,
-                "",
-                "",
-                &support::key_identity("keyed", &key),
-            )
-        },
+    let broker = start_broker(
+        &emulator,
+        port,
         "",
+        "",
+        &support::key_identity("keyed", &key),
     )
     .await;
     // Warm up the connection paths with normal answers first.
@@ -476,17 +468,11 @@ async fn min_valid_for_cannot_force_a_mint_per_call() {
     const BURST: u64 = 10;
     let emulator = support::emulator().await;
     let port = support::free_port();
-    let broker = Broker::start(
-        |socket| {
-            config(
-                socket,
-                &emulator,
-                port,
-                "",
-                &format!("new_audiences_per_minute = 1\nnew_audience_burst = {BURST}"),
-                "",
-            )
-        },
+    let broker = start_broker(
+        &emulator,
+        port,
+        "",
+        &format!("new_audiences_per_minute = 1\nnew_audience_burst = {BURST}"),
         "",
     )
     .await;

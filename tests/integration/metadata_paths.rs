@@ -8,10 +8,7 @@
 
 use reqwest::StatusCode;
 use serde_json::json;
-use token_broker::{
-    emulator::{Emulator, DEFAULT_ACCOUNT_EMAIL},
-    proto::GetAccessTokenRequest,
-};
+use token_broker::emulator::{Emulator, DEFAULT_ACCOUNT_EMAIL};
 
 use crate::{
     metadata_endpoint::{content_type, free_port, get},
@@ -52,15 +49,7 @@ async fn broker(identities: String, endpoint_extra: &str, rest: &str) -> (Broker
 
 /// What the emulator's metadata server itself answers for `path`.
 async fn upstream_value(emulator: &Emulator, path: &str) -> String {
-    reqwest::Client::new()
-        .get(format!("{}{path}", emulator.base_url()))
-        .header("Metadata-Flavor", "Google")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    support::metadata_text(&format!("{}{path}", emulator.base_url())).await
 }
 
 /// The lines of the log about `path` on the metadata endpoint, once at
@@ -104,26 +93,13 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
     assert_eq!(fields, ["access_token", "expires_in", "token_type"]);
     assert_eq!(answer["token_type"], "Bearer");
     let token = answer["access_token"].as_str().unwrap().to_owned();
-    broker.served.lock().unwrap().push(token.clone());
-    let info = support::tokeninfo(&emulator, &token)
-        .await
-        .expect("a token the emulator issued");
+    let info = broker.served_access_token_info(&emulator, &token).await;
     assert_eq!(info["scope"], CLOUD);
     assert_eq!(info["email"], DEFAULT_ACCOUNT_EMAIL);
 
     // expires_in counts down to the cached token's own expiry: gRPC gets
     // the very same token, and its expire_time agrees within a second or two.
-    let grpc = broker
-        .client()
-        .await
-        .get_access_token(GetAccessTokenRequest {
-            identity: "default".into(),
-            scopes: vec![],
-            min_valid_for: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let grpc = broker.get_access("default", &[]).await.unwrap();
     assert_eq!(grpc.token, token, "one cache for both doors");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -145,8 +121,9 @@ async fn access_tokens_are_served_under_the_policy_from_the_shared_cache() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let scoped: serde_json::Value = serde_json::from_str(&body).unwrap();
     let scoped_token = scoped["access_token"].as_str().unwrap().to_owned();
-    broker.served.lock().unwrap().push(scoped_token.clone());
-    let info = support::tokeninfo(&emulator, &scoped_token).await.unwrap();
+    let info = broker
+        .served_access_token_info(&emulator, &scoped_token)
+        .await;
     assert_eq!(info["scope"], format!("{CLOUD} {STORAGE_RO}"));
     assert_eq!(emulator.stats().metadata_token, 2, "one call per scope set");
 

@@ -91,6 +91,18 @@ struct ClientRun {
     wall: Duration,
 }
 
+/// The token in a client's `answer`, recorded as `broker`'s served (so the
+/// drop check proves it never reached the log); panics, showing the answer
+/// and the broker's log, where the client got none.
+fn served_token(answer: &serde_json::Value, broker: &Broker) -> String {
+    let token = answer["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}\n{}", broker.log()))
+        .to_owned();
+    broker.served.lock().unwrap().push(token.clone());
+    token
+}
+
 /// Runs [`CLIENT`] inside `pod`'s network namespace against `endpoint`.
 async fn google_auth_in(
     pod: &PodNetwork,
@@ -223,11 +235,7 @@ async fn pods_are_told_apart_by_their_address_on_the_node() {
 
     // The pod's own token, verified against the emulator's keys.
     let first = google_auth_in(api, &python, &endpoint, AUDIENCE).await;
-    let token = first.answer["token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{}\n{}", first.answer, broker.log()))
-        .to_owned();
-    broker.served.lock().unwrap().push(token.clone());
+    let token = served_token(&first.answer, &broker);
     let claims = support::verify(&emulator, &token, AUDIENCE).await;
     assert_eq!(claims["email"], DEFAULT_ACCOUNT_EMAIL);
     assert_eq!(first.answer["email"], DEFAULT_ACCOUNT_EMAIL);
@@ -324,58 +332,115 @@ async fn pods_are_told_apart_by_their_address_on_the_node() {
         .contains_key("https://admin.example.com"));
 }
 
+/// Per-workload identity at the metadata endpoint: pods in network
+/// namespaces of their own (`payments/api-1`, `web/web-1` and
+/// `batch/job-1`, whose service accounts' annotations name
+/// [`API_ACCOUNT`], [`WEB_ACCOUNT`] and [`UNGRANTED`], then the test's own
+/// unannotated pods, in that order), google-auth to run in them, and a
+/// broker serving identity `pods` (impersonating, from `node`, the account
+/// the annotation names) on the first pod's node address.
+struct AnnotatedPods {
+    broker: Broker,
+    cluster: Cluster,
+    emulator: Emulator,
+    /// google-auth's interpreter.
+    python: PathBuf,
+    /// The metadata endpoint's `address:port`.
+    endpoint: String,
+    pods: Vec<PodNetwork>,
+}
+
+impl AnnotatedPods {
+    /// The node holds `grants` (and [`UNGRANTED`] exists, granted only what
+    /// `grants` says); `policy` is the config's rules for `pods`. `None`
+    /// where the kernel will not make the namespaces.
+    async fn start(
+        unannotated: &[PodSpec],
+        grants: &[(&str, Permission)],
+        policy: &str,
+    ) -> Option<AnnotatedPods> {
+        let pods = pod_networks(3 + unannotated.len())?;
+        let python = tokio::task::spawn_blocking(google_auth).await.unwrap();
+        let emulator = support::emulator_granting_the_node(grants).await;
+        emulator.create_service_account(UNGRANTED);
+        let cluster = Cluster::start().await;
+        let annotated = [
+            ("payments", "api-1", "api-sa", API_ACCOUNT),
+            ("web", "web-1", "web-sa", WEB_ACCOUNT),
+            ("batch", "job-1", "job-sa", UNGRANTED),
+        ];
+        let specs = annotated
+            .iter()
+            .map(|(namespace, name, service_account, _)| {
+                PodSpec::new(namespace, name, service_account)
+            })
+            .chain(unannotated.iter().cloned())
+            .zip(&pods)
+            .map(|(spec, pod)| spec.ip(pod.pod_ip))
+            .collect();
+        cluster.set_pods(specs);
+        for (namespace, _, service_account, account) in annotated {
+            cluster.annotate(namespace, service_account, Some(account));
+        }
+        let port = free_port_on(pods[0].host_ip);
+        let endpoint = format!("{}:{port}", pods[0].host_ip);
+        let identity = format!(
+            "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"node\"\n\
+             service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
+             {policy}",
+            emulator.base_url()
+        );
+        let broker = Broker::start(
+            |socket| config(socket, &emulator, &cluster, &endpoint, "pods", &identity),
+            "info",
+        )
+        .await;
+        Some(AnnotatedPods {
+            broker,
+            cluster,
+            emulator,
+            python,
+            endpoint,
+            pods,
+        })
+    }
+}
+
 /// Point 4: one per-workload identity mints, for each pod, as the account
 /// its service account's annotation names; an account the node may not
 /// impersonate is Google's PERMISSION_DENIED, said clearly; no annotation
 /// is refused naming it; a changed annotation holds after the TTL.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_pod_gets_the_account_its_service_account_annotation_names() {
-    let Some(pods) = pod_networks(4) else { return };
+    let Some(AnnotatedPods {
+        broker,
+        cluster,
+        emulator,
+        python,
+        endpoint,
+        pods,
+    }) = AnnotatedPods::start(
+        &[PodSpec::new("tools", "shell-1", "default")],
+        &[
+            (API_ACCOUNT, Permission::OpenIdToken),
+            (WEB_ACCOUNT, Permission::OpenIdToken),
+        ],
+        "[[policy]]\nk8s_namespaces = [\"payments\", \"web\", \"batch\", \"tools\"]\n\
+         identities = [\"pods\"]\naudiences = [\"*\"]\n\
+         [[policy]]\nuids = [0]\nidentities = [\"*\"]\naudiences = [\"*\"]\n",
+    )
+    .await
+    else {
+        return;
+    };
     let [api, web, ungranted, bare] = &pods[..] else {
         unreachable!()
     };
-    let python = tokio::task::spawn_blocking(google_auth).await.unwrap();
-    let emulator = support::emulator().await;
-    for account in [API_ACCOUNT, WEB_ACCOUNT, UNGRANTED] {
-        emulator.create_service_account(account);
-    }
-    emulator.grant(DEFAULT_ACCOUNT_EMAIL, API_ACCOUNT, Permission::OpenIdToken);
-    emulator.grant(DEFAULT_ACCOUNT_EMAIL, WEB_ACCOUNT, Permission::OpenIdToken);
-    let cluster = Cluster::start().await;
-    cluster.set_pods(vec![
-        PodSpec::new("payments", "api-1", "api-sa").ip(api.pod_ip),
-        PodSpec::new("web", "web-1", "web-sa").ip(web.pod_ip),
-        PodSpec::new("batch", "job-1", "job-sa").ip(ungranted.pod_ip),
-        PodSpec::new("tools", "shell-1", "default").ip(bare.pod_ip),
-    ]);
-    cluster.annotate("payments", "api-sa", Some(API_ACCOUNT));
-    cluster.annotate("web", "web-sa", Some(WEB_ACCOUNT));
-    cluster.annotate("batch", "job-sa", Some(UNGRANTED));
-    let port = free_port_on(api.host_ip);
-    let endpoint = format!("{}:{port}", api.host_ip);
-    let identity = format!(
-        "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"node\"\n\
-         service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
-         [[policy]]\nk8s_namespaces = [\"payments\", \"web\", \"batch\", \"tools\"]\n\
-         identities = [\"pods\"]\naudiences = [\"*\"]\n\
-         [[policy]]\nuids = [0]\nidentities = [\"*\"]\naudiences = [\"*\"]\n",
-        emulator.base_url()
-    );
-    let listen = endpoint.clone();
-    let broker = Broker::start(
-        |socket| config(socket, &emulator, &cluster, &listen, "pods", &identity),
-        "info",
-    )
-    .await;
 
     // Two pods, two accounts, one audience: two tokens, each its own.
     for (pod, account) in [(api, API_ACCOUNT), (web, WEB_ACCOUNT)] {
         let got = google_auth_in(pod, &python, &endpoint, AUDIENCE).await;
-        let token = got.answer["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{}\n{}", got.answer, broker.log()))
-            .to_owned();
-        broker.served.lock().unwrap().push(token.clone());
+        let token = served_token(&got.answer, &broker);
         let claims = support::verify(&emulator, &token, AUDIENCE).await;
         assert_eq!(claims["email"], account, "{pod_ip}", pod_ip = pod.pod_ip);
         // .../default/email answers the caller's own account.
@@ -485,56 +550,40 @@ async fn google_auth_access_in(
 /// tokens for gets Google's refusal, naming the permission.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_pod_gets_an_access_token_of_its_annotated_account() {
-    let Some(pods) = pod_networks(3) else { return };
+    let Some(AnnotatedPods {
+        broker,
+        cluster: _cluster,
+        emulator,
+        python,
+        endpoint,
+        pods,
+    }) = AnnotatedPods::start(
+        &[],
+        &[
+            (API_ACCOUNT, Permission::AccessToken),
+            (WEB_ACCOUNT, Permission::AccessToken),
+            // ID tokens of UNGRANTED, not its access tokens: the grants are apart.
+            (UNGRANTED, Permission::OpenIdToken),
+        ],
+        &format!(
+            "[[policy]]\nk8s_namespaces = [\"payments\", \"web\", \"batch\"]\n\
+             identities = [\"pods\"]\naudiences = [\"{AUDIENCE}\"]\n\
+             scopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n"
+        ),
+    )
+    .await
+    else {
+        return;
+    };
     let [api, web, ungranted] = &pods[..] else {
         unreachable!()
     };
-    let python = tokio::task::spawn_blocking(google_auth).await.unwrap();
-    let emulator = support::emulator().await;
-    for account in [API_ACCOUNT, WEB_ACCOUNT, UNGRANTED] {
-        emulator.create_service_account(account);
-    }
-    emulator.grant(DEFAULT_ACCOUNT_EMAIL, API_ACCOUNT, Permission::AccessToken);
-    emulator.grant(DEFAULT_ACCOUNT_EMAIL, WEB_ACCOUNT, Permission::AccessToken);
-    // ID tokens of UNGRANTED, not its access tokens: the grants are apart.
-    emulator.grant(DEFAULT_ACCOUNT_EMAIL, UNGRANTED, Permission::OpenIdToken);
-    let cluster = Cluster::start().await;
-    cluster.set_pods(vec![
-        PodSpec::new("payments", "api-1", "api-sa").ip(api.pod_ip),
-        PodSpec::new("web", "web-1", "web-sa").ip(web.pod_ip),
-        PodSpec::new("batch", "job-1", "job-sa").ip(ungranted.pod_ip),
-    ]);
-    cluster.annotate("payments", "api-sa", Some(API_ACCOUNT));
-    cluster.annotate("web", "web-sa", Some(WEB_ACCOUNT));
-    cluster.annotate("batch", "job-sa", Some(UNGRANTED));
-    let port = free_port_on(api.host_ip);
-    let endpoint = format!("{}:{port}", api.host_ip);
-    let identity = format!(
-        "[[identities]]\nname = \"pods\"\nsource = \"impersonate\"\nbase = \"node\"\n\
-         service_account_from = \"k8s_service_account_annotation\"\niam_endpoint = \"{}\"\n\
-         [[policy]]\nk8s_namespaces = [\"payments\", \"web\", \"batch\"]\n\
-         identities = [\"pods\"]\naudiences = [\"{AUDIENCE}\"]\n\
-         scopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n",
-        emulator.base_url()
-    );
-    let listen = endpoint.clone();
-    let broker = Broker::start(
-        |socket| config(socket, &emulator, &cluster, &listen, "pods", &identity),
-        "info",
-    )
-    .await;
 
     let mut tokens = Vec::new();
     for (pod, account) in [(api, API_ACCOUNT), (web, WEB_ACCOUNT)] {
         let got = google_auth_access_in(pod, &python, &endpoint).await;
-        let token = got["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{got}\n{}", broker.log()))
-            .to_owned();
-        broker.served.lock().unwrap().push(token.clone());
-        let info = support::tokeninfo(&emulator, &token)
-            .await
-            .expect("the emulator issued it");
+        let token = served_token(&got, &broker);
+        let info = broker.served_access_token_info(&emulator, &token).await;
         assert_eq!(info["email"], account, "{info}");
         assert_eq!(got["email"], account, "{got}");
         tokens.push(token);

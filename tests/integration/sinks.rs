@@ -506,10 +506,7 @@ async fn a_configured_scopes_sink_holds_an_access_token() {
     )
     .await;
     let token = wait_for("the token file", || std::fs::read_to_string(&path).ok()).await;
-    broker.served.lock().unwrap().push(token.clone());
-    let info = support::tokeninfo(&emulator, &token)
-        .await
-        .expect("an access token the emulator issued");
+    let info = broker.served_access_token_info(&emulator, &token).await;
     assert_eq!(info["scope"], STORAGE_RO);
     assert!(!broker.log().contains(&token));
 }

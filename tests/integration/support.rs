@@ -17,8 +17,14 @@ use std::{
 
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use token_broker::{
-    emulator::{write_key_file, Emulator, EmulatorOptions, ServiceAccountRegistration},
-    proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest},
+    emulator::{
+        write_key_file, Emulator, EmulatorOptions, Permission, ServiceAccountRegistration,
+        DEFAULT_ACCOUNT_EMAIL,
+    },
+    proto::{
+        token_broker_client::TokenBrokerClient, AccessToken, GetAccessTokenRequest,
+        GetIdTokenRequest,
+    },
 };
 use tonic::transport::Channel;
 
@@ -29,6 +35,20 @@ pub async fn emulator() -> Emulator {
     Emulator::start(EmulatorOptions::default())
         .await
         .expect("emulator starts")
+}
+
+/// Starts an emulator holding the service accounts of `grants`, each of
+/// which the node's own account (the metadata server's default, what a
+/// per-workload identity impersonates from) is granted its permission on.
+pub async fn emulator_granting_the_node(grants: &[(&str, Permission)]) -> Emulator {
+    let emulator = emulator().await;
+    for (account, _) in grants {
+        emulator.create_service_account(account);
+    }
+    for (account, permission) in grants {
+        emulator.grant(DEFAULT_ACCOUNT_EMAIL, account, *permission);
+    }
+    emulator
 }
 
 /// An emulator on tokio's clock, and that clock: in a `start_paused` test
@@ -254,6 +274,40 @@ impl Broker {
             .inspect(|token| self.served.lock().unwrap().push(token.token.clone()))
     }
 
+    /// `GetAccessToken` for `identity` and `scopes` on a new connection;
+    /// every token it returns is recorded as served.
+    pub async fn get_access(
+        &self,
+        identity: &str,
+        scopes: &[&str],
+    ) -> Result<AccessToken, tonic::Status> {
+        self.client()
+            .await
+            .get_access_token(GetAccessTokenRequest {
+                identity: identity.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                min_valid_for: None,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .inspect(|token| self.served.lock().unwrap().push(token.token.clone()))
+    }
+
+    /// The emulator's tokeninfo for `token`, an access token this broker
+    /// served another way than [`Broker::get`] (the CLI, the metadata
+    /// endpoint, a sink); recorded as served, so the drop check proves it
+    /// never reached the log. Panics unless the emulator issued it.
+    pub async fn served_access_token_info(
+        &self,
+        emulator: &Emulator,
+        token: &str,
+    ) -> serde_json::Value {
+        self.served.lock().unwrap().push(token.to_owned());
+        tokeninfo(emulator, token)
+            .await
+            .unwrap_or_else(|| panic!("not an access token the emulator issued"))
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         // The daemon writes its log from a thread behind a queue, so a line
@@ -398,6 +452,21 @@ pub async fn verify(emulator: &Emulator, token: &str, audience: &str) -> serde_j
     jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
         .expect("token verifies against the emulator's JWKS")
         .claims
+}
+
+/// The body of a GET of `url` with `Metadata-Flavor: Google`, as a
+/// metadata client asks it (of the broker's endpoint or the emulator's
+/// metadata server), whatever the status.
+pub async fn metadata_text(url: &str) -> String {
+    reqwest::Client::new()
+        .get(url)
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Introspects an access token at the emulator's tokeninfo endpoint over

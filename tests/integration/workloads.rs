@@ -17,7 +17,10 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
-use token_broker::proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest};
+use token_broker::{
+    emulator::Emulator,
+    proto::{token_broker_client::TokenBrokerClient, GetIdTokenRequest},
+};
 use tonic::Code;
 
 use crate::support::{self, Broker};
@@ -143,10 +146,7 @@ pub(crate) fn place(
 }
 
 /// A broker whose socket every uid may open, with `rules` as its policy.
-pub(crate) async fn broker_with(
-    emulator: &token_broker::emulator::Emulator,
-    rules: String,
-) -> Broker {
+pub(crate) async fn broker_with(emulator: &Emulator, rules: String) -> Broker {
     let identity = support::metadata_identity("default", emulator);
     Broker::start(
         move |socket| {
@@ -188,6 +188,26 @@ fn token_from(
     )
 }
 
+/// The audience [`demo_service_broker`]'s rule grants.
+const DEMO_AUDIENCE: &str = "https://demo.example.com";
+
+/// The units `demo.service` and `other.service`, and a broker whose one
+/// rule grants WEB [`DEMO_AUDIENCE`] in `demo.service` only, with `more`
+/// config after it. `None` where the cgroups cannot be made.
+async fn demo_service_broker(more: &str) -> Option<(TestCgroups, Emulator, Broker)> {
+    let cgroups = TestCgroups::create(&["demo.service", "other.service"])?;
+    let emulator = support::emulator().await;
+    let broker = broker_with(
+        &emulator,
+        format!(
+            "[[policy]]\nuids = [{WEB}]\nsystemd_units = [\"demo.service\"]\n\
+             identities = [\"default\"]\naudiences = [\"{DEMO_AUDIENCE}\"]\n{more}"
+        ),
+    )
+    .await;
+    Some((cgroups, emulator, broker))
+}
+
 pub(crate) fn audit_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
     log.lines()
         .filter(|l| l.contains("GetIdToken") && l.contains(needle))
@@ -196,19 +216,10 @@ pub(crate) fn audit_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_systemd_units_rule_admits_its_unit_and_refuses_the_same_uid_outside_it() {
-    let Some(cgroups) = TestCgroups::create(&["demo.service", "other.service"]) else {
+    let Some((cgroups, emulator, broker)) = demo_service_broker("").await else {
         return;
     };
-    let emulator = support::emulator().await;
-    let audience = "https://demo.example.com";
-    let broker = broker_with(
-        &emulator,
-        format!(
-            "[[policy]]\nuids = [{WEB}]\nsystemd_units = [\"demo.service\"]\n\
-             identities = [\"default\"]\naudiences = [\"{audience}\"]\n"
-        ),
-    )
-    .await;
+    let audience = DEMO_AUDIENCE;
     let web = (WEB, WEB, &[WEB][..]);
 
     let (code, token, stderr) = token_from(&broker, &cgroups, Some("demo.service"), web, audience);
@@ -349,55 +360,40 @@ fn spawn_sleeper_at(procs: &Path, want: i32) -> Option<std::process::Child> {
     command.spawn().ok()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_owners() {
-    let Some(cgroups) = TestCgroups::create(&["demo.service", "other.service"]) else {
-        return;
-    };
-    let emulator = support::emulator().await;
-    let audience = "https://demo.example.com";
-    let broker = broker_with(
-        &emulator,
-        format!(
-            "[[policy]]\nuids = [{WEB}]\nsystemd_units = [\"demo.service\"]\n\
-             identities = [\"default\"]\naudiences = [\"{audience}\"]\n"
-        ),
-    )
-    .await;
-
-    // Stopped, the broker accepts and attests nothing until told.
-    support::signal(&broker.child, Signal::SIGSTOP);
+/// The first half of the pid-reuse race: a client, run as WEB in `procs`'
+/// cgroup, connects our socket to the broker at `socket` (the kernel
+/// records its pid and uid) and exits at once. Our end of the connection
+/// and the client's pid, reaped and free again.
+pub(crate) fn connect_from_a_client_that_exits(socket: &Path, procs: &Path) -> (OwnedFd, i32) {
     let ours = unix_socket();
     let raw = ours.as_raw_fd();
-    let (addr, len) = sockaddr_un(&broker.socket);
-    // The client: as WEB in other.service, it connects our socket to the
-    // broker (the kernel records its pid and uid) and exits at once.
+    let (addr, len) = sockaddr_un(socket);
     let mut client = Command::new("true");
-    place(
-        &mut client,
-        Some(&cgroups.procs("other.service")),
-        WEB,
-        WEB,
-        &[WEB],
-        move || {
-            // SAFETY: addr outlives the call; raw is open in the child.
-            let result =
-                unsafe { libc::connect(raw, (&addr as *const libc::sockaddr_un).cast(), len) };
-            if result < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        },
-    );
+    place(&mut client, Some(procs), WEB, WEB, &[WEB], move || {
+        // SAFETY: addr outlives the call; raw is open in the child.
+        let result = unsafe { libc::connect(raw, (&addr as *const libc::sockaddr_un).cast(), len) };
+        if result < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    });
     let mut client = client.spawn().expect("client runs");
     let gone = client.id() as i32;
     assert!(client.wait().unwrap().success(), "the client connected");
+    (ours, gone)
+}
 
-    // Its pid, reaped, goes to a process as the same uid in the unit the
-    // rule grants, where the kernel lets the test choose the next pid.
+/// The second half: pid `gone` goes to a `sleep` as WEB in `procs`'
+/// cgroup (`owner`, which the rule grants), where the kernel lets the
+/// test choose the next pid; the sleeper, if it got the pid.
+pub(crate) fn give_pid_to_a_sleeper_in(
+    procs: &Path,
+    gone: i32,
+    owner: &str,
+) -> Option<std::process::Child> {
     let mut sleeper = None;
     for _ in 0..50 {
-        match spawn_sleeper_at(&cgroups.procs("demo.service"), gone) {
+        match spawn_sleeper_at(procs, gone) {
             Some(child) if child.id() as i32 == gone => {
                 sleeper = Some(child);
                 break;
@@ -410,14 +406,27 @@ async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_ow
         }
     }
     match &sleeper {
-        Some(_) => eprintln!("pid {gone} was given to a process in demo.service"),
+        Some(_) => eprintln!("pid {gone} was given to a process in {owner}"),
         None => eprintln!(
             "the kernel did not let this test reuse pid {gone} (ns_last_pid); \
-             checking only that the exited client gets no selectors"
+             checking only that the exited client is not attested as {owner}"
         ),
     }
-    support::signal(&broker.child, Signal::SIGCONT);
+    sleeper
+}
 
+/// The race's end: the broker, stopped since the client connected, goes
+/// on, and the exited client's connection `ours` asks for `audience`. It
+/// must be refused as unattested (the client exited), whoever holds its
+/// pid now; the refusal, for the test's own checks. Ends the sleeper.
+pub(crate) async fn refusal_of_the_exited_client(
+    broker: &Broker,
+    ours: OwnedFd,
+    sleeper: Option<std::process::Child>,
+    audience: &str,
+    owner: &str,
+) -> tonic::Status {
+    support::signal(&broker.child, Signal::SIGCONT);
     let mut client = client_on(ours).await;
     let status = match client
         .get_id_token(GetIdTokenRequest {
@@ -428,7 +437,7 @@ async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_ow
         .await
     {
         // Not the response itself: it would print the token.
-        Ok(_) => panic!("the exited client's connection was admitted as its pid's next owner"),
+        Ok(_) => panic!("the exited client's connection was admitted as {owner}"),
         Err(status) => status,
     };
     if let Some(mut child) = sleeper {
@@ -442,6 +451,26 @@ async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_ow
             .contains("caller: unattested (the client exited"),
         "{status:?}"
     );
+    status
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_gone_before_attestation_gets_no_selectors_not_its_pids_next_owners() {
+    let Some((cgroups, _emulator, broker)) = demo_service_broker("").await else {
+        return;
+    };
+    let audience = DEMO_AUDIENCE;
+
+    // Stopped, the broker accepts and attests nothing until told.
+    support::signal(&broker.child, Signal::SIGSTOP);
+    // The client: as WEB in other.service, it connects and exits.
+    let (ours, gone) =
+        connect_from_a_client_that_exits(&broker.socket, &cgroups.procs("other.service"));
+    // Its pid, reaped, goes to a process as the same uid in the unit the
+    // rule grants, where the kernel lets the test choose the next pid.
+    let sleeper = give_pid_to_a_sleeper_in(&cgroups.procs("demo.service"), gone, "demo.service");
+    let status =
+        refusal_of_the_exited_client(&broker, ours, sleeper, audience, "demo.service").await;
     assert!(!status.message().contains("demo.service"), "{status:?}");
     let log = broker
         .wait_for_log("the denial's audit line", |log| {
@@ -491,21 +520,15 @@ pub fn curl_in(procs: &Path, url: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_metadata_endpoint_finds_the_process_behind_a_tcp_connection() {
-    let Some(cgroups) = TestCgroups::create(&["demo.service", "other.service"]) else {
+    let port = support::free_port();
+    let Some((cgroups, emulator, broker)) = demo_service_broker(&format!(
+        "\n[metadata_endpoint]\nlisten = \"127.0.0.1:{port}\"\n"
+    ))
+    .await
+    else {
         return;
     };
-    let emulator = support::emulator().await;
-    let audience = "https://demo.example.com";
-    let port = support::free_port();
-    let broker = broker_with(
-        &emulator,
-        format!(
-            "[[policy]]\nuids = [{WEB}]\nsystemd_units = [\"demo.service\"]\n\
-             identities = [\"default\"]\naudiences = [\"{audience}\"]\n\n\
-             [metadata_endpoint]\nlisten = \"127.0.0.1:{port}\"\n"
-        ),
-    )
-    .await;
+    let audience = DEMO_AUDIENCE;
     let url = format!(
         "http://127.0.0.1:{port}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}"
     );
