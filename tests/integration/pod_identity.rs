@@ -420,7 +420,10 @@ async fn each_pod_gets_the_account_its_service_account_annotation_names() {
         endpoint,
         pods,
     }) = AnnotatedPods::start(
-        &[PodSpec::new("tools", "shell-1", "default")],
+        &[
+            PodSpec::new("tools", "shell-1", "default"),
+            PodSpec::new("intruders", "probe-1", "probe-sa"),
+        ],
         &[
             (API_ACCOUNT, Permission::OpenIdToken),
             (WEB_ACCOUNT, Permission::OpenIdToken),
@@ -433,9 +436,25 @@ async fn each_pod_gets_the_account_its_service_account_annotation_names() {
     else {
         return;
     };
-    let [api, web, ungranted, bare] = &pods[..] else {
+    let [api, web, ungranted, bare, intruder] = &pods[..] else {
         unreachable!()
     };
+
+    // A pod no rule lets use the identity asks whose account it would be:
+    // refused by the policy before the broker reads any annotation.
+    for path in [
+        "/computeMetadata/v1/instance/service-accounts/default/email",
+        &format!("/computeMetadata/v1/instance/service-accounts/{API_ACCOUNT}/identity?audience={AUDIENCE}"),
+    ] {
+        let (status, body) = curl_in(intruder, &format!("http://{endpoint}{path}"), None).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("may not use identity"), "{path}: {body}");
+    }
+    assert_eq!(
+        cluster.service_account_calls(),
+        0,
+        "a denied pod made the broker read the API server"
+    );
 
     // Two pods, two accounts, one audience: two tokens, each its own.
     for (pod, account) in [(api, API_ACCOUNT), (web, WEB_ACCOUNT)] {
