@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{live::Live, peer::PeerCredentials, share::Sharer};
 use crate::{
-    cache::{AdmitError, CacheError, CacheKey, TokenCache},
+    cache::{AdmitError, CacheError, CacheKey, TokenCache, TokenKind},
     domain::LogText,
     policy::Decision,
 };
@@ -83,12 +83,14 @@ pub enum Refused {
     WorkloadAccountUnavailable { message: String },
 }
 
-/// Admits `peer`'s request for an ID-token `key` with `min_valid`
-/// (`Duration::ZERO` when none was asked), or says why not: the policy
-/// grants the key's identity and audience, and a key new to the cache (for
-/// a per-workload identity, one minted as the caller's account,
-/// [`super::workload_account::key_for`]) is within the caller's budget.
-/// `decision` is set as soon as the policy has decided, for the audit line.
+/// Admits `peer`'s request for `key` with `min_valid` (`Duration::ZERO`
+/// when none was asked), or says why not: the policy grants the key's
+/// identity and its audience or every one of its scopes ([`grant_key`]),
+/// and a key new to the cache is within the caller's budget. `decision` is
+/// set as soon as the policy has decided, for the audit line. A
+/// per-workload identity's requests come through
+/// [`super::workload_account::admit`], which reads the caller's account
+/// between the two.
 pub fn admit_key(
     cache: &TokenCache,
     live: &Live,
@@ -97,25 +99,24 @@ pub fn admit_key(
     min_valid: Duration,
     decision: &mut Option<Decision>,
 ) -> Result<CacheKey, Refused> {
-    grant(cache, live, peer, key.identity(), key.audience(), decision)?;
+    grant_key(cache, live, peer, &key, decision)?;
     spend_for_new_key(cache, live, peer, key, min_valid)
 }
 
-/// Admits `peer`'s request for the access-token `key` with `min_valid`
-/// ([`super::workload_account::access_key_for`] built it: the scope set
-/// checked and, for a per-workload identity, minted as the caller's
-/// account): every scope must be granted by one rule, and a new key spends
-/// from the same per-uid budget as a new audience.
-pub fn admit_access(
+/// Whether the policy in force now lets `peer` have `key`: an ID-token
+/// key's identity and audience ([`grant`]), an access-token key's identity
+/// and every scope ([`grant_access`]).
+pub fn grant_key(
     cache: &TokenCache,
     live: &Live,
     peer: &PeerCredentials,
-    key: CacheKey,
-    min_valid: Duration,
+    key: &CacheKey,
     decision: &mut Option<Decision>,
-) -> Result<CacheKey, Refused> {
-    grant_access(cache, live, peer, &key, decision)?;
-    spend_for_new_key(cache, live, peer, key, min_valid)
+) -> Result<(), Refused> {
+    match key.kind() {
+        TokenKind::IdToken => grant(cache, live, peer, key.identity(), key.audience(), decision),
+        TokenKind::AccessToken(_) => grant_access(cache, live, peer, key, decision),
+    }
 }
 
 /// Whether the policy in force now lets `peer` have the access-token `key`
@@ -148,7 +149,7 @@ pub fn grant_access(
 }
 
 /// The per-uid budget for keys new to the cache and forced mints.
-fn spend_for_new_key(
+pub(super) fn spend_for_new_key(
     cache: &TokenCache,
     live: &Live,
     peer: &PeerCredentials,

@@ -18,7 +18,7 @@ use super::{
     peer::PeerCredentials,
     share::{Full, Place, Shares},
     watch_stream::{self, WatchFeed},
-    workload_account,
+    workload_account::{self, Record},
 };
 use crate::{
     cache::{CacheError, CacheKey, EntryState, TokenCache},
@@ -26,7 +26,10 @@ use crate::{
     domain::{validate_requested_identity, LogText},
     kubernetes::PodDirectory,
     proto::{self, token_broker_server::TokenBroker},
-    source::{access::CLOUD_PLATFORM_SCOPE, SourceError},
+    source::{
+        access::{AccessOf, CLOUD_PLATFORM_SCOPE},
+        SourceError,
+    },
     token::{AccessToken, IdToken},
 };
 
@@ -246,26 +249,21 @@ impl BrokerService {
     async fn admit(&self, audit: &mut Audit, min_valid: Duration) -> Result<CacheKey, Status> {
         validate_requested_identity(&audit.identity).map_err(|e| to_status(e.into()))?;
         audit.known = self.cache.knows(&audit.identity);
-        let key = workload_account::key_for(
+        let key = CacheKey::new(&audit.identity, &audit.audience)
+            .map_err(|e| to_status(CacheError::from(e)))?;
+        workload_account::admit(
             &self.cache,
             &self.live,
             self.pods.as_deref(),
             &audit.peer,
-            &audit.identity,
-            &audit.audience,
-            &mut audit.decision,
-        )
-        .await
-        .map_err(|refused| refused_status(&refused))?;
-        audit.minted_as = key.account().map(str::to_owned);
-        admission::admit_key(
-            &self.cache,
-            &self.live,
-            &audit.peer,
             key,
             min_valid,
-            &mut audit.decision,
+            Record {
+                decision: &mut audit.decision,
+                minted_as: &mut audit.minted_as,
+            },
         )
+        .await
         .map_err(|refused| refused_status(&refused))
     }
 
@@ -350,26 +348,21 @@ impl BrokerService {
         }
         audit.known = self.cache.knows(&audit.identity);
         let scopes = audit.scopes.clone().unwrap_or_default();
-        let key = workload_account::access_key_for(
+        let key = CacheKey::access(&audit.identity, AccessOf::Identity, &scopes)
+            .map_err(|e| to_status(CacheError::InvalidScopes(e)))?;
+        workload_account::admit(
             &self.cache,
             &self.live,
             self.pods.as_deref(),
             &audit.peer,
-            &audit.identity,
-            &scopes,
-            &mut audit.decision,
-        )
-        .await
-        .map_err(|refused| refused_status(&refused))?;
-        audit.minted_as = key.account().map(str::to_owned);
-        admission::admit_access(
-            &self.cache,
-            &self.live,
-            &audit.peer,
             key,
             min_valid,
-            &mut audit.decision,
+            Record {
+                decision: &mut audit.decision,
+                minted_as: &mut audit.minted_as,
+            },
         )
+        .await
         .map_err(|refused| refused_status(&refused))
     }
 

@@ -68,17 +68,17 @@ use axum::{
 use tokio::time::Instant;
 
 use super::{
-    admission::{self, Refused},
+    admission::Refused,
     http_listener::{Answer, Connection, ConnectionLimits, HttpListener},
     live::Live,
     metadata_paths::{
         self, refuse_wait_for_change, tree_route, InstanceValues, Tree, APPLICATION_TEXT,
     },
     peer::PeerCredentials,
-    workload_account,
+    workload_account::{self, Record},
 };
 use crate::{
-    cache::{CacheError, CacheOutcome, TokenCache},
+    cache::{CacheError, CacheKey, CacheOutcome, TokenCache},
     config::MetadataEndpointSettings,
     domain::LogText,
     kubernetes::PodDirectory,
@@ -883,27 +883,21 @@ impl EndpointState {
                 ),
             ));
         }
-        let key = workload_account::key_for(
+        let key = CacheKey::new(&self.identity, audience)
+            .map_err(|e| self.refused(CacheError::from(e).into()))?;
+        let key = workload_account::admit(
             &self.cache,
             &self.live,
             self.pods.as_deref(),
             peer,
-            &self.identity,
-            audience,
-            &mut outcome.decision,
+            key,
+            Duration::ZERO,
+            Record {
+                decision: &mut outcome.decision,
+                minted_as: &mut outcome.minted_as,
+            },
         )
         .await
-        .and_then(|key| {
-            outcome.minted_as = key.account().map(str::to_owned);
-            admission::admit_key(
-                &self.cache,
-                &self.live,
-                peer,
-                key,
-                Duration::ZERO,
-                &mut outcome.decision,
-            )
-        })
         .map_err(|refused| self.refused(refused))?;
         let lookup = tokio::time::timeout(MAX_WAIT, self.cache.get(&key, Duration::ZERO))
             .await

@@ -30,16 +30,19 @@ use axum::{
 use tokio::time::Instant;
 
 use super::{
-    admission,
     metadata_endpoint::{respond, timed_out, upstream_failure, EndpointState, Outcome, Refusal},
     peer::PeerCredentials,
-    workload_account,
+    workload_account::{self, Record},
 };
 use crate::{
+    cache::{CacheError, CacheKey},
     config::MetadataEndpointSettings,
     domain::LogText,
     metadata_protocol::{Leaf, Query},
-    source::{access::CLOUD_PLATFORM_SCOPE, instance::InstanceValue},
+    source::{
+        access::{AccessOf, CLOUD_PLATFORM_SCOPE},
+        instance::InstanceValue,
+    },
 };
 
 /// Google's content type for plain values, listings and ID tokens.
@@ -569,27 +572,21 @@ pub(super) async fn access_token(
 ) -> Result<Response, Refusal> {
     let scopes = requested_scopes(query.scopes.as_deref())?;
     outcome.scopes = Some(scopes.clone());
-    let key = workload_account::access_key_for(
+    let key = CacheKey::access(&state.identity, AccessOf::Identity, &scopes)
+        .map_err(|e| state.refused(CacheError::InvalidScopes(e).into()))?;
+    let key = workload_account::admit(
         &state.cache,
         &state.live,
         state.pods.as_deref(),
         peer,
-        &state.identity,
-        &scopes,
-        &mut outcome.decision,
+        key,
+        Duration::ZERO,
+        Record {
+            decision: &mut outcome.decision,
+            minted_as: &mut outcome.minted_as,
+        },
     )
     .await
-    .and_then(|key| {
-        outcome.minted_as = key.account().map(str::to_owned);
-        admission::admit_access(
-            &state.cache,
-            &state.live,
-            peer,
-            key,
-            Duration::ZERO,
-            &mut outcome.decision,
-        )
-    })
     .map_err(|refused| state.refused(refused))?;
     let lookup = tokio::time::timeout(
         super::metadata_endpoint::MAX_WAIT,

@@ -13,80 +13,58 @@
 //! annotations differ never share a token, and a changed annotation is a
 //! new key once the annotation cache has expired.
 
+use std::time::Duration;
+
 use super::{
     admission::{self, Refused},
     live::Live,
     peer::PeerCredentials,
 };
 use crate::{
-    cache::{CacheError, CacheKey, TokenCache},
+    cache::{CacheKey, TokenCache},
     config::{validate_account_email, AccountFrom},
     domain::LogText,
     kubernetes::PodDirectory,
     policy::Decision,
-    source::access::AccessOf,
 };
 
-/// The ID-token key for `peer`'s request of (`identity`, `audience`): for
-/// a per-workload identity, once the policy granted it, minted as the
-/// caller's account. Not yet admitted: pass it to
-/// [`admission::admit_key`].
-pub async fn key_for(
-    cache: &TokenCache,
-    live: &Live,
-    pods: Option<&PodDirectory>,
-    peer: &PeerCredentials,
-    identity: &str,
-    audience: &str,
-    decision: &mut Option<Decision>,
-) -> Result<CacheKey, Refused> {
-    let key = CacheKey::new(identity, audience).map_err(CacheError::from)?;
-    if cache
-        .source(identity)
-        .and_then(|s| s.account_from())
-        .is_none()
-    {
-        return Ok(key);
-    }
-    // The policy first: a caller it denies never makes the broker read the
-    // API server.
-    admission::grant(cache, live, peer, identity, audience, decision)?;
-    Ok(match resolve(cache, pods, peer, identity).await? {
-        Some(account) => key.minted_as(&account),
-        None => key,
-    })
+/// Where one request's admission writes what its audit line tells: the
+/// policy's decision, and the account a per-workload identity mints as.
+pub struct Record<'a> {
+    pub decision: &'a mut Option<Decision>,
+    pub minted_as: &'a mut Option<String>,
 }
 
-/// The access-token key for `peer`'s request of `identity`'s token for
-/// `scopes` (space-separated, any order): the scope set checked and, for a
-/// per-workload identity, once the policy granted the identity and every
-/// scope, minted as the caller's account. Not yet admitted: pass it to
-/// [`admission::admit_access`].
-pub async fn access_key_for(
+/// Admits `peer`'s request for `key` (an ID-token or access-token key as
+/// the request named it) with `min_valid`, and returns the key to look up.
+/// For a per-workload identity, the policy is asked first, so a caller it
+/// denies never makes the broker read the API server; then the key is
+/// minted as the caller's account, and only that key spends from the
+/// caller's budget. Every other identity goes straight to
+/// [`admission::admit_key`].
+pub async fn admit(
     cache: &TokenCache,
     live: &Live,
     pods: Option<&PodDirectory>,
     peer: &PeerCredentials,
-    identity: &str,
-    scopes: &str,
-    decision: &mut Option<Decision>,
+    key: CacheKey,
+    min_valid: Duration,
+    record: Record<'_>,
 ) -> Result<CacheKey, Refused> {
-    let key = CacheKey::access(identity, AccessOf::Identity, scopes)
-        .map_err(CacheError::InvalidScopes)?;
-    if cache
-        .source(identity)
+    let per_workload = cache
+        .source(key.identity())
         .and_then(|s| s.account_from())
-        .is_none()
-    {
-        return Ok(key);
+        .is_some();
+    if !per_workload {
+        return admission::admit_key(cache, live, peer, key, min_valid, record.decision);
     }
-    // The policy first, as for ID tokens: a caller it denies never makes
-    // the broker read the API server.
-    admission::grant_access(cache, live, peer, &key, decision)?;
-    Ok(match resolve(cache, pods, peer, identity).await? {
+    admission::grant_key(cache, live, peer, &key, record.decision)?;
+    let key = match resolve(cache, pods, peer, key.identity()).await? {
         Some(account) => key.minted_as(&account),
         None => key,
-    })
+    };
+    *record.minted_as = key.account().map(str::to_owned);
+    admission::spend_for_new_key(cache, live, peer, key, min_valid)
 }
 
 /// `Ok(None)` for an identity with an account of its own; the caller's
