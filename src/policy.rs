@@ -501,15 +501,9 @@ mod tests {
         assert!(Policy::default().serves_identity(caller(7), "any"));
         let policy = Policy::compile(&[RuleSettings {
             uids: vec![Principal::Id(1000)],
-            gids: vec![],
-            exe: vec![],
-            systemd_units: vec![],
-            k8s_namespaces: vec![],
-            k8s_service_accounts: vec![],
-            k8s_pod_labels: vec![],
             identities: vec!["pods".into()],
             audiences: vec!["https://a.example.com".into()],
-            scopes: vec![],
+            ..RuleSettings::default()
         }])
         .unwrap();
         assert!(policy.serves_identity(caller(1000), "pods"));
@@ -537,30 +531,18 @@ mod tests {
         let policy = Policy::compile(&[
             RuleSettings {
                 uids: vec![Principal::Id(1000)],
-                gids: vec![],
-                exe: vec![],
-                systemd_units: vec![],
-                k8s_namespaces: vec![],
-                k8s_service_accounts: vec![],
-                k8s_pod_labels: vec![],
                 identities: vec!["default".into()],
                 audiences: vec!["*".into()],
-                scopes: vec![],
+                ..RuleSettings::default()
             },
             RuleSettings {
                 uids: vec![Principal::Id(1000)],
-                gids: vec![],
-                exe: vec![],
-                systemd_units: vec![],
-                k8s_namespaces: vec![],
-                k8s_service_accounts: vec![],
-                k8s_pod_labels: vec![],
                 identities: vec!["default".into()],
-                audiences: vec![],
                 scopes: vec![
                     cp.into(),
                     "https://www.googleapis.com/auth/devstorage.*".into(),
                 ],
+                ..RuleSettings::default()
             },
         ])
         .unwrap();
@@ -665,30 +647,18 @@ mod tests {
         vec![
             RuleSettings {
                 uids: vec![Principal::Id(1000)],
-                gids: vec![],
-                exe: vec![],
-                systemd_units: vec![],
-                k8s_namespaces: vec![],
-                k8s_service_accounts: vec![],
-                k8s_pod_labels: vec![],
                 identities: vec!["default".into()],
                 audiences: vec![
                     "https://*.a.run.app".into(),
                     "https://api.example.com".into(),
                 ],
-                scopes: vec![],
+                ..RuleSettings::default()
             },
             RuleSettings {
-                uids: vec![],
                 gids: vec![Principal::Name("2000".into())],
-                exe: vec![],
-                systemd_units: vec![],
-                k8s_namespaces: vec![],
-                k8s_service_accounts: vec![],
-                k8s_pod_labels: vec![],
                 identities: vec!["*".into()],
                 audiences: vec!["https://shared.example.com".into()],
-                scopes: vec![],
+                ..RuleSettings::default()
             },
         ]
     }
@@ -762,16 +732,7 @@ mod tests {
     #[test]
     fn rules_must_name_someone_something() {
         let problems = Policy::compile(&[RuleSettings {
-            uids: vec![],
-            gids: vec![],
-            exe: vec![],
-            systemd_units: vec![],
-            k8s_namespaces: vec![],
-            k8s_service_accounts: vec![],
-            k8s_pod_labels: vec![],
-            identities: vec![],
-            audiences: vec![],
-            scopes: vec![],
+            ..RuleSettings::default()
         }])
         .unwrap_err();
         let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
@@ -803,12 +764,9 @@ mod tests {
             gids: gids.iter().map(|g| Principal::Id(*g)).collect(),
             exe: exe.iter().map(|e| e.to_string()).collect(),
             systemd_units: units.iter().map(|u| u.to_string()).collect(),
-            k8s_namespaces: vec![],
-            k8s_service_accounts: vec![],
-            k8s_pod_labels: vec![],
             identities: vec!["*".into()],
             audiences: vec!["*".into()],
-            scopes: vec![],
+            ..RuleSettings::default()
         }
     }
 

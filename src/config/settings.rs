@@ -399,7 +399,7 @@ impl Default for LogSettings {
 /// `gids`, `exe`, `systemd_units`, `k8s_namespaces`,
 /// `k8s_service_accounts`, `k8s_pod_labels`) must match the caller; rules
 /// are alternatives.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSettings {
     /// Users (ids or names) this rule applies to.

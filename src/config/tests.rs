@@ -213,18 +213,7 @@ fn every_key_present() -> Settings {
         identity: "default".into(),
         audiences: vec!["https://a".into()],
     });
-    s.policy.push(RuleSettings {
-        uids: vec![],
-        gids: vec![],
-        exe: vec![],
-        systemd_units: vec![],
-        k8s_namespaces: vec![],
-        k8s_service_accounts: vec![],
-        k8s_pod_labels: vec![],
-        identities: vec![],
-        audiences: vec![],
-        scopes: vec![],
-    });
+    s.policy.push(RuleSettings::default());
     s.metadata_endpoint = Some(MetadataEndpointSettings {
         listen: "127.0.0.1:8181".parse().unwrap(),
         identity: "default".into(),
