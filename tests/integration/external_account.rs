@@ -311,6 +311,25 @@ async fn a_url_subject_token_is_fetched_with_its_headers() {
     );
 }
 
+/// A broker serving `identities` with executable subject-token sources
+/// allowed (`GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`, as google-auth's
+/// gate), ready.
+async fn broker_allowing_executables(identities: &str) -> Broker {
+    let dir = support::workdir();
+    let socket = dir.path().join("broker.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, support::config_text(&socket, identities)).unwrap();
+    let broker = Broker::spawn_with_env(
+        dir,
+        socket,
+        &["serve", "--config", config.to_str().unwrap()],
+        "info",
+        &[("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1")],
+    );
+    broker.wait_ready().await;
+    broker
+}
+
 fn write_script(path: &Path, body: &str) {
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
     support::set_mode(path, 0o755);
@@ -360,18 +379,7 @@ async fn an_executable_subject_token_works_behind_the_gate() {
         serde_json::json!({}),
     );
     let identities = identity(&creds);
-    let dir = support::workdir();
-    let socket = dir.path().join("broker.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, support::config_text(&socket, &identities)).unwrap();
-    let broker = Broker::spawn_with_env(
-        dir,
-        socket,
-        &["serve", "--config", config.to_str().unwrap()],
-        "info",
-        &[("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1")],
-    );
-    broker.wait_ready().await;
+    let broker = broker_allowing_executables(&identities).await;
     let token = broker
         .get("federated", "https://a.example.com")
         .await
@@ -395,18 +403,7 @@ async fn an_executable_subject_token_works_behind_the_gate() {
         serde_json::json!({}),
     );
     let identities = identity(&creds);
-    let dir = support::workdir();
-    let socket = dir.path().join("broker.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, support::config_text(&socket, &identities)).unwrap();
-    let broker = Broker::spawn_with_env(
-        dir,
-        socket,
-        &["serve", "--config", config.to_str().unwrap()],
-        "info",
-        &[("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1")],
-    );
-    broker.wait_ready().await;
+    let broker = broker_allowing_executables(&identities).await;
     broker
         .get("federated", "https://b.example.com")
         .await
@@ -450,18 +447,7 @@ async fn a_hanging_executable_is_killed_at_its_timeout() {
         serde_json::json!({}),
     );
     let identities = identity(&creds);
-    let dir = support::workdir();
-    let socket = dir.path().join("broker.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, support::config_text(&socket, &identities)).unwrap();
-    let broker = Broker::spawn_with_env(
-        dir,
-        socket,
-        &["serve", "--config", config.to_str().unwrap()],
-        "info",
-        &[("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1")],
-    );
-    broker.wait_ready().await;
+    let broker = broker_allowing_executables(&identities).await;
     let started = std::time::Instant::now();
     let err = broker
         .get("federated", "https://a.example.com")
