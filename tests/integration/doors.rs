@@ -960,8 +960,9 @@ fn with_nofile(command: &mut Command, soft: u64, hard: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn out_of_descriptors_the_accept_loop_waits_instead_of_spinning() {
+/// A broker (socket only) started with RLIMIT_NOFILE `soft`/`hard`, and
+/// the emulator it gets its tokens from.
+async fn broker_with_nofile(soft: u64, hard: u64) -> (token_broker::emulator::Emulator, Broker) {
     let emulator = support::emulator().await;
     let identity = support::metadata_identity("default", &emulator);
     let broker = Broker::start_with(
@@ -976,9 +977,15 @@ async fn out_of_descriptors_the_accept_loop_waits_instead_of_spinning() {
             )
         },
         "info",
-        |command| with_nofile(command, 64, 64),
+        move |command| with_nofile(command, soft, hard),
     )
     .await;
+    (emulator, broker)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_descriptors_the_accept_loop_waits_instead_of_spinning() {
+    let (_emulator, broker) = broker_with_nofile(64, 64).await;
     let pid = broker.child.id();
     assert_eq!(max_open_files(pid), (64, 64));
     // More connections than the broker has descriptors: it runs out.
@@ -1023,23 +1030,7 @@ async fn out_of_descriptors_the_accept_loop_waits_instead_of_spinning() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_raises_the_soft_descriptor_limit_to_the_hard_limit_and_logs_both() {
-    let emulator = support::emulator().await;
-    let identity = support::metadata_identity("default", &emulator);
-    let broker = Broker::start_with(
-        move |socket| {
-            config(
-                socket,
-                &identity,
-                &Parts {
-                    endpoint_port: None,
-                    ..Parts::default()
-                },
-            )
-        },
-        "info",
-        |command| with_nofile(command, 100, 4096),
-    )
-    .await;
+    let (_emulator, broker) = broker_with_nofile(100, 4096).await;
     assert_eq!(max_open_files(broker.child.id()), (4096, 4096));
     let log = log_when(&broker, |log| log.contains("raised the open-file limit")).await;
     let line = log
